@@ -1,0 +1,161 @@
+"""The ``embedrl`` command line: parse arguments, build a stage config, call one library function.
+
+Subcommands are registered explicitly in :func:`build_parser`. Heavy libraries (torch, transformers) are imported
+inside the command functions, so ``embedrl --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from embedrl.config import ConfigError, TinyBackboneConfig, WorldConfig, config_fields, load_config
+
+logger = logging.getLogger("embedrl")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
+    """Add ``--config FILE`` and one ``--key value`` option per config field (dotted for nested sections).
+
+    Values are read as YAML (``--seed 3``, ``--teacher.wrong_box 0.1``) and validated by the config class.
+    """
+    parser.add_argument("--config", type=Path, default=None, help="YAML file with config keys (optional)")
+    group = parser.add_argument_group(f"{cls.__name__} keys (override the YAML)")
+    for name, help_text, default in config_fields(cls):
+        if name in skip:
+            continue
+        suffix = f" (default: {default!r})" if default not in (None, "") else ""
+        group.add_argument(f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar="V",
+                           help=help_text + suffix)
+
+
+def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    overrides = {k.removeprefix("cfg:"): v for k, v in vars(args).items() if k.startswith("cfg:")}
+    return load_config(cls, args.config, overrides)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Commands
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def cmd_backbone_tiny(args: argparse.Namespace) -> int:
+    from embedrl.backbones.tiny import build_tiny_backbone
+
+    cfg = config_from_args(TinyBackboneConfig, args)
+    out = build_tiny_backbone(cfg)
+    print(f"wrote tiny {cfg.family} checkpoint to {out}")
+    return 0
+
+
+def cmd_world_generate(args: argparse.Namespace) -> int:
+    from embedrl.data.world import generate_world
+
+    cfg = config_from_args(WorldConfig, args)
+    out = generate_world(cfg)
+    print(f"wrote {cfg.size} world (seed {cfg.seed}) to {out}")
+    return 0
+
+
+def cmd_world_stats(args: argparse.Namespace) -> int:
+    from embedrl.data.world import world_stats
+
+    stats = world_stats(args.dir, contact_sheet=not args.no_contact_sheet)
+    if args.json:
+        print(json.dumps(stats, indent=2, sort_keys=True))
+    else:
+        from embedrl.data.world import format_world_stats
+
+        print(format_world_stats(stats))
+    return 0
+
+
+# What `embedrl demo` will run once every stage exists; printed while some are still missing.
+DEMO_STAGES = (
+    ("generate the synthetic world", "embedrl world generate", True),
+    ("build the tiny backbones", "embedrl backbone tiny", True),
+    ("train the Embedder", "embedrl train-embedder", False),
+    ("cold-start the Reasoner", "embedrl train-reasoner", False),
+    ("run EG-RL", "embedrl rl", False),
+    ("evaluate every mode", "embedrl eval", False),
+)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Run the stages that exist today on the embedded default and say which are still missing."""
+    from embedrl.backbones.tiny import build_tiny_backbone
+    from embedrl.data.world import format_world_stats, generate_world, world_stats
+
+    out = Path(args.out)
+    world = generate_world(WorldConfig(out=str(out / "world"), seed=args.seed, size="tiny" if args.quick else "small"))
+    print(format_world_stats(world_stats(world)))
+    for family in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
+        path = build_tiny_backbone(TinyBackboneConfig(family=family, out=str(out / "backbones" / family), seed=args.seed))
+        print(f"built tiny {family} backbone: {path}")
+    print("\nembedrl demo: stages of the full method")
+    for label, command, done in DEMO_STAGES:
+        print(f"  [{'done' if done else 'missing'}] {label:<32} ({command})")
+    missing = [label for label, _, done in DEMO_STAGES if not done]
+    print(f"\n{len(missing)} stage(s) not implemented yet: {', '.join(missing)}.")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parser
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="embedrl",
+        description="Reasoning-driven multimodal embeddings (Embed-RL): build, train, evaluate and serve.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    backbone = sub.add_parser("backbone", help="build or inspect backbones")
+    backbone_sub = backbone.add_subparsers(dest="backbone_command", required=True, metavar="SUBCOMMAND")
+    tiny = backbone_sub.add_parser(
+        "tiny", help="write a tiny offline Qwen-VL checkpoint (real architecture, random weights, local tokenizer)"
+    )
+    add_config_arguments(tiny, TinyBackboneConfig)
+    tiny.set_defaults(func=cmd_backbone_tiny)
+
+    world = sub.add_parser("world", help="the synthetic multimodal world (the embedded default data)")
+    world_sub = world.add_subparsers(dest="world_command", required=True, metavar="SUBCOMMAND")
+    generate = world_sub.add_parser("generate", help="generate training pairs, the RL split and the evaluation suite")
+    add_config_arguments(generate, WorldConfig)
+    generate.set_defaults(func=cmd_world_generate)
+    stats = world_sub.add_parser("stats", help="counts per task and modality, and a contact-sheet PNG")
+    stats.add_argument("dir", type=Path, help="a directory written by `embedrl world generate`")
+    stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
+    stats.add_argument("--no-contact-sheet", action="store_true", help="skip writing contact_sheet.png")
+    stats.set_defaults(func=cmd_world_stats)
+
+    demo = sub.add_parser("demo", help="the whole method end to end on the synthetic world (what `make demo` runs)")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the world and the models (default: 0)")
+    demo.add_argument("--quick", action="store_true", help="a smaller, faster version")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``embedrl`` console script; returns the exit code so tests can call it."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except ConfigError as err:
+        print(f"embedrl: configuration error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

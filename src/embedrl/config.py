@@ -1,0 +1,313 @@
+"""Stage configurations: one dataclass per stage, loaded from YAML with ``--key value`` overrides.
+
+Every stage of embedrl (building a tiny backbone, generating the synthetic world, training, evaluation, serving)
+is driven by one dataclass defined here. The life cycle is always the same:
+
+1. ``load_config(WorldConfig, "configs/world.yaml", {"seed": "3"})`` reads the YAML file, applies the overrides
+   (dotted keys reach into nested sections: ``{"teacher.box_noise": "0.2"}``), and
+2. validates everything in one place (:func:`config_from_dict`): unknown keys and wrong types are rejected with a
+   message naming the key and how to fix it, then the dataclass's ``__post_init__`` checks cross-field invariants.
+3. ``save_config(cfg, out_dir)`` writes the resolved config as ``config.json`` next to the stage's output.
+
+Field help strings live in ``metadata={"help": ...}`` and double as the CLI's ``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "TinyBackboneConfig",
+    "WorldConfig",
+    "TeacherNoiseConfig",
+    "STAGE_CONFIGS",
+    "config_from_dict",
+    "config_to_dict",
+    "load_config",
+    "save_config",
+    "dump_yaml",
+    "config_fields",
+]
+
+C = TypeVar("C")
+CONFIG_FILENAME = "config.json"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type. The message says how to fix it."""
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stage configs
+# ----------------------------------------------------------------------------------------------------------------
+
+FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+Family = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
+
+
+@dataclass
+class TinyBackboneConfig:
+    """`embedrl backbone tiny`: a tiny, randomly initialised Qwen-VL checkpoint built offline."""
+
+    family: Family = field(default="qwen3-vl", metadata=_help("architecture family: qwen2-vl, qwen2.5-vl or qwen3-vl"))
+    out: str = field(default="", metadata=_help("output checkpoint directory (required)"))
+    seed: int = field(default=0, metadata=_help("seed for the weights (the tokenizer is deterministic)"))
+    vocab_size: int = field(default=4096, metadata=_help("size of the locally trained byte-level BPE vocabulary"))
+    hidden_size: int = field(default=128, metadata=_help("text hidden size"))
+    num_hidden_layers: int = field(default=2, metadata=_help("text transformer layers"))
+    num_attention_heads: int = field(default=4, metadata=_help("text attention heads"))
+    num_key_value_heads: int = field(default=2, metadata=_help("text key/value heads (GQA)"))
+    intermediate_size: int = field(default=256, metadata=_help("text MLP width"))
+    vision_depth: int = field(default=2, metadata=_help("vision transformer layers"))
+    vision_hidden_size: int = field(default=64, metadata=_help("vision hidden size"))
+    vision_num_heads: int = field(default=4, metadata=_help("vision attention heads"))
+    min_pixels: int = field(default=32 * 32, metadata=_help("image processor minimum pixels per image"))
+    max_pixels: int = field(default=256 * 256, metadata=_help("image processor maximum pixels per image"))
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ConfigError("out is empty: pass --out DIR, the checkpoint directory to write")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"hidden_size={self.hidden_size} is not a multiple of num_attention_heads="
+                f"{self.num_attention_heads}; change one of them"
+            )
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of num_key_value_heads="
+                f"{self.num_key_value_heads}; change one of them"
+            )
+        if self.vision_hidden_size % self.vision_num_heads:
+            raise ConfigError(
+                f"vision_hidden_size={self.vision_hidden_size} is not a multiple of vision_num_heads="
+                f"{self.vision_num_heads}; change one of them"
+            )
+        if self.vocab_size < 512:
+            raise ConfigError(f"vocab_size={self.vocab_size} is too small for the special tokens; use >= 512")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ConfigError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels} and {self.max_pixels}")
+
+
+@dataclass
+class TeacherNoiseConfig:
+    """Imperfections of the synthetic world's teacher T-CoTs (rates are probabilities per T-CoT)."""
+
+    wrong_box: float = field(default=0.2, metadata=_help("rate of a box placed on a distractor object"))
+    loose_box: float = field(default=0.2, metadata=_help("rate of a box enlarged beyond its object"))
+    missing_frame: float = field(default=0.2, metadata=_help("rate of dropping one decisive key frame"))
+    extra_frame: float = field(default=0.3, metadata=_help("rate of adding one irrelevant key frame"))
+    distractor_keyword: float = field(default=0.2, metadata=_help("rate of adding a misleading keyword"))
+    verbose: float = field(default=0.2, metadata=_help("rate of padding the thinking with filler sentences"))
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"teacher.{f.name}={value} is not a probability; use a value in [0, 1]")
+
+
+@dataclass
+class WorldConfig:
+    """`embedrl world generate`: the synthetic multimodal world (training pairs, RL split, evaluation suite)."""
+
+    out: str = field(default="", metadata=_help("output directory (required)"))
+    seed: int = field(default=0, metadata=_help("world seed: the same seed gives the same world, byte for byte"))
+    size: Literal["tiny", "small", "default"] = field(default="default", metadata=_help("tiny, small or default"))
+    image_size: int = field(default=128, metadata=_help("side of scene images in pixels"))
+    grid: int = field(default=4, metadata=_help("objects sit in the cells of a grid x grid layout"))
+    frame_size: int = field(default=64, metadata=_help("side of video frames in pixels"))
+    num_frames: int = field(default=8, metadata=_help("frames per video clip"))
+    teacher: TeacherNoiseConfig = field(default_factory=TeacherNoiseConfig, metadata=_help("teacher noise"))
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ConfigError("out is empty: pass --out DIR, the directory to write the world into")
+        if self.image_size % self.grid:
+            raise ConfigError(f"image_size={self.image_size} is not a multiple of grid={self.grid}")
+        if self.num_frames < 4:
+            raise ConfigError(f"num_frames={self.num_frames} is too few for events; use >= 4")
+
+
+# Explicit name -> class table, used by tests that validate every YAML under configs/.
+STAGE_CONFIGS: dict[str, type] = {
+    "backbone": TinyBackboneConfig,
+    "world": WorldConfig,
+}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation: dict -> dataclass
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert only lossless cases (int -> float, list -> tuple)."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{key}={value!r} is not allowed; use {_type_name(tp)}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(f"{key}={value!r} matches none of {' | '.join(_type_name(a) for a in args)}")
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}={value!r} must be a list (YAML: [a, b]); got {type(value).__name__}")
+        (item_tp, *_) = get_args(tp) or (Any,)
+        items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}={value!r} must be a mapping; got {type(value).__name__}")
+        key_tp, val_tp = get_args(tp) or (Any, Any)
+        return {_coerce(k, key_tp, key): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping of {tp.__name__} fields; got {value!r}")
+        return config_from_dict(tp, value, prefix=f"{key}.")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}={value!r} must be true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}={value!r} must be an integer; got {type(value).__name__}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}={value!r} must be a number; got {type(value).__name__}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}={value!r} must be a string; quote it in YAML")
+        return value
+    raise TypeError(f"config field {key} has an unsupported annotation {tp!r}")  # a bug in embedrl, not user input
+
+
+def config_from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
+    """Build and validate the dataclass ``cls`` from a plain dict. Unknown keys and wrong types raise ConfigError."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or cls.__name__} must be a mapping; got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        names = ", ".join(prefix + k for k in unknown)
+        raise ConfigError(f"unknown key(s) {names} for {cls.__name__}; valid keys: {', '.join(sorted(fields))}")
+    kwargs = {name: _coerce(value, hints[name], prefix + name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{cls.__name__}: {err}") from err
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """The dataclass as plain YAML/JSON-ready values (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set {dotted}: {part} is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_override(text: str) -> Any:
+    """A command-line value, read as YAML: ``3`` -> 3, ``0.5`` -> 0.5, ``true`` -> True, ``[1,2]`` -> [1, 2]."""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError:
+        return text
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
+    """Read ``path`` (YAML, optional), apply ``overrides`` (dotted keys; strings are read as YAML), validate."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a YAML mapping of {cls.__name__} keys")
+        data = loaded
+    for key, value in (overrides or {}).items():
+        _set_dotted(data, key, parse_override(value) if isinstance(value, str) else value)
+    return config_from_dict(cls, data)
+
+
+def save_config(cfg: Any, out_dir: str | Path, filename: str = CONFIG_FILENAME) -> Path:
+    """Write the resolved config as JSON into ``out_dir`` (created if needed). Returns the file path."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / filename
+    payload = {"stage": type(cfg).__name__, "config": config_to_dict(cfg)}
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def read_saved_config(cls: type[C], out_dir: str | Path, filename: str = CONFIG_FILENAME) -> C:
+    """Read back a config written by :func:`save_config`."""
+    payload = json.loads((Path(out_dir) / filename).read_text())
+    if payload.get("stage") != cls.__name__:
+        raise ConfigError(f"{out_dir}/{filename} holds a {payload.get('stage')} config, not {cls.__name__}")
+    return config_from_dict(cls, payload["config"])
+
+
+def dump_yaml(cfg: Any) -> str:
+    """The config as YAML text; ``load_config`` of it gives back an equal config."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def config_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
+    """``(dotted_name, help, default)`` for every leaf field, nested sections flattened. Used by the CLI."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(config_fields(tp, prefix=f"{prefix}{f.name}."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else None
+        rows.append((prefix + f.name, f.metadata.get("help", ""), default))
+    return rows
