@@ -19,11 +19,21 @@ def test_info_nce_matches_hand_computation() -> None:
     t = F.normalize(torch.tensor([[0.8, 0.6], [0.0, 1.0]]), dim=-1)
     tau = 0.5
     s = [[0.8, 0.0], [0.96, 0.8]]  # q @ t.T
-    q2t = -(math.log(math.exp(s[0][0] / tau) / sum(math.exp(v / tau) for v in s[0]))
-            + math.log(math.exp(s[1][1] / tau) / sum(math.exp(v / tau) for v in s[1]))) / 2
+    q2t = (
+        -(
+            math.log(math.exp(s[0][0] / tau) / sum(math.exp(v / tau) for v in s[0]))
+            + math.log(math.exp(s[1][1] / tau) / sum(math.exp(v / tau) for v in s[1]))
+        )
+        / 2
+    )
     cols = [[s[0][0], s[1][0]], [s[0][1], s[1][1]]]  # t @ q.T
-    t2q = -(math.log(math.exp(cols[0][0] / tau) / sum(math.exp(v / tau) for v in cols[0]))
-            + math.log(math.exp(cols[1][1] / tau) / sum(math.exp(v / tau) for v in cols[1]))) / 2
+    t2q = (
+        -(
+            math.log(math.exp(cols[0][0] / tau) / sum(math.exp(v / tau) for v in cols[0]))
+            + math.log(math.exp(cols[1][1] / tau) / sum(math.exp(v / tau) for v in cols[1]))
+        )
+        / 2
+    )
     out = info_nce(q, t, temperature=tau)
     assert out["loss_q2t"].item() == pytest.approx(q2t, rel=1e-5)
     assert out["loss_t2q"].item() == pytest.approx(t2q, rel=1e-5)
@@ -42,8 +52,9 @@ class _Encoder(torch.nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Dropout(0.3), torch.nn.Tanh(),
-                                       torch.nn.Linear(16, 8))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(6, 16), torch.nn.Dropout(0.3), torch.nn.Tanh(), torch.nn.Linear(16, 8)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net(x), dim=-1)
@@ -57,8 +68,11 @@ def test_cached_info_nce_equals_plain_loss_and_gradients(chunk: int) -> None:
 
     # Plain: one forward per side, with the RNG state that GradCache will also start from.
     torch.manual_seed(123)
-    plain = info_nce(torch.cat([model(c) for c in xq.split(chunk)]), torch.cat([model(c) for c in xt.split(chunk)]),
-                     temperature=0.05)
+    plain = info_nce(
+        torch.cat([model(c) for c in xq.split(chunk)]),
+        torch.cat([model(c) for c in xt.split(chunk)]),
+        temperature=0.05,
+    )
     plain["loss"].backward()
     plain_grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -90,8 +104,8 @@ def _worker(rank: int, world: int, port: int, q: torch.Tensor, t: torch.Tensor, 
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     try:
         n = q.shape[0] // world
-        q_local = q[rank * n:(rank + 1) * n].clone().requires_grad_(True)
-        t_local = t[rank * n:(rank + 1) * n].clone().requires_grad_(True)
+        q_local = q[rank * n : (rank + 1) * n].clone().requires_grad_(True)
+        t_local = t[rank * n : (rank + 1) * n].clone().requires_grad_(True)
         out = info_nce(q_local, t_local, temperature=0.1)
         out["loss"].backward()
         results[rank] = (out["loss"].item(), q_local.grad.clone(), t_local.grad.clone())

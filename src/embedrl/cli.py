@@ -30,8 +30,9 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: Seque
         if name in skip:
             continue
         suffix = f" (default: {default!r})" if default not in (None, "") else ""
-        group.add_argument(f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar="V",
-                           help=help_text + suffix)
+        group.add_argument(
+            f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar="V", help=help_text + suffix
+        )
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
@@ -95,7 +96,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     world = generate_world(WorldConfig(out=str(out / "world"), seed=args.seed, size="tiny" if args.quick else "small"))
     print(format_world_stats(world_stats(world)))
     for family in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
-        path = build_tiny_backbone(TinyBackboneConfig(family=family, out=str(out / "backbones" / family), seed=args.seed))
+        path = build_tiny_backbone(
+            TinyBackboneConfig(family=family, out=str(out / "backbones" / family), seed=args.seed)
+        )
         print(f"built tiny {family} backbone: {path}")
     print("\nembedrl demo: stages of the full method")
     for label, command, done in DEMO_STAGES:
@@ -149,7 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``embedrl`` console script; returns the exit code so tests can call it."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except ConfigError as err:

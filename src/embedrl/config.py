@@ -25,17 +25,17 @@ from typing import Any, Literal, TypeVar, get_args, get_origin
 import yaml
 
 __all__ = [
+    "STAGE_CONFIGS",
     "ConfigError",
+    "TeacherNoiseConfig",
     "TinyBackboneConfig",
     "WorldConfig",
-    "TeacherNoiseConfig",
-    "STAGE_CONFIGS",
+    "config_fields",
     "config_from_dict",
     "config_to_dict",
+    "dump_yaml",
     "load_config",
     "save_config",
-    "dump_yaml",
-    "config_fields",
 ]
 
 C = TypeVar("C")
@@ -130,15 +130,38 @@ class WorldConfig:
     grid: int = field(default=4, metadata=_help("objects sit in the cells of a grid x grid layout"))
     frame_size: int = field(default=64, metadata=_help("side of video frames in pixels"))
     num_frames: int = field(default=8, metadata=_help("frames per video clip"))
+    page_size: int = field(default=128, metadata=_help("side of document page images in pixels (4 x 4 layout)"))
+    eval_candidates: int = field(
+        default=10, metadata=_help("candidates per query in local evaluation tasks (1 positive + hard negatives)")
+    )
+    discrimination_negatives: int = field(
+        default=4, metadata=_help("hard negatives per listwise discrimination example (m_neg of the process reward)")
+    )
     teacher: TeacherNoiseConfig = field(default_factory=TeacherNoiseConfig, metadata=_help("teacher noise"))
 
     def __post_init__(self) -> None:
         if not self.out:
             raise ConfigError("out is empty: pass --out DIR, the directory to write the world into")
+        if self.grid < 3:
+            raise ConfigError(f"grid={self.grid} leaves too few cells for objects and distractors; use >= 3")
         if self.image_size % self.grid:
             raise ConfigError(f"image_size={self.image_size} is not a multiple of grid={self.grid}")
+        cell = self.image_size // self.grid
+        if cell < 16:
+            raise ConfigError(f"image_size/grid = {cell} px per cell is too small for patterns; use >= 16")
+        if self.frame_size % cell or self.frame_size // cell < 2:
+            raise ConfigError(
+                f"frame_size={self.frame_size} must be a multiple of the cell size image_size/grid={cell} and at "
+                f"least 2 cells wide (video objects are drawn like image objects); try frame_size={2 * cell}"
+            )
         if self.num_frames < 4:
             raise ConfigError(f"num_frames={self.num_frames} is too few for events; use >= 4")
+        if self.page_size < 128 or self.page_size % 4:
+            raise ConfigError(f"page_size={self.page_size} must be a multiple of 4 and >= 128 to fit the page text")
+        if not 2 <= self.eval_candidates <= 20:
+            raise ConfigError(f"eval_candidates={self.eval_candidates} must be in [2, 20]")
+        if not 1 <= self.discrimination_negatives <= 8:
+            raise ConfigError(f"discrimination_negatives={self.discrimination_negatives} must be in [1, 8]")
 
 
 # Explicit name -> class table, used by tests that validate every YAML under configs/.

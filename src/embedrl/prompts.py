@@ -6,6 +6,13 @@ Golden-string tests (``tests/test_prompts.py``) pin each template.
 
 from __future__ import annotations
 
+import hashlib
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from string import Template
+from typing import Literal
+
 # ----------------------------------------------------------------------------------------------------------------
 # Special tokens
 # ----------------------------------------------------------------------------------------------------------------
@@ -107,3 +114,453 @@ VIDEO_NUM_FRAMES = 8
 MIN_CROP_SIDE_PX = 10
 MAX_CROP_ASPECT = 50.0
 MAX_CROPS = 8
+
+# ----------------------------------------------------------------------------------------------------------------
+# Embedder closing instruction (method.md §3.2)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Ends every Embedder user turn, in every mode and code path; the assistant turn that follows holds only EMB_TOKEN.
+# The leading newline puts it on its own line after the T-CoT. Our own wording: the published Embed-RL checkpoints
+# were trained with the reference code's string, which a compatibility setting would have to supply.
+SUFFIX = "\nSummarise all of the content above in one word:"
+
+# ----------------------------------------------------------------------------------------------------------------
+# Text cleaning shared by the Embedder input and the Reasoner's task slot (method.md §3.2, §6.3)
+# ----------------------------------------------------------------------------------------------------------------
+
+# Dataset image/video placeholders (<image>, <|image_1|>, ...) and stray Qwen vision tokens: the media are passed as
+# content parts, so a placeholder left in the text would only add noise or, for a vision token, break the processor.
+DATASET_PLACEHOLDER_RE = re.compile(
+    r"<\|(?:image|video)_\d+\|>|<(?:image|video)>|<\|(?:vision_start|vision_end|vision_pad|image_pad|video_pad)\|>"
+)
+
+
+def join_task_text(instruction: str, text: str) -> str:
+    """Instruction followed by text (MMEB convention), placeholders removed, whitespace runs collapsed to one space.
+
+    >>> join_task_text("Find an image for the caption:", "<|image_1|> a  red\\nkite")
+    'Find an image for the caption: a red kite'
+    """
+    joined = DATASET_PLACEHOLDER_RE.sub(" ", f"{instruction} {text}")
+    return " ".join(joined.split())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Prompt templates
+# ----------------------------------------------------------------------------------------------------------------
+
+# Templates use ``string.Template`` fields (``$text``, ``$n_frames``): JSON braces in rules and worked examples stay
+# literal, so a rendered prompt never shows doubled ``{{ }}`` template escapes (method.md §2.4, §5.3).
+
+
+def prompt_hash(template: str | PromptTemplate) -> str:
+    """Short content hash (first 12 hex digits of SHA-256) stored with every generated text for provenance."""
+    text = template.text if isinstance(template, PromptTemplate) else template
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    """A named template with ``$field`` slots; :meth:`render` demands exactly those fields."""
+
+    name: str
+    text: str
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The template's field names, in order of first use."""
+        return tuple(Template(self.text).get_identifiers())
+
+    @property
+    def hash(self) -> str:
+        return prompt_hash(self.text)
+
+    def render(self, **fields: object) -> str:
+        """Fill every field; raises ``ValueError`` naming missing or unexpected fields."""
+        missing = [f for f in self.fields if f not in fields]
+        extra = sorted(set(fields) - set(self.fields))
+        if missing or extra:
+            raise ValueError(
+                f"prompt {self.name!r} takes fields {list(self.fields)}; missing {missing}, unexpected {extra}"
+            )
+        return Template(self.text).substitute({k: str(v) for k, v in fields.items()})
+
+
+Side = Literal["query", "target"]
+
+
+@dataclass(frozen=True)
+class PromptFamily:
+    """A Reasoner prompt family (method.md §5.3): which side and input it serves and which cue it requires.
+
+    Attributes:
+        name: key in :data:`FAMILIES`, stored with every T-CoT.
+        side: ``query`` or ``target``.
+        cue_key: the cue the T-CoT must carry (``text_keywords``, ``bbox_2d`` or ``key_frames``).
+        media: the media the caller puts in the user turn **before** the prompt text: ``image``, ``video`` or None.
+        full: the five-part prompt (role, rules, two worked examples, input block, closing line).
+        compact: a two-line prompt (task + cue format, then the input block) for tiny models, whose context and
+            speed cannot afford the worked examples. Same fields as ``full``.
+        examples: the worked examples of ``full``, each a T-CoT in exact §2.1 grammar.
+    """
+
+    name: str
+    side: Side
+    cue_key: str
+    media: Literal["image", "video"] | None
+    full: PromptTemplate
+    compact: PromptTemplate
+    examples: tuple[str, ...]
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return self.full.fields
+
+    def template(self, compact: bool = False) -> PromptTemplate:
+        return self.compact if compact else self.full
+
+    def render(self, *, compact: bool = False, **fields: object) -> str:
+        """The prompt text for one item; ``compact`` picks the short variant."""
+        return self.template(compact).render(**fields)
+
+    def hash(self, compact: bool = False) -> str:
+        return self.template(compact).hash
+
+
+_CUE_RULES = {
+    CUE_KEYWORDS: 'The cue is {"text_keywords": ["...", "..."]}: a JSON list of short key phrases.',
+    CUE_BOXES: (
+        'The cue is {"bbox_2d": [x1, y1, x2, y2]}: the top-left and bottom-right corners as integers on a 0-1000 '
+        "scale of the image width and height. Give a list of boxes for several regions. A box never covers the "
+        "whole image."
+    ),
+    CUE_FRAMES: 'The cue is {"key_frames": [i, j]}: frame numbers counted from 1 in the order shown.',
+}
+_OUTPUT_ORDER = "Output <thinking> with the cue at its end, then <rethink>, then <answer>, and nothing else."
+_FRAMES_SLOT = "Frames: $n_frames, shown above in time order (frame 1 first)."
+
+
+def _family(
+    name: str,
+    side: Side,
+    cue_key: str,
+    media: Literal["image", "video"] | None,
+    role: str,
+    guidance: str,
+    examples: tuple[tuple[str, str], ...],
+    input_lines: tuple[str, ...],
+    closing: str,
+) -> PromptFamily:
+    """Assemble a family's full and compact templates from its parts (method.md §5.3)."""
+    goal = "what should be retrieved" if side == "query" else "a compact description of this output"
+    rules = (
+        "Rules:",
+        "- Write short steps of one or two sentences, based only on the input and its task.",
+        f"- {guidance}",
+        f"- Put exactly one cue object in <thinking>. {_CUE_RULES[cue_key]}",
+        f"- In <rethink>, check the steps against the cue. In <answer>, give {goal} in one or two sentences; "
+        "you may rephrase, but keep the meaning.",
+        f"- {_OUTPUT_ORDER}",
+    )
+    shown = []
+    for i, (example_input, output) in enumerate(examples, 1):
+        shown += [f"Example {i} input: {example_input}", f"Example {i} output: {output}"]
+    full = "\n".join((role, "", *rules, "", *shown, "", "Input:", *input_lines, "", closing))
+    compact = "\n".join((f"{role} {_CUE_RULES[cue_key]} {_OUTPUT_ORDER}", *input_lines))
+    return PromptFamily(
+        name=name,
+        side=side,
+        cue_key=cue_key,
+        media=media,
+        full=PromptTemplate(name, full),
+        compact=PromptTemplate(f"{name}/compact", compact),
+        examples=tuple(output for _, output in examples),
+    )
+
+
+TEXT_TO_IMAGE = _family(
+    "text_to_image_retrieval",
+    "query",
+    CUE_KEYWORDS,
+    None,
+    "You analyse a text query for image retrieval.",
+    "For captions, headlines, dialogues or factual questions, extract the visual concepts, people, places, "
+    "events and relations that a matching image must show.",
+    (
+        (
+            "Find an image that matches the caption: a red kite above a beach.",
+            "<thinking>The caption names one object, a red kite, and a place, a beach. The kite must be in the air "
+            'over sand and sea. {"text_keywords": ["red kite", "flying", "beach", "sea"]}</thinking>'
+            "<rethink>A match shows a single red kite in the sky with a sandy beach below it.</rethink>"
+            "<answer>A photo of a red kite flying above a sandy beach.</answer>",
+        ),
+        (
+            "Find the news photo for the headline: flood waters close the main bridge.",
+            "<thinking>The headline reports a flood that closed a bridge. The photo should show high water and the "
+            'bridge. {"text_keywords": ["flood water", "bridge", "road closed"]}</thinking>'
+            "<rethink>The key visual facts are water up to the bridge and a barrier or an empty road on it."
+            "</rethink><answer>A news photo of a bridge closed off by rising flood water.</answer>",
+        ),
+    ),
+    ("Task: $text",),
+    "Follow the format exactly and reason about what the text asks for, not about its wording.",
+)
+
+IMAGE_QUERY = _family(
+    "image_based",
+    "query",
+    CUE_BOXES,
+    "image",
+    "You analyse an image query, shown above, for retrieval.",
+    "For retrieval, classification, question answering or grounding, box the region that holds the evidence "
+    "for the answer.",
+    (
+        (
+            "Which tool on the desk is used for cutting paper?",
+            "<thinking>The task asks for a cutting tool. On the left of the desk, beside a stapler, lie scissors "
+            'with blue handles. {"bbox_2d": [112, 540, 298, 760]}</thinking>'
+            "<rethink>The boxed object has two blades joined at a pivot, so it is the scissors and not the "
+            "stapler.</rethink><answer>A pair of blue-handled scissors on the left side of the desk.</answer>",
+        ),
+        (
+            "Find images of the same kind of animal.",
+            "<thinking>Two animals play on a lawn. Both have floppy ears and wagging tails, so they are dogs. "
+            '{"bbox_2d": [[90, 300, 420, 880], [520, 260, 910, 870]]}</thinking>'
+            "<rethink>Both boxed animals are dogs of different colours; the lawn is only background.</rethink>"
+            "<answer>Two dogs playing on a green lawn.</answer>",
+        ),
+    ),
+    ("Image: shown above.", "Task: $text"),
+    "Follow the format exactly and analyse the image itself, not its file name or metadata.",
+)
+
+VIDEO_QUERY = _family(
+    "video_sequence",
+    "query",
+    CUE_FRAMES,
+    "video",
+    "You analyse a video query, shown above as frames, for retrieval.",
+    "For captioning, video questions or retrieval, pick the frames that show the main events or the evidence "
+    "for the answer.",
+    (
+        (
+            "8 frames. What is the person making?",
+            "<thinking>Frame 1 shows eggs and flour on a table. Frame 4 shows batter poured into a pan, and frame "
+            '7 shows a pancake being flipped. {"key_frames": [1, 4, 7]}</thinking>'
+            "<rethink>The frames follow one recipe from ingredients to cooking, so the dish is a pancake."
+            "</rethink><answer>A person mixes batter and fries a pancake in a pan.</answer>",
+        ),
+        (
+            "8 frames. Describe the video.",
+            "<thinking>Frames 2 and 3 show a dog waiting on a beach, and frame 6 shows it catching a ball in the "
+            'water. {"key_frames": [2, 3, 6]}</thinking>'
+            "<rethink>The main event is the catch in frame 6; the earlier frames set it up.</rethink>"
+            "<answer>A dog on a beach runs into the water and catches a thrown ball.</answer>",
+        ),
+    ),
+    (_FRAMES_SLOT, "Task: $text"),
+    "Follow the format exactly and analyse the frames themselves, not file names or metadata.",
+)
+
+TEXT_TO_VIDEO = _family(
+    "text_to_video_retrieval",
+    "query",
+    CUE_KEYWORDS,
+    None,
+    "You analyse a text query for video retrieval.",
+    "Extract the objects, scenes and actions a matching video must show, and the order of the actions.",
+    (
+        (
+            "Find the video: a child rides a bike, falls, then stands up again.",
+            "<thinking>The text names three actions in order: riding, falling and getting up, outdoors with one "
+            'child and a bicycle. {"text_keywords": ["child", "bicycle", "riding", "falls", "stands up"]}'
+            "</thinking><rethink>A match must show the fall between the riding and the getting up.</rethink>"
+            "<answer>A video of a child riding a bicycle, falling off and standing back up.</answer>",
+        ),
+        (
+            "Retrieve a clip of someone opening a door and turning on a light.",
+            "<thinking>Two actions happen in turn inside a room: a door opens, then a light is switched on. "
+            '{"text_keywords": ["opening a door", "switching on a light", "dark room"]}</thinking>'
+            "<rethink>The order matters: the room stays dark until the person has entered.</rethink>"
+            "<answer>A clip of a person opening a door into a dark room and turning on the light.</answer>",
+        ),
+    ),
+    ("Task: $text",),
+    "Follow the format exactly and reason about what the text asks for, not about its wording.",
+)
+
+POSITIVE_TEXT = _family(
+    "positive_text",
+    "target",
+    CUE_KEYWORDS,
+    None,
+    "You analyse a text that is the correct output of a retrieval task.",
+    "Say why this text is a correct output and extract its key concepts.",
+    (
+        (
+            "golden retriever",
+            "<thinking>The text is a class label naming a dog breed with a golden coat. "
+            '{"text_keywords": ["golden retriever", "dog", "golden coat"]}</thinking>'
+            "<rethink>It fits any input that shows this breed, whatever the setting.</rethink>"
+            "<answer>The dog breed golden retriever.</answer>",
+        ),
+        (
+            "Two trains wait side by side at a snowy station.",
+            "<thinking>The caption describes two trains at a station in winter. "
+            '{"text_keywords": ["two trains", "side by side", "station", "snow"]}</thinking>'
+            "<rethink>The key facts are the number of trains, their position and the snow.</rethink>"
+            "<answer>Two trains standing next to each other at a snow-covered station.</answer>",
+        ),
+    ),
+    ("Positive output: $text",),
+    "Follow the format exactly and analyse the text itself.",
+)
+
+POSITIVE_IMAGE = _family(
+    "positive_image",
+    "target",
+    CUE_BOXES,
+    "image",
+    "You analyse an image, shown above, that is the correct output of a retrieval task.",
+    "Say what the image contains and box its most important region or regions.",
+    (
+        (
+            "(no text)",
+            "<thinking>The image shows a street market. In the centre a stall sells oranges and lemons in crates. "
+            '{"bbox_2d": [310, 420, 720, 900]}</thinking>'
+            "<rethink>The fruit stall is the main subject; the people behind it are background.</rethink>"
+            "<answer>A street market stall with crates of oranges and lemons.</answer>",
+        ),
+        (
+            "Page 3 of a bus timetable.",
+            "<thinking>The page is a table of bus times. The title names route 12 and the grid below lists the "
+            'departures. {"bbox_2d": [[80, 40, 920, 120], [80, 160, 920, 860]]}</thinking>'
+            "<rethink>The route number in the title and the time grid identify this page.</rethink>"
+            "<answer>A bus timetable page for route 12 with a grid of departure times.</answer>",
+        ),
+    ),
+    ("Image: shown above.", "Text: $text"),
+    "Follow the format exactly and analyse the image itself, not its file name or metadata.",
+)
+
+POSITIVE_VIDEO = _family(
+    "positive_video",
+    "target",
+    CUE_FRAMES,
+    "video",
+    "You analyse a video, shown above as frames, that is the correct output of a retrieval task.",
+    "Pick the frames that best represent the video and its main moments.",
+    (
+        (
+            "8 frames. A man ties his shoes and goes for a run.",
+            "<thinking>Frame 2 shows a man tying his shoes on a step. Frame 5 shows him running along a path. "
+            '{"key_frames": [2, 5]}</thinking>'
+            "<rethink>These two frames cover both parts of the clip: getting ready and running.</rethink>"
+            "<answer>A man ties his running shoes and then jogs along a path.</answer>",
+        ),
+        (
+            "8 frames. (no text)",
+            "<thinking>Frames 1 to 3 show a glass being filled with water, and frame 8 shows it full. "
+            '{"key_frames": [1, 3, 8]}</thinking>'
+            "<rethink>Frames 1, 3 and 8 show the start, the middle and the end of the filling.</rethink>"
+            "<answer>A glass is slowly filled with water until it is full.</answer>",
+        ),
+    ),
+    (_FRAMES_SLOT, "Text: $text"),
+    "Follow the format exactly and analyse the frames themselves, not file names or metadata.",
+)
+
+# The seven Reasoner families (method.md §5.3), by name. Target-side families never see the query (§8 item 24).
+FAMILIES: dict[str, PromptFamily] = {
+    f.name: f
+    for f in (TEXT_TO_IMAGE, IMAGE_QUERY, VIDEO_QUERY, TEXT_TO_VIDEO, POSITIVE_TEXT, POSITIVE_IMAGE, POSITIVE_VIDEO)
+}
+
+# The cue an item's own modality calls for (method.md §2.2); also what the Embedder reads evidence from.
+CUE_FOR_MODALITY: dict[str, str] = {"text": CUE_KEYWORDS, "image": CUE_BOXES, "video": CUE_FRAMES}
+
+_MODALITIES = ("text", "image", "video")
+
+
+def choose_family(side: Side, item_modality: str, target_modality: str | None = None) -> str:
+    """The family name for one side of a pair (method.md §5.3, §6.3).
+
+    Query side: an image query gets ``image_based``, a video query ``video_sequence``, a text query
+    ``text_to_video_retrieval`` when the targets are videos and ``text_to_image_retrieval`` otherwise (image,
+    document or text targets, or unknown). Target side: ``positive_{text,image,video}`` by the item's modality;
+    ``target_modality`` is ignored there. (The reference evaluation's routing of image candidates with text to the
+    image-based query family is not offered here.)
+
+    >>> choose_family("query", "text", "video"), choose_family("target", "image")
+    ('text_to_video_retrieval', 'positive_image')
+    """
+    if item_modality not in _MODALITIES:
+        raise ValueError(f"item_modality={item_modality!r}; use one of {_MODALITIES}")
+    if target_modality is not None and target_modality not in _MODALITIES:
+        raise ValueError(f"target_modality={target_modality!r}; use one of {_MODALITIES} or None")
+    if side == "target":
+        return f"positive_{item_modality}"
+    if side != "query":
+        raise ValueError(f"side={side!r}; use 'query' or 'target'")
+    if item_modality == "image":
+        return IMAGE_QUERY.name
+    if item_modality == "video":
+        return VIDEO_QUERY.name
+    return TEXT_TO_VIDEO.name if target_modality == "video" else TEXT_TO_IMAGE.name
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Discriminator (method.md §4.7) and relevance judge (method.md §5.5) prompts
+# ----------------------------------------------------------------------------------------------------------------
+
+DISCRIMINATOR = PromptTemplate(
+    "discriminator",
+    "Choose the candidate that is most relevant to the anchor.\n"
+    "\n"
+    "Anchor input: $anchor_input\n"
+    "Anchor reasoning: $anchor_tcot\n"
+    "\n"
+    "$candidates\n"
+    "\n"
+    "Reply with the number of the best candidate (1 to $n_candidates) and nothing else.",
+)
+DISCRIMINATOR_CANDIDATE = PromptTemplate("discriminator/candidate", "Candidate $index: $tcot")
+# Target-to-query direction: each candidate is a query, so its block also carries the query's own task text.
+DISCRIMINATOR_CANDIDATE_WITH_INPUT = PromptTemplate(
+    "discriminator/candidate_with_input", "Candidate $index input: $input\nCandidate $index reasoning: $tcot"
+)
+
+
+def render_discriminator(
+    anchor_input: str, anchor_tcot: str, candidates: Sequence[str], candidate_inputs: Sequence[str] | None = None
+) -> str:
+    """The Discriminator's listwise prompt; candidates are numbered from 1 in the order given (shuffle first)."""
+    if not candidates:
+        raise ValueError("the discriminator needs at least one candidate T-CoT")
+    if candidate_inputs is not None and len(candidate_inputs) != len(candidates):
+        raise ValueError(f"{len(candidate_inputs)} candidate inputs for {len(candidates)} candidates")
+    blocks = [
+        DISCRIMINATOR_CANDIDATE.render(index=i, tcot=tcot)
+        if candidate_inputs is None
+        else DISCRIMINATOR_CANDIDATE_WITH_INPUT.render(index=i, input=candidate_inputs[i - 1], tcot=tcot)
+        for i, tcot in enumerate(candidates, 1)
+    ]
+    return DISCRIMINATOR.render(
+        anchor_input=anchor_input, anchor_tcot=anchor_tcot, candidates="\n".join(blocks), n_candidates=len(blocks)
+    )
+
+
+JUDGE = PromptTemplate(
+    "judge",
+    "You check a training pair for a retrieval dataset: a task, the reasoning written for its query and the "
+    "reasoning written for its correct target.\n"
+    "\n"
+    "Task: $task\n"
+    "Query reasoning: $query_tcot\n"
+    "Target reasoning: $target_tcot\n"
+    "\n"
+    'Answer "Yes" only if the two reasonings are clearly unrelated (nothing ties them to each other or to the task) '
+    "or clearly contradict each other (their main conclusions cannot both hold). In every other case, including "
+    'when you are unsure, answer "No".\n'
+    "Reply with one word: Yes or No.",
+)

@@ -2,19 +2,33 @@
 
     <thinking>short steps ... {"bbox_2d": [x1, y1, x2, y2]}</thinking><rethink>...</rethink><answer>...</answer>
 
-:class:`TCoT` is the structured form; :func:`render_tcot` writes the canonical text.
+:class:`TCoT` is the structured form; :func:`render_tcot` writes the canonical text; :func:`parse_tcot` reads any
+string back, repairing what it can and naming every repair in ``TCoT.problems``; :func:`format_ok` is the strict
+check behind the format reward. :func:`split_tcot` and :func:`answer_segment` cut the raw text for the Embedder,
+which always sees the text as generated: the parser never rewrites it.
+
+Which cue wins (method.md §2.4 and issue 3):
+
+- With ``cue_key`` (the prompt family's cue), only that key is read; other cue keys are ignored and recorded.
+- Without it, the first cue key (in text order) that yields a valid entry wins; if none does, the first key found.
+- Values of the winning key are **merged in order** over every cue object and every duplicate key (method.md:
+  union, not "last key wins" and not "first object wins"); repeated boxes and frames keep their first occurrence.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import re
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from embedrl.prompts import (
     ANSWER_CLOSE,
     ANSWER_OPEN,
     CUE_BOXES,
     CUE_FRAMES,
+    CUE_KEYS,
     CUE_KEYWORDS,
     RETHINK_CLOSE,
     RETHINK_OPEN,
@@ -38,6 +52,9 @@ class TCoT:
         rethink: the ``<rethink>`` text.
         answer: the ``<answer>`` text.
         problems: short strings naming every repair or drop the parser made (empty for clean text).
+        fallback: no ``<thinking>…</thinking>`` span was found: the whole text is plain text, without evidence.
+        has_all_tags: all three segments were found, each opened and closed (tag variants accepted).
+        tags_in_order: thinking, rethink and answer appear in that order.
     """
 
     thinking: str = ""
@@ -48,6 +65,19 @@ class TCoT:
     rethink: str = ""
     answer: str = ""
     problems: list[str] = field(default_factory=list)
+    fallback: bool = False
+    has_all_tags: bool = True
+    tags_in_order: bool = True
+
+    @property
+    def cue_values(self) -> list:
+        """The values of ``cue_key`` (empty when there is no cue)."""
+        return {CUE_KEYWORDS: self.keywords, CUE_BOXES: self.boxes, CUE_FRAMES: self.frames}.get(self.cue_key, [])
+
+    @property
+    def cue_present(self) -> bool:
+        """The cue has at least one valid entry after normalisation."""
+        return bool(self.cue_values)
 
 
 def cue_json(tcot: TCoT) -> str:
@@ -74,3 +104,639 @@ def render_tcot(tcot: TCoT) -> str:
         f"{RETHINK_OPEN}{tcot.rethink}{RETHINK_CLOSE}"
         f"{ANSWER_OPEN}{tcot.answer}{ANSWER_CLOSE}"
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Segments: where the tags are
+# ----------------------------------------------------------------------------------------------------------------
+
+# Tolerant tag: any case, spaces inside the angle brackets ("< /Thinking >"). The strict form is TCOT_TAGS.
+_TAG_RE = re.compile(r"<\s*(/?)\s*(thinking|rethink|answer)\s*>", re.IGNORECASE)
+_CANONICAL = {
+    ("thinking", False): THINKING_OPEN,
+    ("thinking", True): THINKING_CLOSE,
+    ("rethink", False): RETHINK_OPEN,
+    ("rethink", True): RETHINK_CLOSE,
+    ("answer", False): ANSWER_OPEN,
+    ("answer", True): ANSWER_CLOSE,
+}
+
+
+class _Tag(NamedTuple):
+    start: int
+    end: int
+    name: str  # lower case
+    closing: bool
+    exact: bool
+
+
+class _Span(NamedTuple):
+    start: int  # start of the opening tag
+    inner_start: int
+    inner_end: int
+    end: int  # end of the closing tag (or of the content when unclosed)
+    closed: bool
+
+
+class _Layout(NamedTuple):
+    tags: list[_Tag]
+    thinking: _Span | None
+    rethink: _Span | None
+    answer: _Span | None
+
+
+def _find_tags(text: str) -> list[_Tag]:
+    tags = []
+    for m in _TAG_RE.finditer(text):
+        name, closing = m.group(2).lower(), bool(m.group(1))
+        tags.append(_Tag(m.start(), m.end(), name, closing, m.group(0) == _CANONICAL[name, closing]))
+    return tags
+
+
+def _segment(tags: list[_Tag], name: str, after: int, text_len: int) -> _Span | None:
+    """First ``name`` span opening at or after ``after``. Unclosed: its content runs to the next tag or the end."""
+    open_tag = next((t for t in tags if t.name == name and not t.closing and t.start >= after), None)
+    if open_tag is None:
+        return None
+    close = next((t for t in tags if t.name == name and t.closing and t.start >= open_tag.end), None)
+    if close is not None:
+        return _Span(open_tag.start, open_tag.end, close.start, close.end, True)
+    nxt = next((t.start for t in tags if t.start >= open_tag.end), text_len)
+    return _Span(open_tag.start, open_tag.end, nxt, nxt, False)
+
+
+def _layout(text: str) -> _Layout:
+    tags = _find_tags(text)
+    thinking = _segment(tags, "thinking", 0, len(text))
+    if thinking is not None and not thinking.closed:
+        thinking = None  # an unclosed <thinking> is no span: plain-text fallback
+    after = thinking.end if thinking is not None else 0
+    rethink, answer = (_segment(tags, name, after, len(text)) for name in ("rethink", "answer"))
+    return _Layout(tags, thinking, rethink, answer)
+
+
+def split_tcot(text: str) -> tuple[str, str] | None:
+    """The raw T-CoT cut just after the first ``</thinking>``: (thinking part, rest), or None without a thinking span.
+
+    The text is only stripped of outer whitespace; both parts are otherwise verbatim (the Embedder's view, §2.5).
+
+    >>> split_tcot('<thinking>a {"text_keywords": ["a"]}</thinking><rethink>b</rethink><answer>c</answer>')
+    ('<thinking>a {"text_keywords": ["a"]}</thinking>', '<rethink>b</rethink><answer>c</answer>')
+    """
+    text = text.strip()
+    span = _layout(text).thinking
+    return None if span is None else (text[: span.end], text[span.end :])
+
+
+def answer_segment(text: str) -> str | None:
+    """The raw ``<answer>…</answer>`` segment (after the thinking span when there is one), or None."""
+    text = text.strip()
+    span = _layout(text).answer
+    return None if span is None else text[span.start : span.end]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Cue objects: brace scan, strict then lenient JSON, key-specific scrape
+# ----------------------------------------------------------------------------------------------------------------
+
+
+class _Pairs(list):
+    """An object's (key, value) pairs in order, duplicate keys kept (so they can be merged, not overwritten)."""
+
+
+_FAIL = object()
+_MAX_DEPTH = 32
+_NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_BARE_KEY_RE = re.compile(r"[A-Za-z_][\w-]*")
+_SCALAR_WORDS = {"true": True, "false": False, "null": None}
+
+
+class _Lenient:
+    """Recursive-descent reader for JSON-like text: single quotes, bare keys, stray or trailing commas, and
+    brackets left open at the end are accepted. Returns ``_FAIL`` instead of raising."""
+
+    def __init__(self, text: str, pos: int = 0) -> None:
+        self.s, self.i = text, pos
+
+    def _ws(self) -> None:
+        while self.i < len(self.s) and self.s[self.i].isspace():
+            self.i += 1
+
+    def value(self, depth: int = 0) -> object:
+        self._ws()
+        if self.i >= len(self.s) or depth > _MAX_DEPTH:
+            return _FAIL
+        c = self.s[self.i]
+        if c == "{":
+            return self._object(depth + 1)
+        if c == "[":
+            return self._list(depth + 1)
+        if c in "\"'":
+            return self._string()
+        m = _NUMBER_RE.match(self.s, self.i)
+        if m:
+            self.i = m.end()
+            digits = m.group(0)
+            return int(digits) if re.fullmatch(r"[-+]?\d{1,30}", digits) else float(digits)
+        m = _BARE_KEY_RE.match(self.s, self.i)
+        if m and m.group(0).lower() in _SCALAR_WORDS:
+            self.i = m.end()
+            return _SCALAR_WORDS[m.group(0).lower()]
+        return _FAIL
+
+    def _string(self) -> object:
+        quote, start = self.s[self.i], self.i + 1
+        j = start
+        while j < len(self.s) and self.s[j] != quote:
+            j += 2 if self.s[j] == "\\" else 1
+        if j >= len(self.s):
+            return _FAIL
+        self.i = j + 1
+        raw = self.s[start:j]
+        try:
+            return json.loads(f'"{raw}"')
+        except ValueError:
+            return raw
+
+    def _list(self, depth: int) -> object:
+        self.i += 1
+        items: list = []
+        while True:
+            self._ws()
+            if self.i >= len(self.s) or self.s[self.i] == "}":  # left open: close it here
+                return items
+            c = self.s[self.i]
+            if c == "]":
+                self.i += 1
+                return items
+            if c == ",":
+                self.i += 1
+                continue
+            v = self.value(depth)
+            if v is _FAIL:
+                return _FAIL
+            items.append(v)
+
+    def _object(self, depth: int) -> object:
+        self.i += 1
+        pairs = _Pairs()
+        while True:
+            self._ws()
+            if self.i >= len(self.s):
+                return pairs
+            c = self.s[self.i]
+            if c == "}":
+                self.i += 1
+                return pairs
+            if c == ",":
+                self.i += 1
+                continue
+            if c in "\"'":
+                key = self._string()
+            else:
+                m = _BARE_KEY_RE.match(self.s, self.i)
+                if not m:
+                    return _FAIL
+                key, self.i = m.group(0), m.end()
+            self._ws()
+            if key is _FAIL or self.i >= len(self.s) or self.s[self.i] != ":":
+                return _FAIL
+            self.i += 1
+            v = self.value(depth)
+            if v is _FAIL:
+                return _FAIL
+            pairs.append((key, v))
+
+
+def _parse_object(candidate: str, problems: list[str]) -> _Pairs | None:
+    """Strict JSON (duplicate keys kept), else the lenient reader (recorded). None when neither gives an object."""
+    try:
+        value = json.loads(candidate, object_pairs_hook=_Pairs)
+    except (ValueError, RecursionError):
+        value = _Lenient(candidate).value()
+        if isinstance(value, _Pairs):
+            problems.append("malformed cue JSON repaired")
+    return value if isinstance(value, _Pairs) else None
+
+
+def _object_spans(text: str) -> list[tuple[int, int]]:
+    """Start/end of brace-balanced objects, outermost first (double-quoted strings respected). An object left open
+    runs to the end of the text; when it does not parse, scanning resumes inside it."""
+    spans, i, rescans = [], 0, 0
+    while (i := text.find("{", i)) != -1:
+        depth, in_str, j = 0, False, i
+        while j < len(text):
+            c = text[j]
+            if in_str:
+                if c == "\\":
+                    j += 1
+                elif c == '"':
+                    in_str = False
+            elif c == '"':
+                in_str = True
+            elif c == "{":
+                depth += 1
+            elif c == "}":
+                depth -= 1
+                if depth == 0:
+                    break
+            j += 1
+        if j < len(text):
+            spans.append((i, j + 1))
+            i = j + 1
+        else:
+            spans.append((i, len(text)))
+            rescans += 1
+            if rescans > 16:
+                break
+            i += 1
+    return spans
+
+
+class _Found(NamedTuple):
+    key: str
+    value: object
+    span: tuple[int, int]
+
+
+def _objects(text: str, problems: list[str]) -> list[_Found]:
+    """Every (key, value) of every parseable object in ``text``, in order."""
+    found: list[_Found] = []
+    covered = -1
+    for start, end in _object_spans(text):
+        if start < covered:
+            continue  # inside an open object that parsed
+        pairs = _parse_object(text[start:end], problems)
+        if pairs is None:
+            continue
+        covered = end
+        found.extend(_Found(str(k), v, (start, end)) for k, v in pairs)
+    return found
+
+
+_KEY_RE = re.compile(r"[\"']?\b(" + "|".join(CUE_KEYS) + r")\b[\"']?\s*:")
+_INNER_LIST_RE = re.compile(r"\[([^\[\]]*)\]")
+_QUOTED_RE = re.compile(r"\"([^\"]*)\"|'([^']*)'")
+
+
+def _close_brace(text: str, pos: int) -> int:
+    """``pos`` moved past following whitespace and one ``}``, if there is one."""
+    j = pos
+    while j < len(text) and text[j].isspace():
+        j += 1
+    return j + 1 if j < len(text) and text[j] == "}" else pos
+
+
+def _scrape(text: str) -> list[_Found]:
+    """Last resort for broken objects: after each cue key, read the next bracketed list of numbers or strings."""
+    first = text.find("{")
+    found: list[_Found] = []
+    if first == -1:
+        return found
+    for m in _KEY_RE.finditer(text, first):
+        key, j = m.group(1), m.end()
+        start = text.rfind("{", first, m.start() + 1)
+        while j < len(text) and text[j].isspace():
+            j += 1
+        if j < len(text) and key == CUE_KEYWORDS and text[j] in "\"'":
+            reader = _Lenient(text, j)
+            word = reader.value()
+            if isinstance(word, str):
+                found.append(_Found(key, word, (start, _close_brace(text, reader.i))))
+            continue
+        if j >= len(text) or text[j] != "[":
+            continue
+        depth, k = 0, j
+        while k < len(text):
+            c = text[k]
+            if c == "}":
+                break
+            depth += 1 if c == "[" else -1 if c == "]" else 0
+            k += 1
+            if depth == 0:
+                break
+        body = text[j + 1 : k]
+        if key == CUE_KEYWORDS:
+            value: object = [a or b for a, b in _QUOTED_RE.findall(body)]
+        elif key == CUE_BOXES and "[" in body:
+            value = [[_number(x) for x in _NUMBER_RE.findall(g)] for g in _INNER_LIST_RE.findall(body)]
+        else:
+            value = [_number(x) for x in _NUMBER_RE.findall(body)]
+        found.append(_Found(key, value, (start, _close_brace(text, k))))
+    return found
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Normalising cue values
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _number(v: object) -> int | float | None:
+    """An int or finite float from a number or a numeric string; None otherwise (bools are not numbers)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, str):
+        s = v.strip()
+        if not _NUMBER_RE.fullmatch(s):
+            return None
+        return _number(int(s) if re.fullmatch(r"[-+]?\d{1,30}", s) else float(s))
+    return None
+
+
+def _short(v: object) -> str:
+    r = repr(v)
+    return r if len(r) <= 24 else r[:21] + "..."
+
+
+def _box_candidates(value: object, depth: int = 0) -> list[object]:
+    """Split a bbox value into candidate boxes: a flat list is one box, nested lists are several, and in a mixed
+    list each sub-list and each run of bare numbers is a candidate."""
+    if not isinstance(value, list) or depth > 3:
+        return [value]
+    out: list[object] = []
+    run: list[object] = []
+    for el in value:
+        if isinstance(el, list):
+            if run:
+                out.append(run)
+                run = []
+            nested = bool(el) and all(isinstance(x, list) for x in el)
+            out.extend(_box_candidates(el, depth + 1) if nested else [el])
+        else:
+            run.append(el)
+    if run:
+        out.append(run)
+    return out
+
+
+def _norm_box(raw: object, problems: list[str]) -> Box | None:
+    if not isinstance(raw, list) or len(raw) != 4:
+        problems.append(f"box {_short(raw)} without exactly 4 numbers dropped")
+        return None
+    nums = [_number(v) for v in raw]
+    if any(n is None for n in nums):
+        problems.append(f"box {_short(raw)} with a non-numeric or non-finite value dropped")
+        return None
+    if any(isinstance(v, str) for v in raw):
+        problems.append("box numbers given as strings coerced")
+    if any(not isinstance(n, int) for n in nums):
+        problems.append("non-integer box coordinates rounded")
+    clamped = [min(max(n, 0), 1000) for n in nums]  # type: ignore[type-var]
+    if clamped != nums:
+        problems.append("box coordinates clamped to 0-1000")
+    x1, y1, x2, y2 = (math.floor(n + 0.5) for n in clamped)
+    if x1 > x2 or y1 > y2:
+        problems.append("box corners swapped")
+        x1, x2, y1, y2 = min(x1, x2), max(x1, x2), min(y1, y2), max(y1, y2)
+    if x1 == x2 or y1 == y2:
+        problems.append(f"zero-area box {[x1, y1, x2, y2]} dropped")
+        return None
+    return [x1, y1, x2, y2]
+
+
+def _norm_boxes(values: list[object], problems: list[str]) -> list[Box]:
+    boxes: list[Box] = []
+    for value in values:
+        for raw in _box_candidates(value):
+            box = _norm_box(raw, problems)
+            if box is None:
+                continue
+            if box in boxes:
+                problems.append(f"duplicate box {box} dropped")
+                continue
+            boxes.append(box)
+    return boxes
+
+
+def _norm_frames(values: list[object], n_frames: int | None, base: int, problems: list[str]) -> list[int]:
+    frames: list[int] = []
+    for value in values:
+        if not isinstance(value, list):
+            problems.append("key_frames not given as a list")
+        for v in value if isinstance(value, list) else [value]:
+            n = _number(v)
+            if n is None or n != math.floor(n):
+                problems.append(f"non-integer key frame {_short(v)} dropped")
+                continue
+            if isinstance(v, str):
+                problems.append("key frames given as strings coerced")
+            idx = int(n) - base
+            if idx < 0 or (n_frames is not None and idx >= n_frames):
+                problems.append(f"key frame {int(n)} out of range dropped")
+                continue
+            if idx in frames:
+                problems.append(f"duplicate key frame {int(n)} dropped")
+                continue
+            frames.append(idx)
+    return frames
+
+
+def _norm_keywords(values: list[object], problems: list[str]) -> list[str]:
+    keywords: list[str] = []
+    for value in values:
+        if isinstance(value, str):
+            problems.append("text_keywords given as a single string")
+            value = [value]
+        if not isinstance(value, list):
+            problems.append(f"text_keywords value {_short(value)} dropped")
+            continue
+        for v in value:
+            if not isinstance(v, str) or not v.strip():
+                problems.append(f"keyword {_short(v)} dropped")
+                continue
+            if v != v.strip():
+                problems.append("keyword whitespace stripped")
+            keywords.append(v.strip())
+    return keywords
+
+
+class _Cue(NamedTuple):
+    prose: str
+    key: str | None
+    keywords: list[str]
+    boxes: list[Box]
+    frames: list[int]
+
+
+def _normalise(key: str, values: list[object], n_frames: int | None, base: int, problems: list[str]) -> list:
+    if key == CUE_KEYWORDS:
+        return _norm_keywords(values, problems)
+    if key == CUE_BOXES:
+        return _norm_boxes(values, problems)
+    return _norm_frames(values, n_frames, base, problems)
+
+
+def _without_spans(text: str, spans: list[tuple[int, int]]) -> str:
+    """``text`` with the spans cut out, the pieces joined by one space."""
+    pieces, pos = [], 0
+    for start, end in sorted(spans):
+        pieces.append(text[pos:start])
+        pos = max(pos, end)
+    pieces.append(text[pos:])
+    return " ".join(p.strip() for p in pieces if p.strip())
+
+
+def _read_cue(inner: str, want: str | None, n_frames: int | None, base: int, problems: list[str]) -> _Cue:
+    """Find, choose and normalise the cue of a thinking segment; the prose is the segment without it."""
+    src = inner
+    found = _objects(src, problems)
+    if not any(f.key in CUE_KEYS for f in found) and ("{{" in src or "}}" in src):
+        collapsed = src.replace("{{", "{").replace("}}", "}")
+        retry = _objects(collapsed, problems)
+        if any(f.key in CUE_KEYS for f in retry):
+            problems.append("doubled braces collapsed")
+            src, found = collapsed, retry
+    for f in found:
+        if f.key not in CUE_KEYS:
+            problems.append(f"unknown key {_short(f.key)} ignored")
+    cues = [f for f in found if f.key in CUE_KEYS]
+    if not cues:
+        cues = _scrape(src)
+        if cues:
+            problems.append("cue read by lenient key extraction")
+    keys = list(dict.fromkeys(f.key for f in cues))
+    if want is not None:
+        chosen = want if want in keys else None
+    else:
+        valid = [k for k in keys if _normalise(k, [f.value for f in cues if f.key == k], n_frames, base, [])]
+        chosen = valid[0] if valid else (keys[0] if keys else None)
+    for k in keys:
+        if k != chosen:
+            problems.append(f"cue {k} ignored (using {want or chosen})")
+    if chosen is None:
+        problems.append(f"missing cue {want}" if want is not None else "no cue object")
+        return _Cue(src.strip(), None, [], [], [])
+    entries = [f for f in cues if f.key == chosen]
+    spans = list(dict.fromkeys(f.span for f in entries))
+    if len(spans) > 1:
+        problems.append(f"{len(spans)} {chosen} cue objects merged")
+    if len(entries) > len(spans):
+        problems.append(f"duplicate {chosen} keys merged")
+    values = _normalise(chosen, [f.value for f in entries], n_frames, base, problems)
+    if not values:
+        empty = all(f.value == [] for f in entries)
+        problems.append(f"empty {chosen} list" if empty else f"no valid {chosen} entry left")
+    prose = _without_spans(src, spans)
+    return _Cue(
+        prose,
+        chosen,
+        values if chosen == CUE_KEYWORDS else [],
+        values if chosen == CUE_BOXES else [],
+        values if chosen == CUE_FRAMES else [],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parser and format check
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _outside_text(text: str, spans: list[_Span]) -> bool:
+    """Non-whitespace text outside the given segments."""
+    return bool(_without_spans(text, [(s.start, s.end) for s in spans]))
+
+
+def parse_tcot(text: str, *, cue_key: str | None = None, n_frames: int | None = None, frame_base: int = 1) -> TCoT:
+    """Read any string as a T-CoT, repairing what method.md §2.4 allows and naming each repair in ``problems``.
+
+    Never raises on a string. Without a ``<thinking>…</thinking>`` span the result is the plain-text fallback
+    (``fallback=True``, no cue). Tags are matched in any case and with inner spaces (``< /Answer >``); the first
+    thinking span is used; rethink and answer are the first of each after it (an unclosed one runs to the next tag).
+    Segment texts are stripped.
+
+    Args:
+        text: the generated text.
+        cue_key: the cue the prompt family requires. Other cue keys are then ignored (and recorded).
+        n_frames: frames shown to the Reasoner; key frames outside ``1..n_frames`` are dropped. None: no upper bound.
+        frame_base: index of the first frame in the text (1, method.md §2.2).
+
+    Returns:
+        The :class:`TCoT`, with ``frames`` 0-based and boxes as clamped, ordered, non-empty int boxes.
+
+    Example:
+        >>> t = parse_tcot("<thinking>Red car. {'bbox_2d': [10, 20, 300, 400],}</thinking>"
+        ...                "<rethink>Only one car.</rethink><answer>A red car.</answer>", cue_key="bbox_2d")
+        >>> t.boxes, t.problems
+        ([[10, 20, 300, 400]], ['malformed cue JSON repaired'])
+    """
+    if not isinstance(text, str):
+        raise TypeError(f"parse_tcot reads text, got {type(text).__name__}")
+    if cue_key is not None and cue_key not in CUE_KEYS:
+        raise ValueError(f"cue_key={cue_key!r}; use one of {CUE_KEYS} or None")
+    if n_frames is not None and n_frames < 0:
+        raise ValueError(f"n_frames={n_frames} must be >= 0")
+    text = text.strip()
+    lay = _layout(text)
+    problems = [f"tag variant {text[t.start : t.end]!r} accepted" for t in lay.tags if not t.exact]
+    if lay.thinking is None:
+        opened = any(t.name == "thinking" and not t.closing for t in lay.tags)
+        problems.append(f"{'unclosed' if opened else 'no'} <thinking>: plain-text fallback")
+        return TCoT(problems=list(dict.fromkeys(problems)), fallback=True, has_all_tags=False, tags_in_order=False)
+    th = lay.thinking
+    if any(t.name == "thinking" and not t.closing and t.start > th.start for t in lay.tags):
+        problems.append("several <thinking> spans: used the first")
+    for name, span in (("rethink", lay.rethink), ("answer", lay.answer)):
+        if span is None:
+            problems.append(f"missing <{name}>")
+        elif not span.closed:
+            problems.append(f"unclosed <{name}>")
+    has_all = bool(lay.rethink and lay.rethink.closed and lay.answer and lay.answer.closed)
+    in_order = bool(lay.rethink and lay.answer and lay.rethink.end <= lay.answer.start)
+    if lay.rethink and lay.answer and not in_order:
+        problems.append("rethink and answer out of order")
+    if _outside_text(text, [s for s in (th, lay.rethink, lay.answer) if s is not None]):
+        problems.append("text outside tags")
+    cue = _read_cue(text[th.inner_start : th.inner_end], cue_key, n_frames, frame_base, problems)
+
+    def inner(span: _Span | None) -> str:
+        return "" if span is None else text[span.inner_start : span.inner_end].strip()
+
+    return TCoT(
+        thinking=cue.prose,
+        cue_key=cue.key,
+        keywords=cue.keywords,
+        boxes=cue.boxes,
+        frames=cue.frames,
+        rethink=inner(lay.rethink),
+        answer=inner(lay.answer),
+        problems=list(dict.fromkeys(problems)),
+        has_all_tags=has_all,
+        tags_in_order=in_order,
+    )
+
+
+# One segment's content: anything but an exact grammar tag.
+_STRICT_SEGMENT = r"((?:(?!</?(?:thinking|rethink|answer)>)[\s\S])*)"
+_STRICT_RE = re.compile(
+    f"{THINKING_OPEN}{_STRICT_SEGMENT}{THINKING_CLOSE}\\s*"
+    f"{RETHINK_OPEN}{_STRICT_SEGMENT}{RETHINK_CLOSE}\\s*"
+    f"{ANSWER_OPEN}{_STRICT_SEGMENT}{ANSWER_CLOSE}"
+)
+
+
+def format_ok(text: str, cue_key: str | None, n_frames: int | None = None, strict_outside_tags: bool = False) -> bool:
+    """The format check behind the format reward (method.md §4.5).
+
+    True iff (1) exact-case ``<thinking>``, ``<rethink>``, ``<answer>`` segments follow each other (whitespace
+    between them only), each non-empty, starting at the text's first thinking tag; and (2) the parser finds at least
+    one valid ``cue_key`` entry in that thinking segment (a non-empty keyword, a box of positive area after clamping,
+    a key frame in ``1..n_frames``). ``cue_key=None`` skips (2) (the ``reference`` preset). ``strict_outside_tags``
+    also rejects non-whitespace text before or after the three segments.
+
+    >>> format_ok('<thinking>Two cats. {"bbox_2d": [0, 0, 500, 500]}</thinking><rethink>Yes.</rethink>'
+    ...           '<answer>Two cats.</answer>', "bbox_2d")
+    True
+    """
+    m = _STRICT_RE.search(text)
+    if m is None or not all(g.strip() for g in m.groups()):
+        return False
+    first_open = next((t.start for t in _find_tags(text) if t.name == "thinking" and not t.closing), None)
+    if m.start() != first_open:
+        return False
+    if strict_outside_tags and (text[: m.start()].strip() or text[m.end() :].strip()):
+        return False
+    return cue_key is None or parse_tcot(text, cue_key=cue_key, n_frames=n_frames).cue_present
