@@ -14,7 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from embedrl.config import ConfigError, TinyBackboneConfig, WorldConfig, config_fields, load_config
+from embedrl.config import (
+    ConfigError,
+    EmbedderTrainConfig,
+    TinyBackboneConfig,
+    WorldConfig,
+    config_fields,
+    load_config,
+)
 
 logger = logging.getLogger("embedrl")
 
@@ -73,6 +80,28 @@ def cmd_world_stats(args: argparse.Namespace) -> int:
         from embedrl.data.world import format_world_stats
 
         print(format_world_stats(stats))
+    return 0
+
+
+def cmd_train_embedder(args: argparse.Namespace) -> int:
+    from embedrl.train.embedder import train_embedder
+
+    cfg = config_from_args(EmbedderTrainConfig, args)
+    final = train_embedder(cfg)
+    print(f"trained Embedder written to {final}")
+    return 0
+
+
+def cmd_eval_summarize(args: argparse.Namespace) -> int:
+    """Aggregate an MMEB-V2 leaderboard score file: 78 datasets -> 13 sub-groups, 3 modalities and All."""
+    from embedrl.eval.scores import ScoreFileError, format_summary, summarize
+
+    try:
+        summary = summarize(args.scorefile)
+    except ScoreFileError as err:
+        print(f"embedrl: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2) if args.json else format_summary(summary).rstrip("\n"))
     return 0
 
 
@@ -139,6 +168,21 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--json", action="store_true", help="print the statistics as JSON")
     stats.add_argument("--no-contact-sheet", action="store_true", help="skip writing contact_sheet.png")
     stats.set_defaults(func=cmd_world_stats)
+
+    train_emb = sub.add_parser(
+        "train-embedder", help="contrastive training of the Embedder (symmetric InfoNCE, same-dataset sub-batches)"
+    )
+    add_config_arguments(train_emb, EmbedderTrainConfig)
+    train_emb.set_defaults(func=cmd_train_embedder)
+
+    evaluate = sub.add_parser("eval", help="evaluation: score files and summaries")
+    eval_sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="SUBCOMMAND")
+    summarize = eval_sub.add_parser(
+        "summarize", help="sub-group, modality and overall means of an MMEB-V2 leaderboard score file"
+    )
+    summarize.add_argument("scorefile", type=Path, help="a leaderboard JSON (the format of the published score files)")
+    summarize.add_argument("--json", action="store_true", help="print the summary as JSON instead of Markdown")
+    summarize.set_defaults(func=cmd_eval_summarize)
 
     demo = sub.add_parser("demo", help="the whole method end to end on the synthetic world (what `make demo` runs)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")

@@ -27,6 +27,8 @@ import yaml
 __all__ = [
     "STAGE_CONFIGS",
     "ConfigError",
+    "EmbedderTrainConfig",
+    "LoraSettings",
     "TeacherNoiseConfig",
     "TinyBackboneConfig",
     "WorldConfig",
@@ -164,10 +166,88 @@ class WorldConfig:
             raise ConfigError(f"discrimination_negatives={self.discrimination_negatives} must be in [1, 8]")
 
 
+@dataclass
+class LoraSettings:
+    """LoRA adapters (peft). Targets are module leaf names of nn.Linear layers (never the LM head)."""
+
+    rank: int = field(default=64, metadata=_help("LoRA rank r"))
+    alpha: int = field(default=128, metadata=_help("LoRA alpha"))
+    dropout: float = field(default=0.05, metadata=_help("LoRA dropout"))
+    targets: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata=_help("leaf names of the language model's Linear layers to adapt"),
+    )
+    vision_tower: bool = field(
+        default=True, metadata=_help("also adapt every Linear layer of the vision tower and merger (method.md §3.8)")
+    )
+
+    def __post_init__(self) -> None:
+        if self.rank < 1 or self.alpha < 1:
+            raise ConfigError(f"lora.rank={self.rank} and lora.alpha={self.alpha} must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={self.dropout} must be in [0, 1)")
+        if not self.targets:
+            raise ConfigError("lora.targets is empty; name at least one Linear layer, e.g. [q_proj, v_proj]")
+
+
+@dataclass
+class EmbedderTrainConfig:
+    """`embedrl train-embedder`: contrastive training of the Embedder (symmetric InfoNCE, same-dataset sub-batches)."""
+
+    backbone: str = field(default="", metadata=_help("checkpoint directory or hub id of a Qwen-VL backbone (required)"))
+    data: str = field(default="", metadata=_help("pairs JSONL in the embedrl training schema (required)"))
+    out: str = field(default="", metadata=_help("output directory: checkpoints, metrics.jsonl, final/ (required)"))
+    seed: int = field(default=42, metadata=_help("seed of the sampler, dropout and initialisation"))
+    mode: Literal["full", "answer_only", "no_evidence", "raw"] = field(
+        default="full", metadata=_help("T-CoT/evidence mode on both sides (method.md §6.4)")
+    )
+    video_as: Literal["video", "frames"] = field(default="video", metadata=_help("one video item, or frames as images"))
+    temperature: float = field(default=0.02, metadata=_help("InfoNCE temperature τ (logit scale 1/τ)"))
+    sub_batch_size: int = field(default=8, metadata=_help("pairs per same-dataset sub-batch (global, all processes)"))
+    num_sub_batches: int = field(default=1, metadata=_help("sub-batches per global batch (step)"))
+    grad_cache: bool = field(default=False, metadata=_help("GradCache: same loss and gradients, chunked memory"))
+    chunk_size: int = field(default=4, metadata=_help("items per forward chunk when grad_cache is on"))
+    epochs: int = field(default=1, metadata=_help("passes over the data"))
+    max_steps: int = field(default=0, metadata=_help("stop after this many steps; 0 = epochs × steps per epoch"))
+    lr: float = field(default=1e-4, metadata=_help("peak learning rate (AdamW)"))
+    weight_decay: float = field(default=0.01, metadata=_help("AdamW weight decay"))
+    warmup_steps: int = field(default=10, metadata=_help("linear warm-up steps before the cosine decay"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm; 0 disables"))
+    finetune: Literal["lora", "full"] = field(default="lora", metadata=_help("LoRA adapters or full fine-tuning"))
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata=_help("LoRA settings (finetune=lora)"))
+    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward"))
+    bf16: bool = field(default=False, metadata=_help("train in bfloat16 autocast"))
+    dataset_weights: dict[str, float] = field(
+        default_factory=dict, metadata=_help("sampling weight per dataset name (default 1.0); p ∝ weight × size")
+    )
+    datasets: list[str] = field(default_factory=list, metadata=_help("train on these datasets only; [] = all"))
+    save_every: int = field(default=50, metadata=_help("write a resumable checkpoint every N steps"))
+    log_every: int = field(default=1, metadata=_help("log metrics every N steps"))
+    resume: bool = field(default=True, metadata=_help("resume from the latest checkpoint in out/ when present"))
+    device: str = field(default="cpu", metadata=_help("torch device (cuda:N for the local rank on GPU machines)"))
+
+    def __post_init__(self) -> None:
+        for name in ("backbone", "data", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: pass --{name} (see embedrl train-embedder --help)")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature} must be > 0 (0.02 is the paper's)")
+        if self.sub_batch_size < 2:
+            raise ConfigError(f"sub_batch_size={self.sub_batch_size} leaves no in-batch negatives; use >= 2")
+        if self.num_sub_batches < 1 or self.epochs < 1 or self.max_steps < 0 or self.chunk_size < 1:
+            raise ConfigError("num_sub_batches, epochs and chunk_size must be >= 1 and max_steps >= 0")
+        if self.save_every < 1 or self.log_every < 1:
+            raise ConfigError("save_every and log_every must be >= 1")
+        for name, weight in self.dataset_weights.items():
+            if weight <= 0:
+                raise ConfigError(f"dataset_weights.{name}={weight} must be > 0; drop the dataset from the data")
+
+
 # Explicit name -> class table, used by tests that validate every YAML under configs/.
 STAGE_CONFIGS: dict[str, type] = {
     "backbone": TinyBackboneConfig,
     "world": WorldConfig,
+    "train_embedder": EmbedderTrainConfig,
 }
 
 

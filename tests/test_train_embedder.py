@@ -1,0 +1,196 @@
+"""Embedder training on the tiny world: exact resume, frozen vs trainable, GradCache equality, learning, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from embedrl.config import EmbedderTrainConfig, LoraSettings, WorldConfig
+from embedrl.data.world import generate_world
+from embedrl.train.embedder import (
+    METRICS_FILE,
+    build_sampler,
+    cosine_schedule,
+    latest_checkpoint,
+    load_training_data,
+    prepare_model,
+    train_embedder,
+    train_step,
+)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_world(WorldConfig(out=str(tmp_path_factory.mktemp("world")), size="tiny", seed=0))
+
+
+def _cfg(backbone: Path, world: Path, out: Path, **kw) -> EmbedderTrainConfig:
+    base = dict(
+        backbone=str(backbone), data=str(world / "train.jsonl"), out=str(out), seed=1, sub_batch_size=4,
+        finetune="full", lr=1e-3, warmup_steps=1, temperature=0.05, save_every=2, max_steps=4,
+    )
+    base.update(kw)
+    return EmbedderTrainConfig(**base)
+
+
+def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt / "state.pt", weights_only=False)["model"]
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_killed_run_resumes_to_identical_weights(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
+    backbone = tiny_backbone_dir("qwen3-vl")
+    train_embedder(_cfg(backbone, world, tmp_path / "a"))
+
+    def kill_after_3(step: int, metrics: dict) -> None:
+        if step == 3:  # step 2 is checkpointed, step 3 is lost with the "crash"
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train_embedder(_cfg(backbone, world, tmp_path / "b"), on_step=kill_after_3)
+    assert latest_checkpoint(tmp_path / "b").name == "step-0000002"
+    train_embedder(_cfg(backbone, world, tmp_path / "b"))
+
+    a, b = _weights(latest_checkpoint(tmp_path / "a")), _weights(latest_checkpoint(tmp_path / "b"))
+    assert a.keys() == b.keys() and len(a) > 10
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    # The log holds each step once per run that reached it: 4 + (3 + 2 after resume).
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / METRICS_FILE).read_text().splitlines()]
+    assert steps == [1, 2, 3, 3, 4]
+    assert (tmp_path / "b" / "final" / "embedder.json").is_file()
+
+
+def _embedder(backbone: Path):
+    from embedrl.models.embedder import Embedder
+
+    return Embedder.from_backbone(backbone)
+
+
+def _first_batch(world: Path, cfg: EmbedderTrainConfig):
+    data = load_training_data(world / "train.jsonl")
+    sampler = build_sampler(data, cfg)
+    return [(d, [data[d][i] for i in idx]) for d, idx in next(sampler.epoch(0))]
+
+
+def test_lora_trains_adapters_only(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path, finetune="lora", lr=1e-2)
+    embedder = _embedder(cfg.backbone)
+    embedder.model = prepare_model(embedder.model, cfg)
+    before = {n: p.detach().clone() for n, p in embedder.model.named_parameters()}
+    trainable = {n for n, p in embedder.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    assert any(".visual." in n for n in trainable)  # lora.vision_tower defaults to on
+    params = [p for p in embedder.model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr)
+    train_step(embedder, _first_batch(world, cfg), opt, cosine_schedule(opt, 0, 10), cfg, world=1)
+    after = dict(embedder.model.named_parameters())
+    for name, old in before.items():
+        changed = not torch.equal(old, after[name].detach())
+        if name in trainable and "lora_B" in name:
+            assert changed, f"trainable {name} did not change"
+        if name not in trainable:
+            assert not changed, f"frozen {name} changed"
+
+
+def test_lora_without_vision_tower(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path, finetune="lora", lora=LoraSettings(vision_tower=False))
+    model = prepare_model(_embedder(cfg.backbone).model, cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and not any(".visual." in n for n in trainable)
+
+
+def test_grad_cache_step_equals_plain_step(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
+    results = []
+    for grad_cache in (False, True):
+        cfg = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path, grad_cache=grad_cache, chunk_size=3,
+                   sub_batch_size=8)
+        torch.manual_seed(0)
+        embedder = _embedder(cfg.backbone)
+        embedder.model.train()
+        params = list(embedder.model.parameters())
+        opt = torch.optim.SGD(params, lr=0.1)
+        metrics = train_step(embedder, _first_batch(world, cfg), opt, cosine_schedule(opt, 0, 10), cfg, world=1)
+        results.append((metrics, [p.detach().clone() for p in params]))
+    (plain, w_plain), (cached, w_cached) = results
+    assert cached["loss"] == pytest.approx(plain["loss"], abs=1e-5)
+    assert cached["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
+    for a, b in zip(w_plain, w_cached, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_loss_falls_and_accuracy_rises(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
+    # One dataset in full mode: the tiny, randomly initialised model first learns from the T-CoT text.
+    cfg = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path, max_steps=24, save_every=24, sub_batch_size=8,
+               datasets=["world_cls"], lr=3e-3, warmup_steps=3)
+    train_embedder(cfg)
+    rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    first, last = rows[:6], rows[-6:]
+
+    def mean(rs: list[dict], key: str) -> float:
+        return sum(r[key] for r in rs) / len(rs)
+
+    assert mean(last, "train/loss") < mean(first, "train/loss") - 0.5
+    assert mean(last, "train/accuracy") > mean(first, "train/accuracy") + 0.25
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world_size: int, port: int, cfg: EmbedderTrainConfig) -> None:
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    try:
+        train_embedder(cfg)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
+    """2 gloo processes, each with half of every sub-batch, reach the weights of one process with the whole batch."""
+    kw = dict(max_steps=2, save_every=2, sub_batch_size=4, mode="raw")
+    single = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path / "one", **kw)
+    train_embedder(single)
+    double = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path / "two", **kw)
+    mp.spawn(_rank_main, args=(2, _free_port(), double), nprocs=2, join=True)
+    a, b = _weights(latest_checkpoint(tmp_path / "one")), _weights(latest_checkpoint(tmp_path / "two"))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+
+
+def test_cli_trains_and_final_embedder_loads(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
+    from embedrl.cli import main
+    from embedrl.models.embedder import Embedder
+
+    out = tmp_path / "cli"
+    argv = ["train-embedder", "--backbone", str(tiny_backbone_dir("qwen3-vl")), "--data", str(world / "train.jsonl"),
+            "--out", str(out), "--finetune", "full", "--max_steps", "2", "--sub_batch_size", "4"]
+    assert main(argv) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["stage"] == "EmbedderTrainConfig" and saved["config"]["max_steps"] == 2
+    embedder = Embedder.load(out / "final")
+    data = load_training_data(world / "train.jsonl")
+    items = [pairs[0].query for pairs in data.values()][:3]
+    vectors = embedder.encode(items, batch_size=2)
+    assert vectors.shape == (3, embedder.dim)
+    assert main(["train-embedder", "--backbone", "x", "--data", "y", "--out", str(out), "--sub_batch_size", "1"]) == 2
+
+
+def test_unknown_dataset_weight_is_named(world: Path, tmp_path: Path) -> None:
+    cfg = EmbedderTrainConfig(backbone="x", data=str(world / "train.jsonl"), out=str(tmp_path),
+                              dataset_weights={"nope": 2.0})
+    with pytest.raises(ValueError, match="dataset_weights names \\['nope'\\]"):
+        build_sampler(load_training_data(cfg.data), cfg)
