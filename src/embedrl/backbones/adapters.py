@@ -43,6 +43,8 @@ __all__ = ["ADAPTERS", "FamilyAdapter", "PixelBudget", "detect_family", "get_ada
 
 # prompts.py writes the pixel budgets for Qwen3-VL, whose visual token covers 32 x 32 px (patch 16, merge 2).
 _BUDGET_TOKEN_AREA = 32 * 32
+# Model-config attribute in which a checkpoint may record its own pixel budget (tiny backbones do).
+BUDGET_CONFIG_KEY = "embedrl_pixel_budget"
 
 
 @dataclass(frozen=True)
@@ -104,6 +106,12 @@ class FamilyAdapter:
             frame_max_pixels=scale(prompts.FRAME_MAX_PIXELS),
             num_frames=prompts.VIDEO_NUM_FRAMES,
         )
+
+    def checkpoint_budget(self, config: PreTrainedConfig) -> PixelBudget:
+        """The budget a checkpoint records in ``config.embedrl_pixel_budget`` (tiny backbones), else the
+        method.md §3.2 budget of :meth:`default_budget` (real checkpoints)."""
+        recorded = getattr(config, BUDGET_CONFIG_KEY, None)
+        return PixelBudget(**recorded) if recorded else self.default_budget()
 
     def image_size(self, budget: PixelBudget) -> dict[str, int]:
         """The image processor's ``size`` (min/max pixels, not edge lengths) for ``budget``."""

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import torch
 from transformers import GenerationConfig, PreTrainedConfig, PreTrainedTokenizerBase, ProcessorMixin
 
 from embedrl import prompts
-from embedrl.backbones.adapters import ADAPTERS, FamilyAdapter, PixelBudget
+from embedrl.backbones.adapters import ADAPTERS, BUDGET_CONFIG_KEY, FamilyAdapter, PixelBudget
 from embedrl.backbones.tokenizer import build_tiny_tokenizer
 from embedrl.config import TinyBackboneConfig, save_config
 
@@ -66,11 +67,16 @@ def tiny_model_config(
     )
 
 
+def tiny_budget(cfg: TinyBackboneConfig) -> PixelBudget:
+    """``cfg.min_pixels``/``cfg.max_pixels`` per image and per video frame."""
+    return PixelBudget(cfg.min_pixels, cfg.max_pixels, cfg.min_pixels, cfg.max_pixels)
+
+
 def tiny_processor(
     adapter: FamilyAdapter, cfg: TinyBackboneConfig, tokenizer: PreTrainedTokenizerBase
 ) -> ProcessorMixin:
     """The processor of a tiny model: ``cfg.min_pixels``/``cfg.max_pixels`` per image and per video frame."""
-    budget = PixelBudget(cfg.min_pixels, cfg.max_pixels, cfg.min_pixels, cfg.max_pixels)
+    budget = tiny_budget(cfg)
     geometry = {
         "patch_size": adapter.patch_size,
         "merge_size": adapter.merge_size,
@@ -109,6 +115,8 @@ def build_tiny_backbone(cfg: TinyBackboneConfig) -> Path:
     adapter = ADAPTERS[cfg.family]
     tokenizer = build_tiny_tokenizer(cfg.vocab_size)
     config = tiny_model_config(adapter, cfg, tokenizer)
+    # The checkpoint records its own pixel budget, so every stage feeds it images at the tiny sizes it was built for.
+    setattr(config, BUDGET_CONFIG_KEY, dataclasses.asdict(tiny_budget(cfg)))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         model = adapter.model_class(config)
