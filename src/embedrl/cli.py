@@ -17,6 +17,7 @@ from typing import Any
 from embedrl.config import (
     ConfigError,
     EmbedderTrainConfig,
+    ReasonerTrainConfig,
     TinyBackboneConfig,
     WorldConfig,
     config_fields,
@@ -105,6 +106,15 @@ def cmd_eval_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_reasoner(args: argparse.Namespace) -> int:
+    from embedrl.train.reasoner import train_reasoner
+
+    cfg = config_from_args(ReasonerTrainConfig, args)
+    final = train_reasoner(cfg)
+    print(f"cold-started Reasoner written to {final}")
+    return 0
+
+
 # What `embedrl demo` will run once every stage exists; printed while some are still missing.
 DEMO_STAGES = (
     ("generate the synthetic world", "embedrl world generate", True),
@@ -183,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.add_argument("scorefile", type=Path, help="a leaderboard JSON (the format of the published score files)")
     summarize.add_argument("--json", action="store_true", help="print the summary as JSON instead of Markdown")
     summarize.set_defaults(func=cmd_eval_summarize)
+
+    train_rsn = sub.add_parser(
+        "train-reasoner", help="cold-start SFT of a from-scratch Reasoner on teacher T-CoTs and discrimination examples"
+    )
+    add_config_arguments(train_rsn, ReasonerTrainConfig)
+    train_rsn.set_defaults(func=cmd_train_reasoner)
 
     demo = sub.add_parser("demo", help="the whole method end to end on the synthetic world (what `make demo` runs)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")

@@ -29,6 +29,7 @@ __all__ = [
     "ConfigError",
     "EmbedderTrainConfig",
     "LoraSettings",
+    "ReasonerTrainConfig",
     "TeacherNoiseConfig",
     "TinyBackboneConfig",
     "WorldConfig",
@@ -243,11 +244,42 @@ class EmbedderTrainConfig:
                 raise ConfigError(f"dataset_weights.{name}={weight} must be > 0; drop the dataset from the data")
 
 
+@dataclass
+class ReasonerTrainConfig:
+    """`embedrl train-reasoner`: cold-start SFT of a from-scratch Reasoner on teacher T-CoTs (method.md §1.2)."""
+
+    backbone: str = field(default="", metadata=_help("checkpoint directory of the from-scratch backbone (required)"))
+    data: str = field(default="", metadata=_help("pairs JSONL whose items carry teacher T-CoTs (required)"))
+    discrimination_data: str = field(
+        default="", metadata=_help("listwise-discrimination JSONL (the world's discrimination.jsonl); '' = none")
+    )
+    out: str = field(default="", metadata=_help("output directory (required)"))
+    seed: int = field(default=0, metadata=_help("seed of initialisation order and sampling"))
+    compact_prompts: bool = field(default=True, metadata=_help("train on the families' compact prompts"))
+    batch_size: int = field(default=16, metadata=_help("examples per step"))
+    max_steps: int = field(default=300, metadata=_help("optimiser steps"))
+    lr: float = field(default=1e-3, metadata=_help("peak learning rate (AdamW, linear warm-up then linear decay)"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    warmup_steps: int = field(default=10, metadata=_help("warm-up steps"))
+    max_length: int = field(default=2048, metadata=_help("longest allowed tokenised example"))
+    device: str = field(default="cpu", metadata=_help("torch device"))
+
+    def __post_init__(self) -> None:
+        for name in ("backbone", "data", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: pass --{name} (see embedrl train-reasoner --help)")
+        if self.batch_size < 1 or self.max_steps < 1 or self.max_length < 16 or self.warmup_steps < 0:
+            raise ConfigError("batch_size and max_steps must be >= 1, max_length >= 16, warmup_steps >= 0")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be > 0")
+
+
 # Explicit name -> class table, used by tests that validate every YAML under configs/.
 STAGE_CONFIGS: dict[str, type] = {
     "backbone": TinyBackboneConfig,
     "world": WorldConfig,
     "train_embedder": EmbedderTrainConfig,
+    "train_reasoner": ReasonerTrainConfig,
 }
 
 
