@@ -1,0 +1,112 @@
+"""Reasoner prompts and generation, and the cold-start SFT (labels, learning, CLI)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from embedrl.config import ReasonerTrainConfig, WorldConfig
+from embedrl.data.schema import Item, read_pairs
+from embedrl.data.world import generate_world
+from embedrl.models.reasoner import Decoding, Reasoner, build_reasoner_prompt
+from embedrl.prompts import CUE_BOXES, CUE_FRAMES, CUE_KEYWORDS, IM_END
+from embedrl.train.reasoner import discrimination_examples, sft_batch, tcot_examples, train_reasoner
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_world(WorldConfig(out=str(tmp_path_factory.mktemp("world")), size="tiny", seed=0))
+
+
+@pytest.fixture(scope="module")
+def pairs(world: Path):
+    return read_pairs(world / "train.jsonl")
+
+
+def _first(pairs, modality: str, side: str = "query"):
+    return next(getattr(p, side) for p in pairs if getattr(p, side).modality == modality)
+
+
+def test_prompt_routing_and_media_order(pairs) -> None:
+    image_q = build_reasoner_prompt(_first(pairs, "image"), "query", "text", compact=True)
+    assert image_q.family.name == "image_based" and image_q.family.cue_key == CUE_BOXES
+    content = image_q.messages[0]["content"]
+    assert [c["type"] for c in content] == ["image", "text"] and len(image_q.images) == 1
+    video_q = _first(pairs, "video")
+    prompt = build_reasoner_prompt(video_q, "query", "text", compact=True)
+    assert prompt.family.cue_key == CUE_FRAMES and prompt.n_frames == len(video_q.frames) == 8
+    assert [c["type"] for c in prompt.messages[0]["content"]] == ["image"] * 8 + ["text"]
+    assert "Frames: 8" in prompt.messages[0]["content"][-1]["text"]
+    text_q = build_reasoner_prompt(Item(text="a red circle", instruction="Find it."), "query", "video")
+    assert text_q.family.name == "text_to_video_retrieval" and text_q.family.cue_key == CUE_KEYWORDS
+    assert "Find it. a red circle" in text_q.messages[0]["content"][-1]["text"]
+
+
+def test_target_prompt_never_holds_the_query(pairs) -> None:
+    pair = next(p for p in pairs if p.query.text and p.target.modality == "image")
+    prompt = build_reasoner_prompt(pair.target, "target", compact=False)
+    assert prompt.family.name == "positive_image"
+    assert pair.query.text not in prompt.messages[0]["content"][-1]["text"]
+
+
+@pytest.fixture(scope="module")
+def reasoner(tiny_backbone_dir) -> Reasoner:
+    return Reasoner.from_pretrained(tiny_backbone_dir("qwen3-vl"), compact_prompts=True)
+
+
+def test_generate_shapes_order_provenance_and_seed(reasoner: Reasoner, pairs) -> None:
+    items = [_first(pairs, "image"), _first(pairs, "video"), _first(pairs, "text", "target")]
+    sides = ["query", "query", "target"]
+    decoding = Decoding(max_new_tokens=8, seed=3)
+    results = [reasoner.generate([it], side, decoding=decoding, num_return_sequences=2)[0]
+               for it, side in zip(items, sides, strict=True)]
+    for result, family in zip(results, ["image_based", "video_sequence", "positive_text"], strict=True):
+        assert len(result) == 2 and all(g.family == family for g in result)
+        assert all(g.model == str(reasoner.model_id) and g.decoding["seed"] == 3 for g in result)
+    batched = reasoner.generate(items[:2], "query", decoding=decoding, num_return_sequences=2, batch_size=2)
+    again = reasoner.generate(items[:2], "query", decoding=decoding, num_return_sequences=2, batch_size=2)
+    assert [[g.text for g in r] for r in batched] == [[g.text for g in r] for r in again]
+    greedy = reasoner.generate(items[:1], "query", decoding=Decoding(max_new_tokens=8, greedy=True))
+    assert greedy[0][0].decoding["greedy"] is True
+
+
+def test_decoding_validation() -> None:
+    with pytest.raises(ValueError, match="greedy=True"):
+        Decoding(temperature=0.0)
+    with pytest.raises(ValueError, match="top_p"):
+        Decoding(top_p=0.0)
+
+
+def test_sft_labels_cover_the_answer_only(reasoner: Reasoner, world: Path) -> None:
+    examples = tcot_examples(world / "train.jsonl", compact=True)[:3] + discrimination_examples(
+        world / "discrimination.jsonl"
+    )[:1]
+    assert {e.kind for e in examples} >= {"query", "target", "discrimination"} - {"target"}
+    batch = sft_batch(reasoner, examples, max_length=4096)
+    tokenizer = reasoner.processor.tokenizer
+    for row, ex in enumerate(examples):
+        supervised = batch["labels"][row][batch["labels"][row] != -100]
+        assert tokenizer.decode(supervised) == ex.answer + IM_END
+    assert examples[-1].answer.isdigit()
+
+
+def test_cold_start_loss_falls_and_cli(tiny_backbone_dir, reasoner: Reasoner, world: Path, tmp_path: Path) -> None:
+    from embedrl.cli import main
+
+    cfg = ReasonerTrainConfig(backbone=str(tiny_backbone_dir("qwen3-vl")), data=str(world / "train.jsonl"),
+                              out=str(tmp_path / "a"), batch_size=4, max_steps=16, lr=3e-3, warmup_steps=2)
+    final = train_reasoner(cfg)
+    losses = [json.loads(line)["train/loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 16
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0
+    reloaded = Reasoner.from_pretrained(final)
+    for (name, p), q in zip(reasoner.model.named_parameters(), reloaded.model.parameters(), strict=True):
+        if name.endswith("embed_tokens.weight"):
+            assert not torch.equal(p, q)  # trained weights were saved, not the initial ones
+    argv = ["train-reasoner", "--backbone", cfg.backbone, "--data", cfg.data, "--out", str(tmp_path / "b"),
+            "--max_steps", "1", "--batch_size", "2"]
+    assert main(argv) == 0 and (tmp_path / "b" / "final" / "config.json").is_file()
+    assert main(["train-reasoner", "--backbone", "x", "--data", "y", "--out", "z", "--max_steps", "0"]) == 2
