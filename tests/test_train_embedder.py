@@ -1,4 +1,4 @@
-"""Embedder training on the tiny world: exact resume, frozen vs trainable, GradCache equality, learning, 2 processes."""
+"""Embedder training on the tiny world: exact resume, frozen vs trainable, GradCache, learning, 2 processes."""
 
 from __future__ import annotations
 

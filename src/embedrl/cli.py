@@ -17,6 +17,8 @@ from typing import Any
 from embedrl.config import (
     ConfigError,
     EmbedderTrainConfig,
+    EvalConfig,
+    GRPOTrainConfig,
     ReasonerTrainConfig,
     TinyBackboneConfig,
     WorldConfig,
@@ -106,12 +108,37 @@ def cmd_eval_summarize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_world(args: argparse.Namespace) -> int:
+    """Evaluate an Embedder on the synthetic world's suite: score files, summary table, leaderboard JSON."""
+    from embedrl.eval.retrieval import EvalError, evaluate_world
+
+    cfg = config_from_args(EvalConfig, args)
+    try:
+        report = evaluate_world(cfg)
+    except EvalError as err:
+        print(f"embedrl: {err}", file=sys.stderr)
+        return 2
+    print(report["markdown"].rstrip("\n"))
+    files = report["files"]
+    print(f"\nwrote {files['summary_md']}, {files['leaderboard']} and {files['scores']}/")
+    return 0
+
+
 def cmd_train_reasoner(args: argparse.Namespace) -> int:
     from embedrl.train.reasoner import train_reasoner
 
     cfg = config_from_args(ReasonerTrainConfig, args)
     final = train_reasoner(cfg)
     print(f"cold-started Reasoner written to {final}")
+    return 0
+
+
+def cmd_rl(args: argparse.Namespace) -> int:
+    from embedrl.train.grpo import train_rl
+
+    cfg = config_from_args(GRPOTrainConfig, args)
+    final = train_rl(cfg)
+    print(f"EG-RL Reasoner written to {final}")
     return 0
 
 
@@ -193,12 +220,23 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.add_argument("scorefile", type=Path, help="a leaderboard JSON (the format of the published score files)")
     summarize.add_argument("--json", action="store_true", help="print the summary as JSON instead of Markdown")
     summarize.set_defaults(func=cmd_eval_summarize)
+    world_eval = eval_sub.add_parser(
+        "world", help="evaluate an Embedder on the synthetic world's tasks (teacher, Reasoner or no T-CoTs)"
+    )
+    add_config_arguments(world_eval, EvalConfig)
+    world_eval.set_defaults(func=cmd_eval_world)
 
     train_rsn = sub.add_parser(
         "train-reasoner", help="cold-start SFT of a from-scratch Reasoner on teacher T-CoTs and discrimination examples"
     )
     add_config_arguments(train_rsn, ReasonerTrainConfig)
     train_rsn.set_defaults(func=cmd_train_reasoner)
+
+    rl = sub.add_parser(
+        "rl", help="EG-RL: GRPO on the Reasoner with the frozen Embedder and Discriminator as reward models"
+    )
+    add_config_arguments(rl, GRPOTrainConfig)
+    rl.set_defaults(func=cmd_rl)
 
     demo = sub.add_parser("demo", help="the whole method end to end on the synthetic world (what `make demo` runs)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")

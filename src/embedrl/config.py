@@ -28,6 +28,8 @@ __all__ = [
     "STAGE_CONFIGS",
     "ConfigError",
     "EmbedderTrainConfig",
+    "EvalConfig",
+    "GRPOTrainConfig",
     "LoraSettings",
     "ReasonerTrainConfig",
     "TeacherNoiseConfig",
@@ -274,12 +276,247 @@ class ReasonerTrainConfig:
             raise ConfigError(f"lr={self.lr} must be > 0")
 
 
+@dataclass
+class GRPOTrainConfig:
+    """`embedrl rl`: EG-RL, GRPO on the Reasoner with the frozen Embedder and Discriminator as rewards (method.md §4).
+
+    Defaults are the project defaults of method.md §4.3 (preset ``paper``) except ``beta`` (0.0 here, so tiny CPU
+    runs need no reference model; ``configs/rl.yaml`` sets the paper's 0.01).
+    """
+
+    reasoner: str = field(
+        default="", metadata=_help("policy initialisation: a Reasoner checkpoint dir, e.g. a cold start (required)")
+    )
+    embedder: str = field(default="", metadata=_help("frozen reward Embedder: a directory written by Embedder.save"))
+    discriminator: str = field(
+        default="",
+        metadata=_help(
+            "frozen Discriminator: a chat checkpoint ('' = the reasoner checkpoint, loaded apart), or the served "
+            "model's name when discriminator_url is set"
+        ),
+    )
+    discriminator_url: str = field(
+        default="",
+        metadata=_help("OpenAI-compatible base URL serving the Discriminator, e.g. http://host:8000/v1; '' = local"),
+    )
+    discriminator_max_new_tokens: int = field(
+        default=10, metadata=_help("greedy tokens per Discriminator reply (it answers with a number)")
+    )
+    data: str = field(default="", metadata=_help("RL pairs JSONL (e.g. the world's rl.jsonl) (required)"))
+    out: str = field(default="", metadata=_help("output directory: checkpoints/, metrics.jsonl, final/ (required)"))
+    seed: int = field(default=42, metadata=_help("seed of step batches, rollout sampling, Discriminator shuffles"))
+    preset: Literal["paper", "reference"] = field(
+        default="paper", metadata=_help("reward preset (method.md §4.8): paper (default) or reference")
+    )
+    w_format: float | None = field(default=None, metadata=_help("weight of R_fmt; null = the preset's (0.05)"))
+    w_process: float | None = field(
+        default=None, metadata=_help("weight of the Discriminator reward R_proc; null = the preset's (0.8 / 0.2)")
+    )
+    w_outcome: float | None = field(
+        default=None, metadata=_help("weight of the embedding reward R_out; null = the preset's (0.2 / 0.8)")
+    )
+    acc_mode: Literal["all_in_topk", "fraction"] | None = field(
+        default=None, metadata=_help("Acc gate of R_out: all_in_topk or fraction; null = the preset's")
+    )
+    reward_overrides: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_help("any other embedrl.rewards.RewardConfig knob, e.g. {m_neg: 4, tau_neg: 0.5}"),
+    )
+    num_generations: int | None = field(
+        default=None, metadata=_help("G, rollouts per (pair, side) prompt; null = the preset's (paper 8, reference 4)")
+    )
+    pairs_per_step: int = field(default=32, metadata=_help("B, pairs per step, all from one dataset (>= 2)"))
+    epochs: int = field(default=1, metadata=_help("passes over the RL pairs"))
+    max_steps: int = field(default=0, metadata=_help("stop after this many steps; 0 = epochs x steps per epoch"))
+    ppo_epochs: int = field(default=1, metadata=_help("update passes over each step's rollouts"))
+    mini_batch_size: int = field(
+        default=0, metadata=_help("trajectories per optimiser step; 0 = all 2*B*G of the step in one update")
+    )
+    micro_batch_size: int = field(
+        default=8, metadata=_help("trajectories per forward/backward (gradients accumulate; memory only)")
+    )
+    clip_eps: float = field(default=0.2, metadata=_help("PPO clip ε of the ratio"))
+    beta: float = field(
+        default=0.0, metadata=_help("KL weight β (k3, in the loss, to the initial policy); paper 0.01; 0 = none")
+    )
+    lr: float = field(default=3e-6, metadata=_help("learning rate (AdamW 0.9/0.999, eps 1e-8, constant)"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm; 0 disables"))
+    temperature: float = field(default=1.0, metadata=_help("rollout sampling temperature"))
+    top_p: float = field(default=1.0, metadata=_help("rollout nucleus sampling top_p"))
+    max_new_tokens: int = field(default=2048, metadata=_help("longest rollout (response tokens)"))
+    max_prompt_tokens: int = field(
+        default=2048, metadata=_help("longest prompt; a pair whose prompt overflows on either side is dropped (both)")
+    )
+    generation_batch_size: int = field(
+        default=0, metadata=_help("prompts per generate call (each gives G rollouts); 0 = all 2*B prompts at once")
+    )
+    embed_batch_size: int = field(default=32, metadata=_help("items per Embedder forward when scoring rollouts"))
+    discriminator_batch_size: int = field(
+        default=32, metadata=_help("prompts per Discriminator generate call, or concurrent requests to the endpoint")
+    )
+    lora: int = field(
+        default=0, metadata=_help("0 = full fine-tuning; r > 0 = LoRA rank r (alpha 2r) on the language model")
+    )
+    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute policy activations in backward"))
+    use_vllm: bool = field(default=False, metadata=_help("vLLM rollouts (GPU; not implemented yet, keep false)"))
+    compact_prompts: bool = field(
+        default=False, metadata=_help("the families' compact prompts (tiny cold-started models were trained on them)")
+    )
+    dtype: Literal["float32", "bfloat16"] = field(
+        default="float32", metadata=_help("weight dtype of the policy, reference, Embedder and Discriminator")
+    )
+    device: str = field(default="cpu", metadata=_help("torch device of all models"))
+    save_every: int = field(default=50, metadata=_help("write a resumable checkpoint every N steps"))
+    log_every: int = field(default=1, metadata=_help("write metrics every N steps"))
+    sample_table_every: int = field(
+        default=10, metadata=_help("log a table of sample T-CoTs with rewards and advantages every N steps; 0 = off")
+    )
+    resume: bool = field(default=True, metadata=_help("resume from the latest checkpoint in out/ when present"))
+
+    def __post_init__(self) -> None:
+        for name in ("reasoner", "embedder", "data", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: pass --{name} (see embedrl rl --help)")
+        if self.discriminator_url and not self.discriminator_url.startswith(("http://", "https://")):
+            raise ConfigError(f"discriminator_url={self.discriminator_url!r} must start with http:// or https://")
+        if self.discriminator_url and not self.discriminator:
+            raise ConfigError("discriminator_url needs the served model's name: pass --discriminator NAME")
+        if self.pairs_per_step < 2:
+            raise ConfigError(f"pairs_per_step={self.pairs_per_step} leaves no in-batch negatives; use >= 2")
+        if self.num_generations is not None and self.num_generations < 2:
+            raise ConfigError(
+                f"num_generations={self.num_generations}: a GRPO group needs >= 2 rollouts (a single rollout always "
+                "has advantage 0); use >= 2 or null for the preset's G"
+            )
+        for name in ("epochs", "ppo_epochs", "micro_batch_size", "max_new_tokens", "max_prompt_tokens",
+                     "discriminator_max_new_tokens", "embed_batch_size", "discriminator_batch_size", "save_every",
+                     "log_every"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("max_steps", "mini_batch_size", "generation_batch_size", "lora", "sample_table_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 = {name}'s default behaviour)")
+        if not 0 < self.clip_eps < 1:
+            raise ConfigError(f"clip_eps={self.clip_eps} must be in (0, 1) (0.2 is the paper's)")
+        if self.beta < 0:
+            raise ConfigError(f"beta={self.beta} must be >= 0 (0 = no KL term and no reference model)")
+        if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise ConfigError("lr must be > 0, weight_decay and max_grad_norm >= 0")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature} must be > 0 (rollouts sample; 1.0 is the paper's)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        self.reward_config()  # validates the reward knobs now, with RewardConfig's messages
+
+    def reward_config(self) -> Any:
+        """The resolved :class:`embedrl.rewards.RewardConfig` (preset + overrides)."""
+        from embedrl.rewards import RewardConfig  # lazy: keeps torch out of the CLI's argument parsing
+
+        knobs = {"w_format": self.w_format, "w_process": self.w_process, "w_outcome": self.w_outcome,
+                 "acc_mode": self.acc_mode}  # fmt: skip
+        clash = sorted(set(knobs) & set(self.reward_overrides))
+        if clash:
+            raise ConfigError(f"reward_overrides sets {clash}, which are fields of their own; set them there instead")
+        reward_fields = {f.name for f in dataclasses.fields(RewardConfig)} - {"preset"}
+        unknown = sorted(set(self.reward_overrides) - reward_fields)
+        if unknown:
+            raise ConfigError(f"reward_overrides has unknown key(s) {unknown}; valid: {sorted(reward_fields)}")
+        overrides = {k: v for k, v in {**knobs, **self.reward_overrides}.items() if v is not None}
+        try:
+            return RewardConfig.from_preset(self.preset, **overrides)
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"reward settings: {err}") from err
+
+    @property
+    def group_size(self) -> int:
+        """Rollouts per prompt: ``num_generations`` or the preset's."""
+        from embedrl.rewards import PRESET_NUM_GENERATIONS
+
+        return self.num_generations or PRESET_NUM_GENERATIONS[self.preset]
+
+
+@dataclass
+class EvalConfig:
+    """`embedrl eval world`: retrieval evaluation of an Embedder on the synthetic world's suite (method.md §6).
+
+    T-CoTs come from ``tcot_source``: the world's stored teacher T-CoTs, a Reasoner checkpoint (query side with the
+    query family, every unique candidate once with its target family), or none (``mode: raw``). Generated T-CoTs and
+    embeddings are cached under ``cache_dir``, so a rerun after a kill recomputes only unfinished batches.
+    """
+
+    world: str = field(default="", metadata=_help("world directory written by `embedrl world generate` (required)"))
+    embedder: str = field(default="", metadata=_help("Embedder directory written by Embedder.save (required)"))
+    out: str = field(
+        default="", metadata=_help("output dir: scores/, summary.md/.json, leaderboard.json, config.json (required)")
+    )
+    name: str = field(
+        default="", metadata=_help("run label recorded as model_name; '' = '<embedder> (<tcot_source>, <mode>)'")
+    )
+    tasks: list[str] = field(default_factory=list, metadata=_help("evaluate these manifest tasks only; [] = all"))
+    mode: Literal["full", "answer_only", "no_evidence", "raw"] = field(
+        default="full", metadata=_help("Embedder mode on both sides (method.md §6.4); raw needs tcot_source none")
+    )
+    tcot_source: Literal["teacher", "reasoner", "none"] = field(
+        default="teacher", metadata=_help("T-CoTs: the world's teacher T-CoTs, a Reasoner checkpoint, or none (raw)")
+    )
+    reasoner: str = field(default="", metadata=_help("Reasoner checkpoint directory (only with tcot_source reasoner)"))
+    compact_prompts: bool = field(
+        default=True, metadata=_help("the families' compact prompts (tiny cold-started Reasoners); false for instruct")
+    )
+    greedy: bool = field(default=False, metadata=_help("greedy decoding instead of sampling (default: T=1 + seed)"))
+    temperature: float = field(default=1.0, metadata=_help("Reasoner sampling temperature (method.md §6.2: 1.0)"))
+    top_p: float = field(default=1.0, metadata=_help("Reasoner nucleus sampling top_p"))
+    max_new_tokens: int = field(default=256, metadata=_help("longest generated T-CoT, in tokens"))
+    seed: int = field(default=0, metadata=_help("decoding seed: torch is seeded before each generation batch"))
+    on_missing_tcot: Literal["error", "raw"] = field(
+        default="error", metadata=_help("an item without a T-CoT raises (error) or is embedded raw and counted (raw)")
+    )
+    batch_size: int = field(default=16, metadata=_help("items per Embedder batch (one embedding-cache shard each)"))
+    reasoner_batch_size: int = field(
+        default=8, metadata=_help("items per Reasoner generate call (one T-CoT-cache append each)")
+    )
+    cache_dir: str = field(default="", metadata=_help("T-CoT and embedding caches; '' = <out>/cache"))
+    embedder_id: str = field(default="", metadata=_help("cache id of the Embedder; '' = hash of weights and settings"))
+    reasoner_id: str = field(default="", metadata=_help("cache id of the Reasoner; '' = <dir name>@<hash of weights>"))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=_help("weight dtype of the Embedder and the Reasoner")
+    )
+    device: str = field(default="cpu", metadata=_help("torch device of the Embedder and the Reasoner"))
+    show_progress_bar: bool = field(default=True, metadata=_help("tqdm bars over tasks, generation and embedding"))
+
+    def __post_init__(self) -> None:
+        for name in ("world", "embedder", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: pass --{name} (see embedrl eval world --help)")
+        if (self.mode == "raw") != (self.tcot_source == "none"):
+            raise ConfigError(
+                f"mode={self.mode} with tcot_source={self.tcot_source}: raw mode embeds no T-CoT, so it goes with "
+                "tcot_source none, and every other mode needs T-CoTs (teacher or reasoner)"
+            )
+        if self.tcot_source == "reasoner" and not self.reasoner:
+            raise ConfigError("tcot_source=reasoner needs --reasoner DIR, the Reasoner checkpoint to generate with")
+        if self.tcot_source != "reasoner" and self.reasoner:
+            raise ConfigError(
+                f"reasoner is set but tcot_source={self.tcot_source}; drop it or use tcot_source reasoner"
+            )
+        if not self.greedy and self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature} must be > 0 when sampling; set greedy: true instead")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        for name in ("max_new_tokens", "batch_size", "reasoner_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+
+
 # Explicit name -> class table, used by tests that validate every YAML under configs/.
 STAGE_CONFIGS: dict[str, type] = {
     "backbone": TinyBackboneConfig,
     "world": WorldConfig,
     "train_embedder": EmbedderTrainConfig,
     "train_reasoner": ReasonerTrainConfig,
+    "rl": GRPOTrainConfig,
+    "eval": EvalConfig,
 }
 
 
