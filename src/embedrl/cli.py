@@ -142,35 +142,11 @@ def cmd_rl(args: argparse.Namespace) -> int:
     return 0
 
 
-# What `embedrl demo` will run once every stage exists; printed while some are still missing.
-DEMO_STAGES = (
-    ("generate the synthetic world", "embedrl world generate", True),
-    ("build the tiny backbones", "embedrl backbone tiny", True),
-    ("train the Embedder", "embedrl train-embedder", False),
-    ("cold-start the Reasoner", "embedrl train-reasoner", False),
-    ("run EG-RL", "embedrl rl", False),
-    ("evaluate every mode", "embedrl eval", False),
-)
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Run the stages that exist today on the embedded default and say which are still missing."""
-    from embedrl.backbones.tiny import build_tiny_backbone
-    from embedrl.data.world import format_world_stats, generate_world, world_stats
+    """Run every available stage of the method on the synthetic world (see :mod:`embedrl.demo`)."""
+    from embedrl.demo import run_demo
 
-    out = Path(args.out)
-    world = generate_world(WorldConfig(out=str(out / "world"), seed=args.seed, size="tiny" if args.quick else "small"))
-    print(format_world_stats(world_stats(world)))
-    for family in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
-        path = build_tiny_backbone(
-            TinyBackboneConfig(family=family, out=str(out / "backbones" / family), seed=args.seed)
-        )
-        print(f"built tiny {family} backbone: {path}")
-    print("\nembedrl demo: stages of the full method")
-    for label, command, done in DEMO_STAGES:
-        print(f"  [{'done' if done else 'missing'}] {label:<32} ({command})")
-    missing = [label for label, _, done in DEMO_STAGES if not done]
-    print(f"\n{len(missing)} stage(s) not implemented yet: {', '.join(missing)}.")
+    run_demo(args.out, seed=args.seed, quick=args.quick)
     return 0
 
 
