@@ -61,8 +61,10 @@ def test_generate_shapes_order_provenance_and_seed(reasoner: Reasoner, pairs) ->
     items = [_first(pairs, "image"), _first(pairs, "video"), _first(pairs, "text", "target")]
     sides = ["query", "query", "target"]
     decoding = Decoding(max_new_tokens=8, seed=3)
-    results = [reasoner.generate([it], side, decoding=decoding, num_return_sequences=2)[0]
-               for it, side in zip(items, sides, strict=True)]
+    results = [
+        reasoner.generate([it], side, decoding=decoding, num_return_sequences=2)[0]
+        for it, side in zip(items, sides, strict=True)
+    ]
     for result, family in zip(results, ["image_based", "video_sequence", "positive_text"], strict=True):
         assert len(result) == 2 and all(g.family == family for g in result)
         assert all(g.model == str(reasoner.model_id) and g.decoding["seed"] == 3 for g in result)
@@ -81,9 +83,10 @@ def test_decoding_validation() -> None:
 
 
 def test_sft_labels_cover_the_answer_only(reasoner: Reasoner, world: Path) -> None:
-    examples = tcot_examples(world / "train.jsonl", compact=True)[:3] + discrimination_examples(
-        world / "discrimination.jsonl"
-    )[:1]
+    examples = (
+        tcot_examples(world / "train.jsonl", compact=True)[:3]
+        + discrimination_examples(world / "discrimination.jsonl")[:1]
+    )
     assert {e.kind for e in examples} >= {"query", "target", "discrimination"} - {"target"}
     batch = sft_batch(reasoner, examples, max_length=4096)
     tokenizer = reasoner.processor.tokenizer
@@ -96,8 +99,15 @@ def test_sft_labels_cover_the_answer_only(reasoner: Reasoner, world: Path) -> No
 def test_cold_start_loss_falls_and_cli(tiny_backbone_dir, reasoner: Reasoner, world: Path, tmp_path: Path) -> None:
     from embedrl.cli import main
 
-    cfg = ReasonerTrainConfig(backbone=str(tiny_backbone_dir("qwen3-vl")), data=str(world / "train.jsonl"),
-                              out=str(tmp_path / "a"), batch_size=4, max_steps=16, lr=3e-3, warmup_steps=2)
+    cfg = ReasonerTrainConfig(
+        backbone=str(tiny_backbone_dir("qwen3-vl")),
+        data=str(world / "train.jsonl"),
+        out=str(tmp_path / "a"),
+        batch_size=4,
+        max_steps=16,
+        lr=3e-3,
+        warmup_steps=2,
+    )
     final = train_reasoner(cfg)
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 16
@@ -106,7 +116,18 @@ def test_cold_start_loss_falls_and_cli(tiny_backbone_dir, reasoner: Reasoner, wo
     for (name, p), q in zip(reasoner.model.named_parameters(), reloaded.model.parameters(), strict=True):
         if name.endswith("embed_tokens.weight"):
             assert not torch.equal(p, q)  # trained weights were saved, not the initial ones
-    argv = ["train-reasoner", "--backbone", cfg.backbone, "--data", cfg.data, "--out", str(tmp_path / "b"),
-            "--max_steps", "1", "--batch_size", "2"]
+    argv = [
+        "train-reasoner",
+        "--backbone",
+        cfg.backbone,
+        "--data",
+        cfg.data,
+        "--out",
+        str(tmp_path / "b"),
+        "--max_steps",
+        "1",
+        "--batch_size",
+        "2",
+    ]
     assert main(argv) == 0 and (tmp_path / "b" / "final" / "config.json").is_file()
     assert main(["train-reasoner", "--backbone", "x", "--data", "y", "--out", "z", "--max_steps", "0"]) == 2

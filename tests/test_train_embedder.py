@@ -32,8 +32,17 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _cfg(backbone: Path, world: Path, out: Path, **kw) -> EmbedderTrainConfig:
     base = dict(
-        backbone=str(backbone), data=str(world / "train.jsonl"), out=str(out), seed=1, sub_batch_size=4,
-        finetune="full", lr=1e-3, warmup_steps=1, temperature=0.05, save_every=2, max_steps=4,
+        backbone=str(backbone),
+        data=str(world / "train.jsonl"),
+        out=str(out),
+        seed=1,
+        sub_batch_size=4,
+        finetune="full",
+        lr=1e-3,
+        warmup_steps=1,
+        temperature=0.05,
+        save_every=2,
+        max_steps=4,
     )
     base.update(kw)
     return EmbedderTrainConfig(**base)
@@ -112,8 +121,9 @@ def test_lora_without_vision_tower(tiny_backbone_dir, world: Path, tmp_path: Pat
 def test_grad_cache_step_equals_plain_step(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
     results = []
     for grad_cache in (False, True):
-        cfg = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path, grad_cache=grad_cache, chunk_size=3,
-                   sub_batch_size=8)
+        cfg = _cfg(
+            tiny_backbone_dir("qwen3-vl"), world, tmp_path, grad_cache=grad_cache, chunk_size=3, sub_batch_size=8
+        )
         torch.manual_seed(0)
         embedder = _embedder(cfg.backbone)
         embedder.model.train()
@@ -130,8 +140,17 @@ def test_grad_cache_step_equals_plain_step(tiny_backbone_dir, world: Path, tmp_p
 
 def test_loss_falls_and_accuracy_rises(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
     # One dataset in full mode: the tiny, randomly initialised model first learns from the T-CoT text.
-    cfg = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path, max_steps=24, save_every=24, sub_batch_size=8,
-               datasets=["world_cls"], lr=3e-3, warmup_steps=3)
+    cfg = _cfg(
+        tiny_backbone_dir("qwen3-vl"),
+        world,
+        tmp_path,
+        max_steps=24,
+        save_every=24,
+        sub_batch_size=8,
+        datasets=["world_cls"],
+        lr=3e-3,
+        warmup_steps=3,
+    )
     train_embedder(cfg)
     rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     first, last = rows[:6], rows[-6:]
@@ -176,8 +195,21 @@ def test_cli_trains_and_final_embedder_loads(tiny_backbone_dir, world: Path, tmp
     from embedrl.models.embedder import Embedder
 
     out = tmp_path / "cli"
-    argv = ["train-embedder", "--backbone", str(tiny_backbone_dir("qwen3-vl")), "--data", str(world / "train.jsonl"),
-            "--out", str(out), "--finetune", "full", "--max_steps", "2", "--sub_batch_size", "4"]
+    argv = [
+        "train-embedder",
+        "--backbone",
+        str(tiny_backbone_dir("qwen3-vl")),
+        "--data",
+        str(world / "train.jsonl"),
+        "--out",
+        str(out),
+        "--finetune",
+        "full",
+        "--max_steps",
+        "2",
+        "--sub_batch_size",
+        "4",
+    ]
     assert main(argv) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["stage"] == "EmbedderTrainConfig" and saved["config"]["max_steps"] == 2
@@ -190,7 +222,8 @@ def test_cli_trains_and_final_embedder_loads(tiny_backbone_dir, world: Path, tmp
 
 
 def test_unknown_dataset_weight_is_named(world: Path, tmp_path: Path) -> None:
-    cfg = EmbedderTrainConfig(backbone="x", data=str(world / "train.jsonl"), out=str(tmp_path),
-                              dataset_weights={"nope": 2.0})
+    cfg = EmbedderTrainConfig(
+        backbone="x", data=str(world / "train.jsonl"), out=str(tmp_path), dataset_weights={"nope": 2.0}
+    )
     with pytest.raises(ValueError, match="dataset_weights names \\['nope'\\]"):
         build_sampler(load_training_data(cfg.data), cfg)

@@ -203,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     world_eval.set_defaults(func=cmd_eval_world)
 
     train_rsn = sub.add_parser(
-        "train-reasoner", help="cold-start SFT of a from-scratch Reasoner on teacher T-CoTs and discrimination examples"
+        "train-reasoner",
+        help="cold-start SFT of a from-scratch Reasoner on teacher T-CoTs and discrimination examples",
     )
     add_config_arguments(train_rsn, ReasonerTrainConfig)
     train_rsn.set_defaults(func=cmd_train_reasoner)

@@ -197,14 +197,18 @@ class LoraSettings:
 class EmbedderTrainConfig:
     """`embedrl train-embedder`: contrastive training of the Embedder (symmetric InfoNCE, same-dataset sub-batches)."""
 
-    backbone: str = field(default="", metadata=_help("checkpoint directory or hub id of a Qwen-VL backbone (required)"))
+    backbone: str = field(
+        default="", metadata=_help("checkpoint directory or hub id of a Qwen-VL backbone (required)")
+    )
     data: str = field(default="", metadata=_help("pairs JSONL in the embedrl training schema (required)"))
     out: str = field(default="", metadata=_help("output directory: checkpoints, metrics.jsonl, final/ (required)"))
     seed: int = field(default=42, metadata=_help("seed of the sampler, dropout and initialisation"))
     mode: Literal["full", "answer_only", "no_evidence", "raw"] = field(
         default="full", metadata=_help("T-CoT/evidence mode on both sides (method.md §6.4)")
     )
-    video_as: Literal["video", "frames"] = field(default="video", metadata=_help("one video item, or frames as images"))
+    video_as: Literal["video", "frames"] = field(
+        default="video", metadata=_help("one video item, or frames as images")
+    )
     temperature: float = field(default=0.02, metadata=_help("InfoNCE temperature τ (logit scale 1/τ)"))
     sub_batch_size: int = field(default=8, metadata=_help("pairs per same-dataset sub-batch (global, all processes)"))
     num_sub_batches: int = field(default=1, metadata=_help("sub-batches per global batch (step)"))

@@ -61,22 +61,40 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False) -> dict[str, A
     stage_s: dict[str, float] = {}
     world = _timed(stage_s, "world", generate_world, WorldConfig(out=str(out / "world"), seed=seed, size=size.world))
     backbone = _timed(
-        stage_s, "backbone", build_tiny_backbone,
+        stage_s,
+        "backbone",
+        build_tiny_backbone,
         TinyBackboneConfig(family="qwen3-vl", out=str(out / "backbone"), seed=seed),
     )
     embedder = _timed(
-        stage_s, "embedder", train_embedder,
+        stage_s,
+        "embedder",
+        train_embedder,
         EmbedderTrainConfig(
-            backbone=str(backbone), data=str(world / "train.jsonl"), out=str(out / "embedder"), seed=seed,
-            finetune="full", lr=1e-3, temperature=0.05, sub_batch_size=size.sub_batch_size, warmup_steps=10,
-            max_steps=size.embedder_steps, save_every=size.embedder_steps,
+            backbone=str(backbone),
+            data=str(world / "train.jsonl"),
+            out=str(out / "embedder"),
+            seed=seed,
+            finetune="full",
+            lr=1e-3,
+            temperature=0.05,
+            sub_batch_size=size.sub_batch_size,
+            warmup_steps=10,
+            max_steps=size.embedder_steps,
+            save_every=size.embedder_steps,
         ),
     )
     _timed(
-        stage_s, "reasoner cold start", train_reasoner,
+        stage_s,
+        "reasoner cold start",
+        train_reasoner,
         ReasonerTrainConfig(
-            backbone=str(backbone), data=str(world / "train.jsonl"), out=str(out / "reasoner"), seed=seed,
-            max_steps=size.reasoner_steps, batch_size=8,
+            backbone=str(backbone),
+            data=str(world / "train.jsonl"),
+            out=str(out / "reasoner"),
+            seed=seed,
+            max_steps=size.reasoner_steps,
+            batch_size=8,
         ),
     )
     base = EvalConfig(world=str(world), embedder=str(embedder), out=str(out / "eval"), show_progress_bar=False)

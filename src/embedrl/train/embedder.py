@@ -286,8 +286,13 @@ def train_embedder(cfg: EmbedderTrainConfig, on_step: StepCallback | None = None
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total)
     logger.info(
         "training on %d pairs from %d datasets: global batch %d = %d sub-batches × %d, %d processes, %d steps",
-        sum(map(len, data.values())), len(data), sampler.global_batch_size, cfg.num_sub_batches,
-        cfg.sub_batch_size, world, total,
+        sum(map(len, data.values())),
+        len(data),
+        sampler.global_batch_size,
+        cfg.num_sub_batches,
+        cfg.sub_batch_size,
+        world,
+        total,
     )
 
     step = 0

@@ -131,12 +131,15 @@ def train_reasoner(cfg: ReasonerTrainConfig) -> Path:
             optimizer.step()
             schedule.step()
             optimizer.zero_grad(set_to_none=True)
-            record = {"step": step, "train/loss": loss.item(), "train/lr": schedule.get_last_lr()[0],
-                      "train/examples_per_s": len(batch) / (time.perf_counter() - start)}
+            record = {
+                "step": step,
+                "train/loss": loss.item(),
+                "train/lr": schedule.get_last_lr()[0],
+                "train/examples_per_s": len(batch) / (time.perf_counter() - start),
+            }
             log.write(json.dumps(record) + "\n")
     final = out / "final"
     model.eval()
     reasoner.save(final)
     save_config(cfg, final, filename="train_config.json")
     return final
-
