@@ -11,7 +11,6 @@ from embedrl.cli import main
 from embedrl.demo import DEMO_MODES
 
 
-@pytest.mark.slow
 def test_quick_demo_writes_every_mode(tmp_path: Path) -> None:
     assert main(["demo", "--quick", "--out", str(tmp_path), "--seed", "1"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())

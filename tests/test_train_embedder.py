@@ -177,7 +177,6 @@ def _rank_main(rank: int, world_size: int, port: int, cfg: EmbedderTrainConfig) 
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.slow
 def test_two_processes_train_like_one(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
     """2 gloo processes, each with half of every sub-batch, reach the weights of one process with the whole batch."""
     kw = dict(max_steps=2, save_every=2, sub_batch_size=4, mode="raw")
