@@ -19,7 +19,9 @@ from embedrl.config import (
     EmbedderTrainConfig,
     EvalConfig,
     GRPOTrainConfig,
+    IndexConfig,
     ReasonerTrainConfig,
+    ServeConfig,
     TinyBackboneConfig,
     WorldConfig,
     config_fields,
@@ -142,6 +144,70 @@ def cmd_rl(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_build(args: argparse.Namespace) -> int:
+    """Build a FAISS index over a corpus JSONL through the full pipeline (resumes a killed build)."""
+    from embedrl.serve.index import IndexFormatError, build_index
+
+    cfg = config_from_args(IndexConfig, args)
+    try:
+        index = build_index(cfg)
+    except IndexFormatError as err:
+        print(f"embedrl: {err}", file=sys.stderr)
+        return 2
+    print(f"indexed {len(index)} items ({cfg.index_type}, mode {cfg.mode}) in {cfg.out}")
+    return 0
+
+
+def cmd_index_add(args: argparse.Namespace) -> int:
+    """Embed the items of a corpus JSONL like the indexed ones and append them to the index."""
+    from embedrl.serve.index import IndexFormatError, add_to_index, read_corpus
+
+    try:
+        index = add_to_index(args.index, read_corpus(args.corpus))
+    except IndexFormatError as err:
+        print(f"embedrl: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.index} now holds {len(index)} items")
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Search an index for one query; print the query's T-CoT, its evidence and the top-k with scores."""
+    from embedrl.data.schema import Item
+    from embedrl.serve.index import IndexFormatError, Searcher
+
+    query = Item(id="query", text=args.query, instruction=args.instruction, images=tuple(args.image),
+                 frames=tuple(args.frame), tcot=args.tcot)  # fmt: skip
+    try:
+        searcher = Searcher.from_path(args.index, model=args.model, reasoner=args.reasoner)
+        (result,) = searcher.search([query], k=args.k)
+    except IndexFormatError as err:
+        print(f"embedrl: {err}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2, default=str))
+        return 0
+    print(f"query: {args.query!r} (mode {searcher.index.cfg.mode}, {len(query.images)} image(s), "
+          f"{len(query.frames)} frame(s))")  # fmt: skip
+    print(f"T-CoT: {result.tcot if result.tcot is not None else '(none: raw mode)'}")
+    ev = result.evidence
+    print(f"evidence: cue {ev['cue']} {ev['values']}; {ev['evidence_images']} evidence image(s)"
+          + (f"; repairs: {'; '.join(ev['problems'])}" if ev["problems"] else ""))  # fmt: skip
+    print(f"{'rank':>4}  {'score':>8}  id")
+    for hit in result.hits:
+        label = (hit.item.text or hit.item.instruction).replace("\n", " ")[:60]
+        print(f"{hit.rank:>4}  {hit.score:>8.4f}  {hit.id}  {label}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve embeddings, chat completions and search over HTTP (OpenAI-compatible)."""
+    from embedrl.serve.server import serve
+
+    serve(config_from_args(ServeConfig, args))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run every available stage of the method on the synthetic world (see :mod:`embedrl.demo`)."""
     from embedrl.demo import run_demo
@@ -214,6 +280,33 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(rl, GRPOTrainConfig)
     rl.set_defaults(func=cmd_rl)
+
+    index = sub.add_parser("index", help="FAISS indexes over a corpus of items (full pipeline, resumable)")
+    index_sub = index.add_subparsers(dest="index_command", required=True, metavar="SUBCOMMAND")
+    index_build = index_sub.add_parser("build", help="embed a corpus JSONL (T-CoTs made once, cached) and index it")
+    add_config_arguments(index_build, IndexConfig)
+    index_build.set_defaults(func=cmd_index_build)
+    index_add = index_sub.add_parser("add", help="append the items of a corpus JSONL to an existing index")
+    index_add.add_argument("--index", type=Path, required=True, help="an index directory from `embedrl index build`")
+    index_add.add_argument("--corpus", type=Path, required=True, help="JSONL of new items (ids not yet indexed)")
+    index_add.set_defaults(func=cmd_index_add)
+
+    search = sub.add_parser("search", help="top-k of one query against an index, with the query's T-CoT and evidence")
+    search.add_argument("query", help="the query text")
+    search.add_argument("--index", type=Path, required=True, help="an index directory from `embedrl index build`")
+    search.add_argument("--image", action="append", default=[], help="a query image (repeatable)")
+    search.add_argument("--frame", action="append", default=[], help="a query video frame, in order (repeatable)")
+    search.add_argument("--instruction", default="", help="the query's task instruction")
+    search.add_argument("--tcot", default=None, help="use this T-CoT instead of generating one")
+    search.add_argument("-k", "--k", type=int, default=10, help="results to print (default: 10)")
+    search.add_argument("--model", default="", help="Embedder dir (default: the one recorded in the index)")
+    search.add_argument("--reasoner", default="", help="Reasoner dir (default: the one recorded in the index)")
+    search.add_argument("--json", action="store_true", help="print the result as JSON")
+    search.set_defaults(func=cmd_search)
+
+    serve = sub.add_parser("serve", help="OpenAI-compatible server: /v1/embeddings, /v1/chat/completions, /search")
+    add_config_arguments(serve, ServeConfig)
+    serve.set_defaults(func=cmd_serve)
 
     demo = sub.add_parser("demo", help="the whole method end to end on the synthetic world (what `make demo` runs)")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")
