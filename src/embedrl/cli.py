@@ -15,14 +15,19 @@ from pathlib import Path
 from typing import Any
 
 from embedrl.config import (
+    AnnotateConfig,
     ConfigError,
+    ConvertConfig,
     EmbedderTrainConfig,
     EvalConfig,
+    FilterConfig,
     GRPOTrainConfig,
     IndexConfig,
+    MMEBEvalConfig,
     ReasonerTrainConfig,
     ServeConfig,
     TinyBackboneConfig,
+    UVRBEvalConfig,
     WorldConfig,
     config_fields,
     load_config,
@@ -208,6 +213,101 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _list_override(args: argparse.Namespace, key: str) -> None:
+    """Let ``--tasks a,b`` mean the list ``[a, b]`` (a YAML list such as ``--tasks '[a, b]'`` also works)."""
+    value = getattr(args, f"cfg:{key}", None)
+    if isinstance(value, str) and not value.lstrip().startswith("["):
+        setattr(args, f"cfg:{key}", [v.strip() for v in value.split(",") if v.strip()])
+
+
+def cmd_eval_mmeb(args: argparse.Namespace) -> int:
+    """Evaluate on MMEB-V2 from the distributed layout: score files, predictions, summary, leaderboard JSON."""
+    from embedrl.data.rows import RowError
+    from embedrl.eval.mmeb import evaluate_mmeb
+    from embedrl.eval.retrieval import EvalError
+    from embedrl.eval.scores import ScoreFileError
+
+    _list_override(args, "tasks")
+    cfg = config_from_args(MMEBEvalConfig, args)
+    try:
+        report = evaluate_mmeb(cfg)
+    except (EvalError, RowError, ScoreFileError, FileNotFoundError) as err:
+        print(f"embedrl: {err}", file=sys.stderr)
+        return 2
+    print(report["markdown"].rstrip("\n"))
+    files = report["files"]
+    print(f"\nwrote {files['summary_md']}, {files['leaderboard']}, {files['scores']}/ and {files['predictions']}/")
+    return 0
+
+
+def cmd_eval_uvrb(args: argparse.Namespace) -> int:
+    """Evaluate on UVRB from the extracted layout: score files, predictions, UVRB-16 and UVRB-6."""
+    from embedrl.data.rows import RowError
+    from embedrl.eval.retrieval import EvalError
+    from embedrl.eval.uvrb import evaluate_uvrb
+
+    _list_override(args, "tasks")
+    cfg = config_from_args(UVRBEvalConfig, args)
+    try:
+        report = evaluate_uvrb(cfg)
+    except (EvalError, RowError, FileNotFoundError) as err:
+        print(f"embedrl: {err}", file=sys.stderr)
+        return 2
+    print(report["markdown"].rstrip("\n"))
+    files = report["files"]
+    print(f"\nwrote {files['summary_md']}, {files['scores']}/ and {files['predictions']}/")
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    """Convert MMEB-train, LLaVA-Hound, ViDoRe and VisRAG rows into pairs JSONL (one file per dataset)."""
+    from embedrl.data.convert import convert
+    from embedrl.data.rows import RowError
+
+    _list_override(args, "only")
+    cfg = config_from_args(ConvertConfig, args)
+    try:
+        manifest = convert(cfg)
+    except (RowError, FileNotFoundError) as err:
+        print(f"embedrl: {err}", file=sys.stderr)
+        return 2
+    for name, entry in manifest["datasets"].items():
+        print(f"{name}: {entry['pairs']} pairs (of {entry['available']}) -> {entry['file']}")
+    return 0
+
+
+def cmd_annotate(args: argparse.Namespace) -> int:
+    """Teacher T-CoTs for the queries and positives of pairs files (resumable; local model or OpenAI endpoint)."""
+    from embedrl.data.annotate import AnnotationError, annotate
+    from embedrl.data.rows import RowError
+
+    cfg = config_from_args(AnnotateConfig, args)
+    try:
+        summary = annotate(cfg)
+    except (AnnotationError, RowError, FileNotFoundError) as err:
+        print(f"embedrl: {err}", file=sys.stderr)
+        return 2
+    for name, entry in summary["files"].items():
+        print(f"{name}: {entry['pairs']} pairs, {entry['requests_sent']} requests sent, {entry['reused']} reused "
+              f"-> {entry['out']}")  # fmt: skip
+    return 0
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    """Relevance judge over annotated pairs, then the contrastive set and the RL set."""
+    from embedrl.data.annotate import AnnotationError, filter_pairs
+    from embedrl.data.rows import RowError
+
+    cfg = config_from_args(FilterConfig, args)
+    try:
+        summary = filter_pairs(cfg)
+    except (AnnotationError, RowError, FileNotFoundError) as err:
+        print(f"embedrl: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary["totals"], indent=2))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run every available stage of the method on the synthetic world (see :mod:`embedrl.demo`)."""
     from embedrl.demo import run_demo
@@ -267,6 +367,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(world_eval, EvalConfig)
     world_eval.set_defaults(func=cmd_eval_world)
+    mmeb_eval = eval_sub.add_parser(
+        "mmeb", help="evaluate on MMEB-V2 from its distributed layout (--data DIR --model EMBEDDER [--reasoner DIR])"
+    )
+    add_config_arguments(mmeb_eval, MMEBEvalConfig)
+    mmeb_eval.set_defaults(func=cmd_eval_mmeb)
+    uvrb_eval = eval_sub.add_parser(
+        "uvrb", help="evaluate on UVRB from its extracted layout (--data DIR --model EMBEDDER [--reasoner DIR])"
+    )
+    add_config_arguments(uvrb_eval, UVRBEvalConfig)
+    uvrb_eval.set_defaults(func=cmd_eval_uvrb)
+
+    convert = sub.add_parser(
+        "convert", help="MMEB-train, LLaVA-Hound, ViDoRe and VisRAG rows -> pairs JSONL with caps and weights"
+    )
+    add_config_arguments(convert, ConvertConfig)
+    convert.set_defaults(func=cmd_convert)
+    annotate = sub.add_parser("annotate", help="teacher T-CoTs for queries and positives (local model or endpoint)")
+    add_config_arguments(annotate, AnnotateConfig)
+    annotate.set_defaults(func=cmd_annotate)
+    filter_ = sub.add_parser("filter", help="relevance judge, then split kept pairs into contrastive and RL sets")
+    add_config_arguments(filter_, FilterConfig)
+    filter_.set_defaults(func=cmd_filter)
 
     train_rsn = sub.add_parser(
         "train-reasoner",

@@ -27,16 +27,21 @@ import yaml
 
 __all__ = [
     "STAGE_CONFIGS",
+    "AnnotateConfig",
     "ConfigError",
+    "ConvertConfig",
     "EmbedderTrainConfig",
     "EvalConfig",
+    "FilterConfig",
     "GRPOTrainConfig",
     "IndexConfig",
     "LoraSettings",
+    "MMEBEvalConfig",
     "ReasonerTrainConfig",
     "ServeConfig",
     "TeacherNoiseConfig",
     "TinyBackboneConfig",
+    "UVRBEvalConfig",
     "WorldConfig",
     "config_fields",
     "config_from_dict",
@@ -672,6 +677,297 @@ class ServeConfig:
         return token
 
 
+@dataclass
+class BenchmarkEvalConfig:
+    """Fields shared by `embedrl eval mmeb` and `embedrl eval uvrb` (real benchmarks from a local data folder).
+
+    Without ``reasoner`` the Embedder runs in ``raw`` mode (no T-CoTs); with it, every query and every unique
+    candidate gets a Reasoner T-CoT (cached) and ``mode`` applies to both sides.
+    """
+
+    data: str = field(default="", metadata=_help("benchmark data folder in the distributed layout (required)"))
+    model: str = field(default="", metadata=_help("Embedder directory written by Embedder.save (required)"))
+    out: str = field(default="", metadata=_help("output dir: scores/, predictions/, summaries, config.json"))
+    name: str = field(default="", metadata=_help("run label recorded as model_name; '' = the model directory's name"))
+    tasks: list[str] = field(default_factory=list, metadata=_help("dataset keys to evaluate; [] = all scored ones"))
+    reasoner: str = field(default="", metadata=_help("Reasoner checkpoint for T-CoTs on both sides ('' = raw mode)"))
+    mode: Literal["auto", "full", "answer_only", "no_evidence", "raw"] = field(
+        default="auto", metadata=_help("Embedder mode (method.md §6.4); auto = full with a Reasoner, raw without")
+    )
+    compact_prompts: bool = field(
+        default=False, metadata=_help("the families' compact prompts (tiny cold-started Reasoners)")
+    )
+    greedy: bool = field(default=False, metadata=_help("greedy decoding instead of sampling (default: T=1 + seed)"))
+    temperature: float = field(default=1.0, metadata=_help("Reasoner sampling temperature (method.md §6.2: 1.0)"))
+    top_p: float = field(default=1.0, metadata=_help("Reasoner nucleus sampling top_p"))
+    max_new_tokens: int = field(default=1024, metadata=_help("longest generated T-CoT, in tokens"))
+    seed: int = field(default=0, metadata=_help("decoding seed: torch is seeded before each generation batch"))
+    num_frames: int = field(default=8, metadata=_help("frames sampled uniformly per video (benchmarks: 8)"))
+    limit: int = field(default=0, metadata=_help("read only the first N queries per dataset (0 = all; smoke runs)"))
+    on_bad_row: Literal["stop", "skip"] = field(
+        default="stop", metadata=_help("a malformed row or missing media file stops the run, or is skipped (counted)")
+    )
+    batch_size: int = field(default=16, metadata=_help("items per Embedder batch (one embedding-cache shard each)"))
+    reasoner_batch_size: int = field(default=8, metadata=_help("items per Reasoner generate call"))
+    cache_dir: str = field(default="", metadata=_help("T-CoT and embedding caches; '' = <out>/cache"))
+    embedder_id: str = field(default="", metadata=_help("cache id of the Embedder; '' = hash of weights and settings"))
+    reasoner_id: str = field(default="", metadata=_help("cache id of the Reasoner; '' = <dir name>@<hash of weights>"))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=_help("weight dtype of the Embedder and the Reasoner")
+    )
+    device: str = field(default="cpu", metadata=_help("torch device of the Embedder and the Reasoner"))
+    show_progress_bar: bool = field(default=True, metadata=_help("tqdm bars over datasets, generation and embedding"))
+
+    @property
+    def resolved_mode(self) -> str:
+        if self.mode != "auto":
+            return self.mode
+        return "full" if self.reasoner else "raw"
+
+    def __post_init__(self) -> None:
+        for name in ("data", "model", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: pass --{name}")
+        if self.reasoner and self.mode == "raw":
+            raise ConfigError("mode=raw embeds no T-CoT: drop --reasoner, or pick mode full/answer_only/no_evidence")
+        if not self.reasoner and self.mode not in ("auto", "raw"):
+            raise ConfigError(f"mode={self.mode} needs T-CoTs: pass --reasoner DIR, or use mode raw")
+        if not self.greedy and self.temperature <= 0:
+            raise ConfigError(f"temperature={self.temperature} must be > 0 when sampling; set greedy: true instead")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        for name in ("max_new_tokens", "batch_size", "reasoner_batch_size", "num_frames"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.limit < 0:
+            raise ConfigError(f"limit={self.limit} must be >= 0 (0 = all queries)")
+
+
+@dataclass
+class MMEBEvalConfig(BenchmarkEvalConfig):
+    """`embedrl eval mmeb`: MMEB-V2 (78 datasets) from the distributed layout (docs/eval.md §5)."""
+
+    page_labels: Literal["fixed", "old"] = field(
+        default="fixed",
+        metadata=_help("labels of ViDoSeek-page / MMLongBench-page: fixed (annotations/<key>-fixed) or old"),
+    )
+    benchmark_version: str = field(default="v2.1", metadata=_help("MMEB-V2 release recorded in the metadata"))
+    check_counts: bool = field(
+        default=True, metadata=_help("require each dataset's query count to match the registry (false: partial data)")
+    )
+
+
+@dataclass
+class UVRBEvalConfig(BenchmarkEvalConfig):
+    """`embedrl eval uvrb`: the 16 UVRB datasets from the extracted hub layout (docs/eval.md §6)."""
+
+    query_instructions: Literal["all", "reference"] = field(
+        default="all",
+        metadata=_help("instructions for every dataset (all), or only CMRB and DiDeMo as in the reference run"),
+    )
+    max_text_chars: int = field(default=8192, metadata=_help("query texts are truncated to this many characters"))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.max_text_chars < 1:
+            raise ConfigError(f"max_text_chars={self.max_text_chars} must be >= 1")
+
+
+@dataclass
+class ConvertDataset:
+    """One training dataset of `embedrl convert` (method.md §5.1, §5.7)."""
+
+    source: Literal["mmeb_train", "llava_hound", "vidore", "visrag"] = field(
+        default="mmeb_train", metadata=_help("source collection: mmeb_train, llava_hound, vidore or visrag")
+    )
+    subset: str = field(
+        default="", metadata=_help("subset in the source (MMEB-train folder, or caption_retrieval/video_qa/…)")
+    )
+    cap: int = field(default=50_000, metadata=_help("at most this many pairs, sampled uniformly with the seed"))
+    weight: float = field(default=1.0, metadata=_help("contrastive sampling weight (p ∝ weight × kept pairs)"))
+    contrastive: bool = field(default=True, metadata=_help("false: converted, but kept out of the contrastive set"))
+
+    def __post_init__(self) -> None:
+        if self.cap < 1:
+            raise ConfigError(f"cap={self.cap} must be >= 1")
+        if self.weight < 0:
+            raise ConfigError(f"weight={self.weight} must be >= 0")
+
+
+def _default_convert_datasets() -> dict[str, ConvertDataset]:
+    """method.md §5.1 and §5.7 (paper Table 5): caps, weights and the three classification sets kept out."""
+    mmeb = {
+        "A-OKVQA": ("A-OKVQA", 0.26, True), "CIRR": ("CIRR", 0.43, True), "ChartQA": ("ChartQA", 0.35, True),
+        "DocVQA": ("DocVQA", 0.84, True), "HatefulMemes": ("HatefulMemes", 0.30, False),
+        "ImageNet-1K": ("ImageNet_1K", 2.25, True), "InfographicsVQA": ("InfographicsVQA", 0.31, True),
+        "MSCOCO": ("MSCOCO", 3.78, True), "MSCOCO_i2t": ("MSCOCO_i2t", 2.58, True),
+        "MSCOCO_t2i": ("MSCOCO_t2i", 2.32, True), "N24News": ("N24News", 1.65, False),
+        "NIGHTS": ("NIGHTS", 0.23, True), "OK-VQA": ("OK-VQA", 0.25, True), "SUN397": ("SUN397", 0.22, True),
+        "VOC2007": ("VOC2007", 0.24, False), "Visual7W": ("Visual7W", 1.68, True), "VisDial": ("VisDial", 3.75, True),
+        "VisualNews_i2t": ("VisualNews_i2t", 2.91, True), "VisualNews_t2i": ("VisualNews_t2i", 3.49, True),
+        "WebQA": ("WebQA", 0.23, True),
+    }  # fmt: skip
+    out = {k: ConvertDataset("mmeb_train", sub, 50_000, w, c) for k, (sub, w, c) in mmeb.items()}
+    for name, sub, weight in (
+        ("LLaVA-Hound_caption_retrieval", "caption_retrieval", 5.27),
+        ("LLaVA-Hound_video_qa", "video_qa", 4.38),
+        ("LLaVA-Hound_video_retrieval", "video_retrieval", 5.76),
+    ):
+        out[name] = ConvertDataset("llava_hound", sub, 300_000, weight, True)
+    out["ViDoRe"] = ConvertDataset("vidore", "", 100_000, 5.0, True)
+    out["VisRAG"] = ConvertDataset("visrag", "", 100_000, 6.0, True)
+    return out
+
+
+@dataclass
+class ConvertConfig:
+    """`embedrl convert`: MMEB-train, LLaVA-Hound, ViDoRe and VisRAG rows -> pairs JSONL (docs/data.md §7)."""
+
+    out: str = field(default="", metadata=_help("output dir: <dataset>.jsonl per dataset + convert.json (required)"))
+    mmeb_train: str = field(default="", metadata=_help("MMEB-train folder: <subset>/train.* rows + image files"))
+    llava_hound: str = field(default="", metadata=_help("LLaVA-Hound folder: caption/qa rows + frames/<video id>/"))
+    vidore: str = field(default="", metadata=_help("ViDoRe train-set folder: train.* rows (query, image)"))
+    visrag: str = field(default="", metadata=_help("VisRAG in-domain folder: train.* rows (query, image)"))
+    only: list[str] = field(default_factory=list, metadata=_help("convert these datasets only; [] = every dataset"))
+    datasets: dict[str, ConvertDataset] = field(
+        default_factory=_default_convert_datasets, metadata=_help("dataset name -> source, subset, cap, weight")
+    )
+    num_frames: int = field(default=8, metadata=_help("frames sampled uniformly per training video"))
+    seed: int = field(default=0, metadata=_help("seed of the uniform sampling down to each cap"))
+    on_bad_row: Literal["stop", "skip"] = field(
+        default="stop", metadata=_help("a malformed row or missing media file stops the run, or is skipped (counted)")
+    )
+    show_progress_bar: bool = field(default=True, metadata=_help("tqdm bars over rows"))
+
+    def __post_init__(self) -> None:
+        if not self.out:
+            raise ConfigError("out is empty: pass --out DIR")
+        unknown = [d for d in self.only if d not in self.datasets]
+        if unknown:
+            raise ConfigError(f"only names unknown dataset(s) {unknown}; known: {sorted(self.datasets)}")
+        if self.num_frames < 1:
+            raise ConfigError(f"num_frames={self.num_frames} must be >= 1")
+
+
+@dataclass
+class TeacherSettings:
+    """The teacher chat model: a local transformers checkpoint or any OpenAI-compatible endpoint (method.md §5.2)."""
+
+    backend: Literal["local", "openai"] = field(
+        default="local", metadata=_help("local (transformers checkpoint) or openai (an OpenAI-compatible server)")
+    )
+    model: str = field(default="", metadata=_help("local: checkpoint directory; openai: the served model name"))
+    base_url: str = field(default="", metadata=_help("openai: endpoint base URL ending in /v1 (e.g. a vLLM server)"))
+    api_key_env: str = field(
+        default="OPENAI_API_KEY", metadata=_help("environment variable with the endpoint's API key (may be unset)")
+    )
+    compact_prompts: bool = field(default=False, metadata=_help("the families' compact prompts (tiny models only)"))
+    temperature: float = field(default=0.0, metadata=_help("sampling temperature; 0 = greedy (method.md §5.2)"))
+    top_p: float = field(default=1.0, metadata=_help("nucleus sampling top_p"))
+    max_new_tokens: int = field(default=4096, metadata=_help("longest reply, in tokens"))
+    seed: int = field(default=0, metadata=_help("request seed (endpoints that support it)"))
+    concurrency: int = field(default=8, metadata=_help("openai: requests in flight at once"))
+    max_retries: int = field(default=5, metadata=_help("openai: retries of a failed request (429, 5xx, network)"))
+    backoff_s: float = field(default=1.0, metadata=_help("openai: first retry delay; doubles per retry"))
+    max_backoff_s: float = field(default=60.0, metadata=_help("openai: longest retry delay"))
+    timeout_s: float = field(default=600.0, metadata=_help("openai: seconds to wait for one reply"))
+    batch_size: int = field(default=4, metadata=_help("local: prompts per generate call"))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=_help("local: weight dtype")
+    )
+    device: str = field(default="cpu", metadata=_help("local: torch device"))
+
+    def __post_init__(self) -> None:
+        if self.backend == "openai" and not self.base_url:
+            raise ConfigError("backend=openai needs base_url (e.g. http://localhost:8000/v1)")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        for name in ("max_new_tokens", "concurrency", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_retries < 0 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s or self.timeout_s <= 0:
+            raise ConfigError("need max_retries >= 0, 0 <= backoff_s <= max_backoff_s and timeout_s > 0")
+
+
+@dataclass
+class AnnotateConfig:
+    """`embedrl annotate`: teacher T-CoTs for the query and the positive of every pair (method.md §5.2–§5.4)."""
+
+    input: str = field(default="", metadata=_help("pairs JSONL file, or a folder of them (from embedrl convert)"))
+    out: str = field(default="", metadata=_help("output folder: <name>.jsonl annotated pairs + resumable journals"))
+    teacher: TeacherSettings = field(default_factory=TeacherSettings, metadata=_help("the teacher chat model"))
+    answer_conditioned_fraction: float = field(
+        default=0.0, metadata=_help("share of queries annotated with the positive as a hint (0 = off; reference 0.5)")
+    )
+    answer_selection: Literal["parity", "random"] = field(
+        default="parity", metadata=_help("which queries get the hint: even indices (parity) or seeded random")
+    )
+    seed: int = field(default=0, metadata=_help("seed of the random answer selection"))
+    limit: int = field(default=0, metadata=_help("annotate only the first N pairs per file (0 = all)"))
+    on_bad_row: Literal["stop", "skip"] = field(
+        default="stop", metadata=_help("a malformed pair or missing media file stops the run, or is skipped")
+    )
+    show_progress_bar: bool = field(default=True, metadata=_help("tqdm bar over requests"))
+
+    def __post_init__(self) -> None:
+        for name in ("input", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: pass --{name}")
+        if not self.teacher.model:
+            raise ConfigError("teacher.model is empty: pass --teacher.model (checkpoint dir or served model name)")
+        if not 0 <= self.answer_conditioned_fraction <= 1:
+            raise ConfigError(f"answer_conditioned_fraction={self.answer_conditioned_fraction} must be in [0, 1]")
+        if self.answer_selection == "parity" and self.answer_conditioned_fraction not in (0.0, 0.5):
+            raise ConfigError("answer_selection=parity conditions every even index (fraction 0.5); use random")
+        if self.limit < 0:
+            raise ConfigError(f"limit={self.limit} must be >= 0")
+
+
+def _default_rl_counts() -> dict[str, int]:
+    """method.md §5.8 (paper Table 6): 19,000 RL pairs from 13 datasets."""
+    counts = dict.fromkeys(
+        ("A-OKVQA", "ChartQA", "OK-VQA", "Visual7W", "VisualNews_i2t", "VisualNews_t2i", "N24News"), 1000
+    )
+    counts |= dict.fromkeys(
+        ("CIRR", "ViDoRe", "VisRAG", "LLaVA-Hound_video_retrieval", "LLaVA-Hound_video_qa",
+         "LLaVA-Hound_caption_retrieval"), 2000
+    )  # fmt: skip
+    return counts
+
+
+@dataclass
+class FilterConfig:
+    """`embedrl filter`: relevance judge, then the contrastive set and the RL set (method.md §5.5, §5.6)."""
+
+    input: str = field(default="", metadata=_help("annotated pairs JSONL file or folder (from embedrl annotate)"))
+    out: str = field(default="", metadata=_help("output folder: contrastive/, rl.jsonl, filter.json, journals"))
+    judge: TeacherSettings = field(default_factory=TeacherSettings, metadata=_help("the judge (the teacher, T=0)"))
+    exclude_from_contrastive: list[str] = field(
+        default_factory=lambda: ["HatefulMemes", "N24News", "VOC2007"],
+        metadata=_help("datasets kept out of the contrastive set (method.md §3.6)"),
+    )
+    rl_pool: Literal["rejected", "kept"] = field(
+        default="rejected", metadata=_help("RL pairs come from the judge-rejected pairs or from the kept ones")
+    )
+    rl_counts: dict[str, int] = field(
+        default_factory=_default_rl_counts, metadata=_help("dataset -> RL pairs, sampled equidistantly")
+    )
+    on_bad_row: Literal["stop", "skip"] = field(
+        default="stop", metadata=_help("a malformed annotated pair stops the run, or is skipped and counted")
+    )
+    show_progress_bar: bool = field(default=True, metadata=_help("tqdm bar over judge requests"))
+
+    def __post_init__(self) -> None:
+        for name in ("input", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: pass --{name}")
+        if not self.judge.model:
+            raise ConfigError("judge.model is empty: pass --judge.model (checkpoint dir or served model name)")
+        bad = {k: v for k, v in self.rl_counts.items() if v < 0}
+        if bad:
+            raise ConfigError(f"rl_counts must be >= 0: {bad}")
+
+
 # Explicit name -> class table, used by tests that validate every YAML under configs/.
 STAGE_CONFIGS: dict[str, type] = {
     "backbone": TinyBackboneConfig,
@@ -682,6 +978,11 @@ STAGE_CONFIGS: dict[str, type] = {
     "eval": EvalConfig,
     "index": IndexConfig,
     "serve": ServeConfig,
+    "eval_mmeb": MMEBEvalConfig,
+    "eval_uvrb": UVRBEvalConfig,
+    "convert": ConvertConfig,
+    "annotate": AnnotateConfig,
+    "filter": FilterConfig,
 }
 
 

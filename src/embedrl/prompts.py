@@ -564,3 +564,82 @@ JUDGE = PromptTemplate(
     'when you are unsure, answer "No".\n'
     "Reply with one word: Yes or No.",
 )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark instructions (benchmarks.md §1.2, §3.1) and the answer-conditioned hint (method.md §5.4); our wording
+# ----------------------------------------------------------------------------------------------------------------
+
+# MMEB-V2 image rows carry their own instructions (``qry_inst`` / ``tgt_inst``). Video and VisDoc rows do not, so the
+# harness uses these (query instruction, candidate instruction) pairs, keyed by score key; the V-CLS query texts
+# double as the per-dataset task-slot override of method.md §6.3.
+_VIDEO_TARGET = "Represent this video for retrieval:"
+_LABEL_TARGET = "Represent this category name:"
+_ANSWER_TARGET = "Represent this answer:"
+MMEB_INSTRUCTIONS: dict[str, tuple[str, str]] = {
+    "K700": ("Which human action does this video show?", _LABEL_TARGET),
+    "SmthSmthV2": ("What does the person do with the objects in this video?", _LABEL_TARGET),
+    "HMDB51": ("Which human action does this video show?", _LABEL_TARGET),
+    "UCF101": ("Which sport or activity does this video show?", _LABEL_TARGET),
+    "Breakfast": ("Which breakfast item is being prepared in this video?", _LABEL_TARGET),
+    "MVBench": ("Watch the video and answer the question:", _ANSWER_TARGET),
+    "Video-MME": ("Watch the video and answer the question:", _ANSWER_TARGET),
+    "NExTQA": ("Watch the video and answer the question:", _ANSWER_TARGET),
+    "EgoSchema": ("Watch this first-person video and answer the question:", _ANSWER_TARGET),
+    "ActivityNetQA": ("Watch the video and answer the question with yes or no:", _ANSWER_TARGET),
+    "DiDeMo": ("Find the video in which this happens:", _VIDEO_TARGET),
+    "MSR-VTT": ("Find the video that this caption describes:", _VIDEO_TARGET),
+    "MSVD": ("Find the video that this caption describes:", _VIDEO_TARGET),
+    "VATEX": ("Find the video that this caption describes:", _VIDEO_TARGET),
+    "YouCook2": ("Find the cooking video clip for this recipe step:", _VIDEO_TARGET),
+    "QVHighlight": ("Find the moment of this video that matches the description:", "Represent this video moment:"),
+    "Charades-STA": ("Find the moment of this video that matches the description:", "Represent this video moment:"),
+    "MomentSeeker": ("Find the video moment that matches this request:", "Represent this video moment:"),
+}
+VISDOC_INSTRUCTIONS: tuple[str, str] = (
+    "Find the document page that answers this question:",
+    "Represent this document page for retrieval:",
+)
+
+# UVRB query instructions by display name (benchmarks.md §3.1); candidates get none. VDC-O has none, as in the
+# reference loader.
+UVRB_QUERY_INSTRUCTIONS: dict[str, str] = {
+    "MSRVTT": "Find the video clip that shows the scene described here:",
+    "DiDeMo": "Find the video that contains the scenes described here:",
+    "CRB-G": "Find the video that matches this general description:",
+    "CRB-S": "Find the video that matches this description of what is where:",
+    "CRB-T": "Find the video that matches this description of how events unfold over time:",
+    "CMRB": "Find the video whose camera movement matches this description:",
+    "DREAM-E": "Find the video in which the described events happen:",
+    "LoVR-TH": "Find the video whose theme is described here:",
+    "PEV-K": "Find the video described by these keywords:",
+    "LoVR-V": "Find the long video that matches this long description:",
+    "VDC-D": "Find the video that matches this detailed description:",
+    "MS-TI": "Find the video clip that matches the text together with the image:",
+    "MS-TV": "Find the video clip that matches the text together with the video:",
+    "MSRVTT-I2V": "Find the video that matches this image.",
+    "LoVR-C2V": "Find the full-length video that this short clip comes from.",
+}
+
+# Instructions of the converted training sets whose rows carry none (LLaVA-Hound video, ViDoRe and VisRAG pages;
+# MMEB-train rows keep their own): embedrl.data.convert.
+TRAIN_INSTRUCTIONS: dict[str, str] = {
+    "video_caption_query": "Describe this video for retrieving its caption.",
+    "caption_target": "Represent this video caption:",
+    "video_retrieval_query": "Find the video that this caption describes:",
+    "video_target": "Represent this video for retrieval:",
+    "video_qa_query": "Watch the video and answer the question:",
+    "answer_target": "Represent this answer:",
+    "document_query": "Find the document page that answers this question:",
+    "document_target": "Represent this document page for retrieval:",
+}
+
+# Answer-conditioned annotation (method.md §5.4, off by default): appended to a query-side family prompt. It shows
+# the ground-truth positive (its text, and for media positives only a reference, never pixels) and tells the
+# teacher to keep its reasoning grounded in the query input.
+ANSWER_HINT = PromptTemplate(
+    "answer_hint",
+    "\n\nHint, for your eyes only: the correct match for this query is: $answer\n"
+    "Use the hint only to check where your analysis should lead. Ground every step and the cue in the query input "
+    "above, never quote or mention the hint, and write the answer as a description of what should be retrieved.",
+)

@@ -56,7 +56,7 @@ from embedrl.eval.cache import (
     embedding_key,
     weights_fingerprint,
 )
-from embedrl.eval.metrics import compute_metrics
+from embedrl.eval.metrics import DEFAULT_KS, compute_metrics
 from embedrl.eval.scores import (
     aggregate,
     format_summary,
@@ -77,6 +77,7 @@ __all__ = [
     "EvalError",
     "MissingTCoTError",
     "ModePreset",
+    "TaskEvaluator",
     "TaskStats",
     "WorldEvaluator",
     "WorldReport",
@@ -349,34 +350,18 @@ class _Run:
     fallbacks: int = 0
 
 
-class WorldEvaluator:
-    """Retrieval evaluation of an Embedder on the world's tasks; ``evaluator(embedder) -> dict[str, float]``.
+class TaskEvaluator:
+    """The benchmark-independent engine: T-CoTs -> embeddings -> ranking -> metrics for one :class:`EvalTask`.
 
-    Args:
-        world_dir: a directory written by ``embedrl world generate``.
-        tasks: task names of ``eval/manifest.json``; None = all, in manifest order.
-        mode: Embedder mode for queries and candidates (method.md §6.4): full, answer_only, no_evidence or raw.
-        tcot_source: ``teacher`` (stored T-CoTs), ``reasoner`` (generated; pass the Reasoner to the call) or
-            ``none`` (only with mode raw).
-        decoding: Reasoner decoding; default ``Decoding()`` (temperature 1.0, top_p 1.0, seed 0).
-        on_missing_tcot: ``error`` (default) raises :class:`MissingTCoTError`; ``raw`` embeds the item raw and
-            counts it in ``metadata["tcot_fallbacks"]``.
-        batch_size: items per Embedder call, each call one cache shard.
-        reasoner_batch_size: items per Reasoner call, each call one cache append.
-        cache_dir: T-CoT and embedding caches; None keeps them in memory for the call only (e.g. during training,
-            where the weights change between calls).
-        out_dir: where :meth:`evaluate` writes score files and summaries; None writes nothing.
-        show_progress_bar: tqdm bars over tasks, generation batches and embedding batches.
-
-    The returned dict's primary metric is :attr:`primary_metric` (``eval/overall``, a fraction).
+    Subclasses provide :meth:`task` (how a task is read) and their own ``evaluate`` (which tasks, which result
+    files): :class:`WorldEvaluator` for the synthetic world, :class:`embedrl.eval.mmeb.MMEBEvaluator` and
+    :class:`embedrl.eval.uvrb.UVRBEvaluator` for the real benchmarks. The arguments are those of
+    :class:`WorldEvaluator` without ``world_dir`` and ``tasks``; ``metric_ks`` are the cut-offs of the metrics
+    (default 1, 5, 10: the 26 keys of an MMEB score file).
     """
-
-    primary_metric = PRIMARY_METRIC
 
     def __init__(
         self,
-        world_dir: str | Path,
-        tasks: Sequence[str] | None = None,
         *,
         mode: str = "full",
         tcot_source: TCoTSource = "teacher",
@@ -387,6 +372,7 @@ class WorldEvaluator:
         cache_dir: str | Path | None = None,
         out_dir: str | Path | None = None,
         show_progress_bar: bool = False,
+        metric_ks: Sequence[int] = DEFAULT_KS,
     ) -> None:
         from embedrl.models.reasoner import Decoding
 
@@ -403,21 +389,6 @@ class WorldEvaluator:
             raise EvalError(f"on_missing_tcot={on_missing_tcot!r}; use one of {ON_MISSING}")
         if batch_size < 1 or reasoner_batch_size < 1:
             raise EvalError(f"batch_size={batch_size} and reasoner_batch_size={reasoner_batch_size} must be >= 1")
-        self.world_dir = Path(world_dir)
-        manifest_file = self.world_dir / EVAL_DIR / MANIFEST_FILE
-        if not manifest_file.is_file():
-            raise FileNotFoundError(
-                f"{manifest_file} not found: {self.world_dir} is not a world; run `embedrl world generate --out "
-                f"{self.world_dir}` first"
-            )
-        self.manifest = json.loads(manifest_file.read_text())
-        known = list(self.manifest["tasks"])
-        unknown = [t for t in tasks or () if t not in known]
-        if unknown:
-            raise EvalError(f"unknown task(s) {unknown} for {self.world_dir}; the manifest has {known}")
-        self.tasks = [t for t in known if t in tasks] if tasks else known
-        world_file = self.world_dir / WORLD_FILE
-        self.world_info = json.loads(world_file.read_text()) if world_file.is_file() else {}
         self.mode = mode
         self.tcot_source = tcot_source
         self.decoding = decoding or Decoding()
@@ -427,63 +398,17 @@ class WorldEvaluator:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.show_progress_bar = show_progress_bar
-        self._loaded: dict[str, EvalTask] = {}
+        self.metric_ks = tuple(metric_ks)
 
     def task(self, name: str) -> EvalTask:
-        """One task's queries, pool and qrels (read once)."""
-        if name not in self._loaded:
-            self._loaded[name] = load_eval_task(self.world_dir, name)
-        return self._loaded[name]
+        """One task's queries, candidate pool, per-query lists (local) and qrels; ``info`` has ``eval_type`` and
+        ``metric``."""
+        raise NotImplementedError(f"{type(self).__name__} must define task(name)")
 
-    def __call__(
-        self,
-        embedder: Embedder | Encoder,
-        reasoner: Reasoner | None = None,
-        *,
-        embedder_id: str | None = None,
-        reasoner_id: str | None = None,
-    ) -> dict[str, float]:
-        """Evaluate and return :meth:`WorldReport.metrics` (fractions; primary metric ``eval/overall``)."""
-        return self.evaluate(embedder, reasoner, embedder_id=embedder_id, reasoner_id=reasoner_id).metrics()
-
-    def evaluate(
-        self,
-        embedder: Embedder | Encoder,
-        reasoner: Reasoner | None = None,
-        *,
-        embedder_id: str | None = None,
-        reasoner_id: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
-    ) -> WorldReport:
-        """Evaluate every task; write score files as tasks finish and the summaries at the end (with ``out_dir``).
-
-        Args:
-            embedder: an :class:`~embedrl.models.Embedder`, or any object with its ``encode`` signature (then
-                ``embedder_id`` is required when a cache directory is set).
-            reasoner: the Reasoner, required with ``tcot_source="reasoner"``.
-            embedder_id, reasoner_id: cache ids; default a hash of the weights and settings
-                (:func:`~embedrl.eval.cache.weights_fingerprint`).
-            metadata: extra metadata (``model_name``, ``embedder_path``, ``reasoner_path``, …) for the result files.
-        """
-        run = self._start(embedder, reasoner, embedder_id, reasoner_id)
-        results: dict[str, dict[str, Any]] = {}
-        stats: dict[str, TaskStats] = {}
-        for name in tqdm(self.tasks, desc="tasks", disable=not self.show_progress_bar):
-            results[name], stats[name] = self._evaluate_task(name, run)
-            if self.out_dir is not None:
-                write_task_scores(self.out_dir / SCORES_DIR, name, results[name])
-        task_info = {t: self.manifest["tasks"][t] for t in self.tasks}
-        summary = summarize_tasks(results, self.manifest["tasks"], partial=True, benchmark=BENCHMARK)
-        report = WorldReport(results, summary, self._metadata(run, metadata or {}), stats, task_info)
-        if run.fallbacks:
-            logger.warning("%d item(s) had no T-CoT and were embedded raw (on_missing_tcot=raw)", run.fallbacks)
-        if self.out_dir is not None:
-            report.write(self.out_dir)
-        return report
-
-    # ------------------------------------------------------------------------------------------------------------
-    # One call
-    # ------------------------------------------------------------------------------------------------------------
+    def _task_scored(
+        self, name: str, task: EvalTask, candidate_ids: Sequence[str], scores: np.ndarray, relevance: list[dict]
+    ) -> None:
+        """Called with each task's score matrix before its metrics are computed (e.g. to write predictions)."""
 
     def _start(
         self, embedder: Any, reasoner: Reasoner | None, embedder_id: str | None, reasoner_id: str | None
@@ -529,7 +454,8 @@ class WorldEvaluator:
         c = self._embed(name, candidate_inputs, run, emb_cache, stats)  # [n_c, D]
         emb_cache.compact()
         scores, relevance = score_task(task, candidate_ids, q, c)
-        metrics = compute_metrics(scores, relevance)
+        self._task_scored(name, task, candidate_ids, scores, relevance)
+        metrics = compute_metrics(scores, relevance, ks=self.metric_ks)
         stats.seconds = time.perf_counter() - start
         metric = task.info["metric"]
         logger.info(
@@ -651,6 +577,130 @@ class WorldEvaluator:
             cache.add([keys[i] for i in batch], vectors)
             stats.embedded += len(batch)
         return np.stack([cache.get(key) for key in keys])  # type: ignore[misc]
+
+
+class WorldEvaluator(TaskEvaluator):
+    """Retrieval evaluation of an Embedder on the world's tasks; ``evaluator(embedder) -> dict[str, float]``.
+
+    Args:
+        world_dir: a directory written by ``embedrl world generate``.
+        tasks: task names of ``eval/manifest.json``; None = all, in manifest order.
+        mode: Embedder mode for queries and candidates (method.md §6.4): full, answer_only, no_evidence or raw.
+        tcot_source: ``teacher`` (stored T-CoTs), ``reasoner`` (generated; pass the Reasoner to the call) or
+            ``none`` (only with mode raw).
+        decoding: Reasoner decoding; default ``Decoding()`` (temperature 1.0, top_p 1.0, seed 0).
+        on_missing_tcot: ``error`` (default) raises :class:`MissingTCoTError`; ``raw`` embeds the item raw and
+            counts it in ``metadata["tcot_fallbacks"]``.
+        batch_size: items per Embedder call, each call one cache shard.
+        reasoner_batch_size: items per Reasoner call, each call one cache append.
+        cache_dir: T-CoT and embedding caches; None keeps them in memory for the call only (e.g. during training,
+            where the weights change between calls).
+        out_dir: where :meth:`evaluate` writes score files and summaries; None writes nothing.
+        show_progress_bar: tqdm bars over tasks, generation batches and embedding batches.
+
+    The returned dict's primary metric is :attr:`primary_metric` (``eval/overall``, a fraction).
+    """
+
+    primary_metric = PRIMARY_METRIC
+
+    def __init__(
+        self,
+        world_dir: str | Path,
+        tasks: Sequence[str] | None = None,
+        *,
+        mode: str = "full",
+        tcot_source: TCoTSource = "teacher",
+        decoding: Decoding | None = None,
+        on_missing_tcot: Literal["error", "raw"] = "error",
+        batch_size: int = 16,
+        reasoner_batch_size: int = 8,
+        cache_dir: str | Path | None = None,
+        out_dir: str | Path | None = None,
+        show_progress_bar: bool = False,
+    ) -> None:
+        super().__init__(
+            mode=mode,
+            tcot_source=tcot_source,
+            decoding=decoding,
+            on_missing_tcot=on_missing_tcot,
+            batch_size=batch_size,
+            reasoner_batch_size=reasoner_batch_size,
+            cache_dir=cache_dir,
+            out_dir=out_dir,
+            show_progress_bar=show_progress_bar,
+        )
+        self.world_dir = Path(world_dir)
+        manifest_file = self.world_dir / EVAL_DIR / MANIFEST_FILE
+        if not manifest_file.is_file():
+            raise FileNotFoundError(
+                f"{manifest_file} not found: {self.world_dir} is not a world; run `embedrl world generate --out "
+                f"{self.world_dir}` first"
+            )
+        self.manifest = json.loads(manifest_file.read_text())
+        known = list(self.manifest["tasks"])
+        unknown = [t for t in tasks or () if t not in known]
+        if unknown:
+            raise EvalError(f"unknown task(s) {unknown} for {self.world_dir}; the manifest has {known}")
+        self.tasks = [t for t in known if t in tasks] if tasks else known
+        world_file = self.world_dir / WORLD_FILE
+        self.world_info = json.loads(world_file.read_text()) if world_file.is_file() else {}
+        self._loaded: dict[str, EvalTask] = {}
+
+    def task(self, name: str) -> EvalTask:
+        """One task's queries, pool and qrels (read once)."""
+        if name not in self._loaded:
+            self._loaded[name] = load_eval_task(self.world_dir, name)
+        return self._loaded[name]
+
+    def __call__(
+        self,
+        embedder: Embedder | Encoder,
+        reasoner: Reasoner | None = None,
+        *,
+        embedder_id: str | None = None,
+        reasoner_id: str | None = None,
+    ) -> dict[str, float]:
+        """Evaluate and return :meth:`WorldReport.metrics` (fractions; primary metric ``eval/overall``)."""
+        return self.evaluate(embedder, reasoner, embedder_id=embedder_id, reasoner_id=reasoner_id).metrics()
+
+    def evaluate(
+        self,
+        embedder: Embedder | Encoder,
+        reasoner: Reasoner | None = None,
+        *,
+        embedder_id: str | None = None,
+        reasoner_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> WorldReport:
+        """Evaluate every task; write score files as tasks finish and the summaries at the end (with ``out_dir``).
+
+        Args:
+            embedder: an :class:`~embedrl.models.Embedder`, or any object with its ``encode`` signature (then
+                ``embedder_id`` is required when a cache directory is set).
+            reasoner: the Reasoner, required with ``tcot_source="reasoner"``.
+            embedder_id, reasoner_id: cache ids; default a hash of the weights and settings
+                (:func:`~embedrl.eval.cache.weights_fingerprint`).
+            metadata: extra metadata (``model_name``, ``embedder_path``, ``reasoner_path``, …) for the result files.
+        """
+        run = self._start(embedder, reasoner, embedder_id, reasoner_id)
+        results: dict[str, dict[str, Any]] = {}
+        stats: dict[str, TaskStats] = {}
+        for name in tqdm(self.tasks, desc="tasks", disable=not self.show_progress_bar):
+            results[name], stats[name] = self._evaluate_task(name, run)
+            if self.out_dir is not None:
+                write_task_scores(self.out_dir / SCORES_DIR, name, results[name])
+        task_info = {t: self.manifest["tasks"][t] for t in self.tasks}
+        summary = summarize_tasks(results, self.manifest["tasks"], partial=True, benchmark=BENCHMARK)
+        report = WorldReport(results, summary, self._metadata(run, metadata or {}), stats, task_info)
+        if run.fallbacks:
+            logger.warning("%d item(s) had no T-CoT and were embedded raw (on_missing_tcot=raw)", run.fallbacks)
+        if self.out_dir is not None:
+            report.write(self.out_dir)
+        return report
+
+    # ------------------------------------------------------------------------------------------------------------
+    # One call
+    # ------------------------------------------------------------------------------------------------------------
 
     def _metadata(self, run: _Run, extra: Mapping[str, Any]) -> dict[str, Any]:
         extra = dict(extra)

@@ -1,0 +1,1153 @@
+"""MMEB-V2 on real data: the task registry, loaders for the distributed layout, and the ``embedrl eval mmeb`` harness.
+
+Reference: docs/benchmarks.md §1 (datasets, ranking modes, metrics, versions) and §2 (layout, row fields, score
+files), in the shared folder; docs/eval.md §5 documents the local layout this module reads.
+
+- **Registry.** :data:`MMEB_TASKS` has the 78 scored datasets plus the three English-only ViDoRe-v2 variants
+  (evaluated on request, never scored), each with its parser, ranking mode (``local``/``global``), media folder,
+  hub source, and query and candidate instructions. Modality, meta-task, VisDoc group, metric and expected query
+  count come from :data:`embedrl.eval.scores.MMEB_V2_DATASETS`, the one registry every aggregate uses.
+- **Local layout.** ``DATA/image-tasks/``, ``DATA/video-tasks/frames/…`` and ``DATA/visdoc-tasks/…`` as distributed
+  (benchmarks.md §2.1), plus the per-dataset annotation rows exported from the hub datasets::
+
+      DATA/annotations/<key>/test.jsonl|.json|.parquet     image and video rows (the fields of §2.2)
+      DATA/annotations/<key>/labels.txt                     optional label vocabulary of a global V-CLS set
+      DATA/annotations/<key>/{queries,corpus,qrels}.*       VisDoc (BEIR style); page sets: <key>-fixed/ holds
+                                                            the fixed labels, <key>/ the old ones
+      DATA/annotations/<key>/REVISION                       optional: the hub revision the rows came from
+
+- **Candidates** (§1.2, §1.3): local tasks rank each query against its own list; global tasks against the union of
+  all rows' candidates in first-seen order, then the extra corpus (label vocabulary, page corpus). Candidates are
+  de-duplicated by name across the dataset (first occurrence wins; collisions with different content are counted
+  and logged), so each is annotated and embedded once.
+- **Video**: 8 frames per video at ``floor(linspace(0, n-1, 8))`` over the naturally sorted frame files.
+- **Errors**: a malformed row or a missing media file raises :class:`~embedrl.data.rows.RowError` naming the file and
+  row; ``on_bad_row="skip"`` drops such rows instead and counts them in the result metadata.
+
+Example:
+    >>> MMEB_BY_KEY["K700"].eval_type, MMEB_BY_KEY["K700"].dataset_name, MMEB_BY_KEY["CIRR"].parser
+    ('global', 'Kinetics-700', 'image_i2i_vg')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from embedrl import __version__
+from embedrl.data.frames import sample_frames
+from embedrl.data.rows import BadRowPolicy, BadRows, RowError, find_rows_file, read_rows, require
+from embedrl.data.schema import Item
+from embedrl.data.world import EvalTask
+from embedrl.eval.metrics import rank_candidates
+from embedrl.eval.retrieval import EvalError, TaskEvaluator, TaskStats
+from embedrl.eval.scores import (
+    MAIN_METRICS,
+    MMEB_V2_BY_KEY,
+    MMEB_V2_DATASETS,
+    MMEB_V2_GROUP_KEYS,
+    MMEB_V2_UNSCORED,
+    MOMENTSEEKER_VERSIONS,
+    PAGE_SETS,
+    MMEBDataset,
+    format_summary,
+    mmeb_v2_task_info,
+    summarize_tasks,
+    write_leaderboard,
+    write_task_scores,
+)
+from embedrl.prompts import MMEB_INSTRUCTIONS, VISDOC_INSTRUCTIONS
+
+if TYPE_CHECKING:
+    from embedrl.config import MMEBEvalConfig
+    from embedrl.models.embedder import Embedder
+    from embedrl.models.reasoner import Reasoner
+
+__all__ = [
+    "MMEB_BY_KEY",
+    "MMEB_TASKS",
+    "LoadedTask",
+    "MMEBEvaluator",
+    "MMEBReport",
+    "MMEBTask",
+    "evaluate_mmeb",
+    "load_mmeb_task",
+]
+
+logger = logging.getLogger(__name__)
+
+ANNOTATIONS_DIR = "annotations"
+IMAGE_ROOT = "image-tasks"
+FRAMES_ROOT = "video-tasks/frames"
+VISDOC_ROOT = "visdoc-tasks"
+REVISION_FILE = "REVISION"
+IMAGE_SOURCE = "ziyjiang/MMEB_Test_Instruct"
+PageLabels = Literal["fixed", "old"]
+SCORES_DIR, PREDICTIONS_DIR = "scores", "predictions"
+SUMMARY_MD, SUMMARY_JSON, LEADERBOARD_JSON = "summary.md", "summary.json", "leaderboard.json"
+PREDICTION_DEPTH = 10
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Registry
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MMEBTask:
+    """How one MMEB-V2 dataset is read and ranked.
+
+    Attributes:
+        key: score key (the YAML key of the eval configs; page sets without ``-fixed``).
+        parser: the ``dataset_parser`` of the eval config (``image_cls``, ``msrvtt``, ``vidore``, …).
+        eval_type: ``local`` (own candidate list per query) or ``global`` (the whole pool).
+        media_root: the media folder relative to the data root, as in the eval config (``image_root`` or
+            ``frame_root``).
+        dataset_name: the source ``dataset_name`` (differs from the key only for K700: ``Kinetics-700``).
+        source: hub dataset the rows come from; ``source_config`` and ``source_split`` select the rows.
+        scored: False for the English-only ViDoRe-v2 variants (evaluated, not scored).
+        subsample: keep the first this many rows (SmthSmthV2: 1000).
+        language: keep only queries in this language (the English-only ViDoRe-v2 variants).
+    """
+
+    key: str
+    parser: str
+    eval_type: Literal["local", "global"]
+    media_root: str
+    dataset_name: str
+    source: str
+    source_config: str | None = None
+    source_split: str = "test"
+    scored: bool = True
+    subsample: int | None = None
+    language: str | None = None
+
+    @property
+    def dataset(self) -> MMEBDataset | None:
+        """The scored dataset of :mod:`embedrl.eval.scores` (None for the unscored variants)."""
+        return MMEB_V2_BY_KEY.get(self.key)
+
+    @property
+    def modality(self) -> str:
+        return self.dataset.modality if self.dataset else "visdoc"
+
+    @property
+    def metric(self) -> str:
+        return MAIN_METRICS[self.modality]
+
+    @property
+    def instructions(self) -> tuple[str, str] | None:
+        """(query, candidate) instruction; None for image sets, whose rows carry their own."""
+        if self.modality == "image":
+            return None
+        if self.modality == "visdoc":
+            return VISDOC_INSTRUCTIONS
+        return MMEB_INSTRUCTIONS[self.key]
+
+    def info(self) -> dict[str, Any]:
+        """The task-info entry the evaluator and :func:`~embedrl.eval.scores.aggregate` read."""
+        d = self.dataset
+        info: dict[str, Any] = {"modality": self.modality, "metric": self.metric, "eval_type": self.eval_type}
+        if d is not None:
+            info["meta_task"] = d.meta_task
+            if d.group is not None:
+                info["group"] = d.group
+        return info
+
+
+# Image parsers (benchmarks.md §1.2): by meta-task, except the retrieval sets, which name theirs.
+_IMAGE_PARSER_BY_META_TASK = {"I-CLS": "image_cls", "I-QA": "image_qa", "I-VG": "image_i2i_vg"}
+_IMAGE_RET_PARSERS: dict[str, str] = {
+    **dict.fromkeys(("MSCOCO_i2t", "VisualNews_i2t"), "image_i2t"),
+    **dict.fromkeys(("VisDial", "MSCOCO_t2i", "VisualNews_t2i", "WebQA", "EDIS", "Wiki-SS-NQ"), "image_t2i"),
+    **dict.fromkeys(("CIRR", "NIGHTS", "OVEN", "FashionIQ"), "image_i2i_vg"),
+}
+
+# key -> (parser, eval type, frame folder under video-tasks/frames, source dataset name, hub id, config, split)
+_VIDEO_TABLE = """
+K700           video_classification global video_cls/K700          Kinetics-700  VLM2Vec/K700          -       test
+SmthSmthV2     ssv2                 local  video_cls/SSv2          SmthSmthV2    VLM2Vec/SmthSmthV2    -       test
+HMDB51         video_classification global video_cls/HMDB51        HMDB51        VLM2Vec/HMDB51        -       test
+UCF101         video_classification global video_cls/UCF101        UCF101        VLM2Vec/UCF101        -       test
+Breakfast      video_classification global video_cls/Breakfast     Breakfast     VLM2Vec/Breakfast     -       test
+MVBench        mvbench              local  video_qa/MVBench        MVBench       VLM2Vec/MVBench       -       train
+Video-MME      videomme             local  video_qa/Video-MME      Video-MME     VLM2Vec/Video-MME     -       test
+NExTQA         nextqa               local  video_qa/NExTQA         NExTQA        VLM2Vec/NExTQA        MC      test
+EgoSchema      egoschema            local  video_qa/EgoSchema      EgoSchema     VLM2Vec/EgoSchema     Subset  test
+ActivityNetQA  activitynetqa        local  video_qa/ActivityNetQA  ActivityNetQA VLM2Vec/ActivityNetQA -       test
+DiDeMo         didemo               global video_ret/DiDeMo        DiDeMo        VLM2Vec/DiDeMo        -       test
+MSR-VTT        msrvtt               global video_ret/MSR-VTT       MSR-VTT       VLM2Vec/MSR-VTT       test_1k test
+MSVD           msvd                 global video_ret/MSVD          MSVD          VLM2Vec/MSVD          -       test
+VATEX          vatex                global video_ret/VATEX         VATEX         VLM2Vec/VATEX         -       test
+YouCook2       youcook2             global video_ret/YouCook2      YouCook2      lmms-lab/YouCook2     -       val
+QVHighlight    moment_retrieval     local  video_mret/QVHighlight  QVHighlight   VLM2Vec/QVHighlight   -       test
+Charades-STA   moment_retrieval     local  video_mret/Charades_STA Charades-STA  VLM2Vec/Charades-STA  -       test
+MomentSeeker   momentseeker         local  video_mret/MomentSeeker MomentSeeker  VLM2Vec/MomentSeeker  -       test
+"""
+# key -> (parser, eval type, frame folder under video-tasks/frames, source dataset name, hub id, hub config or "-",
+# hub split); hub sources as in benchmarks.md §2.1.
+_VIDEO: dict[str, list[str]] = {row.split()[0]: row.split()[1:] for row in _VIDEO_TABLE.strip().splitlines()}
+
+# VisDoc media folders under visdoc-tasks/ that differ from the key (the ViDoRe-v2 sets drop the prefix).
+_VISDOC_UNSCORED = ("ViDoRe_biomedical_lectures_v2", "ViDoRe_economics_reports_v2", "ViDoRe_esg_reports_v2")
+
+
+def _visdoc_task(key: str, scored: bool = True) -> MMEBTask:
+    group = MMEB_V2_BY_KEY[key].group if scored else "VDRv2"
+    if group == "VisRAG":
+        parser, source, split = "visrag", f"openbmb/VisRAG-Ret-Test-{key.removeprefix('VisRAG_')}", "train"
+    elif group == "OOD":
+        parser, split = "vidore", "test"
+        source = f"VLM2Vec/{key}-fixed" if key in PAGE_SETS else f"VLM2Vec/{key.removesuffix('-doc')}"
+        if key == "MMLongBench-doc":
+            source = "VLM2Vec/MMLongBench-doc"
+    else:
+        parser, split = "vidore", "test"
+        source = "vidore/*_beir (ViDoRe v1)" if group == "VDRv1" else "vidore/* (ViDoRe v2)"
+    folder = key.removeprefix("ViDoRe_") if group == "VDRv2" else key
+    return MMEBTask(
+        key=key,
+        parser=parser,
+        eval_type="global",
+        media_root=f"{VISDOC_ROOT}/{folder}",
+        dataset_name=key,
+        source=source,
+        source_split=split,
+        scored=scored,
+        language="english" if not scored else None,
+    )
+
+
+def _build_registry() -> tuple[MMEBTask, ...]:
+    tasks: list[MMEBTask] = []
+    for d in MMEB_V2_DATASETS:
+        if d.modality == "image":
+            parser = _IMAGE_PARSER_BY_META_TASK.get(d.meta_task) or _IMAGE_RET_PARSERS[d.key]
+            tasks.append(MMEBTask(d.key, parser, "local", IMAGE_ROOT, d.key, IMAGE_SOURCE, d.key))
+        elif d.modality == "video":
+            parser, eval_type, folder, name, source, config, split = _VIDEO[d.key]
+            tasks.append(
+                MMEBTask(
+                    key=d.key,
+                    parser=parser,
+                    eval_type="local" if eval_type == "local" else "global",
+                    media_root=f"{FRAMES_ROOT}/{folder}",
+                    dataset_name=name,
+                    source=source,
+                    source_config=None if config == "-" else config,
+                    source_split=split,
+                    subsample=1000 if d.key == "SmthSmthV2" else None,
+                )
+            )
+        else:
+            tasks.append(_visdoc_task(d.key))
+    tasks += [_visdoc_task(key, scored=False) for key in _VISDOC_UNSCORED]
+    return tuple(tasks)
+
+
+MMEB_TASKS: tuple[MMEBTask, ...] = _build_registry()
+MMEB_BY_KEY: dict[str, MMEBTask] = {t.key: t for t in MMEB_TASKS}
+assert set(_VISDOC_UNSCORED) <= set(MMEB_V2_UNSCORED)
+
+
+def resolve_tasks(names: Sequence[str] | None) -> list[str]:
+    """Registry keys to evaluate: ``names`` in registry order (``X-page-fixed`` accepted), or the 78 scored."""
+    if not names:
+        return [t.key for t in MMEB_TASKS if t.scored]
+    wanted = {n.removesuffix("-fixed") if n.removesuffix("-fixed") in PAGE_SETS else n for n in names}
+    unknown = sorted(wanted - set(MMEB_BY_KEY))
+    if unknown:
+        raise EvalError(f"unknown MMEB-V2 task(s) {unknown}; valid keys are the score keys of benchmarks.md §1.1")
+    return [t.key for t in MMEB_TASKS if t.key in wanted]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: rows -> queries, candidates, qrels
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Candidate:
+    name: str
+    item: Item
+
+
+@dataclass
+class _Query:
+    item: Item
+    cand_names: list[str] | None  # local tasks: the query's own list; global: None
+    labels: dict[str, float]  # relevant candidate name -> grade
+
+
+@dataclass
+class LoadedTask:
+    """One dataset read from disk: an :class:`EvalTask` (ids, pool, lists, qrels) plus what happened on the way.
+
+    Attributes:
+        names: item id -> candidate name (the dataset-relative dedup key written to the predictions).
+        collisions: candidates sharing a name with an earlier one but differing in content (the first one is used).
+        bad_rows: the skip-or-stop report (:meth:`BadRows.as_dict`).
+        revision: the contents of the annotations' ``REVISION`` file, or None.
+        files: the annotation files read.
+    """
+
+    task: MMEBTask
+    eval_task: EvalTask
+    names: dict[str, str]
+    collisions: int
+    bad_rows: dict[str, Any]
+    revision: str | None
+    files: list[str]
+
+
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` through a temporary file, so a crash never leaves half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha1(json.dumps(parts, default=str).encode("utf-8")).hexdigest()[:10]
+
+
+def _item(
+    kind: str,
+    key: str,
+    text: str,
+    instruction: str,
+    images: Sequence[Path],
+    frames: Sequence[Path],
+    root: Path,
+    meta: dict[str, Any],
+) -> Item:
+    """An item whose id carries a digest of its content (so a changed dataset never reuses stale cache entries)."""
+    rel = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in (*images, *frames)]
+    return Item(
+        id=f"{kind}:{key}:{_digest(text, instruction, rel)}",
+        text=text,
+        instruction=instruction,
+        images=tuple(images),
+        frames=tuple(frames),
+        meta=meta,
+    )
+
+
+class _Builder:
+    """Collects queries and de-duplicated candidates while rows are parsed."""
+
+    def __init__(self, task: MMEBTask, data_root: Path) -> None:
+        self.task = task
+        self.root = data_root
+        self.queries: list[_Query] = []
+        self.pool: dict[str, _Candidate] = {}
+        self.collisions = 0
+
+    def candidate(self, name: str, text: str = "", images: Sequence[Path] = (), frames: Sequence[Path] = ()) -> str:
+        instruction = self.task.instructions[1] if self.task.instructions else ""
+        return self.candidate_with(name, text, instruction, images, frames)
+
+    def candidate_with(
+        self, name: str, text: str, instruction: str, images: Sequence[Path] = (), frames: Sequence[Path] = ()
+    ) -> str:
+        item = _item("c", name, text, instruction, images, frames, self.root, {"name": name})
+        seen = self.pool.get(name)
+        if seen is None:
+            self.pool[name] = _Candidate(name, item)
+        elif seen.item.id != item.id:
+            self.collisions += 1
+            logger.debug(
+                "%s: candidate %r appears with different content; the first occurrence is used", self.task.key, name
+            )
+        return name
+
+    def query(
+        self,
+        where: str,
+        text: str,
+        *,
+        instruction: str | None = None,
+        images: Sequence[Path] = (),
+        frames: Sequence[Path] = (),
+        cand_names: list[str] | None,
+        labels: Mapping[str, float],
+    ) -> None:
+        if instruction is None:
+            instruction = self.task.instructions[0] if self.task.instructions else ""
+        index = len(self.queries)
+        item = _item("q", f"{index:06d}", text, instruction, images, frames, self.root, {"row": where})
+        self.queries.append(_Query(item, cand_names, dict(labels)))
+
+
+def _frames(builder: _Builder, folder: Path, rows_file: Path, lineno: int, num_frames: int) -> list[Path]:
+    try:
+        return sample_frames(folder, num_frames)
+    except FileNotFoundError as err:
+        raise RowError(rows_file, lineno, str(err)) from None
+
+
+def _str_list(value: Any, field_name: str, rows_file: Path, lineno: int) -> list[str]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise RowError(rows_file, lineno, f"{field_name} must be a list of strings, got {value!r}")
+    return value
+
+
+# --- image -------------------------------------------------------------------------------------------------------
+
+
+def _parse_image_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: int, num_frames: int) -> None:
+    require(row, ("qry_inst", "qry_text", "qry_img_path", "tgt_inst", "tgt_text", "tgt_img_path"), rows_file, lineno)
+    texts = _str_list(row["tgt_text"], "tgt_text", rows_file, lineno)
+    paths = _str_list(row["tgt_img_path"], "tgt_img_path", rows_file, lineno)
+    if not texts and paths:
+        texts = [""] * len(paths)
+    if not paths and texts:
+        paths = [""] * len(texts)
+    if len(texts) != len(paths) or not texts:
+        raise RowError(rows_file, lineno, f"tgt_text has {len(texts)} entries and tgt_img_path {len(paths)}")
+    image_root = b.root / IMAGE_ROOT
+
+    def image(rel: str, what: str) -> list[Path]:
+        if not rel:
+            return []
+        file = image_root / rel
+        if not file.is_file():
+            raise RowError(rows_file, lineno, f"{what} {file} does not exist")
+        return [file]
+
+    names = []
+    for text, rel in zip(texts, paths, strict=True):
+        parser = b.task.parser
+        if parser in ("image_cls", "image_qa", "image_i2t"):
+            name = text
+        elif parser == "image_t2i":
+            name = rel
+        else:
+            name = f"{rel}:{text}"
+        if not name:
+            raise RowError(rows_file, lineno, f"a candidate has neither text nor image (parser {parser})")
+        names.append(b.candidate_with(name, text, str(row["tgt_inst"]), image(rel, "candidate image")))
+    b.query(
+        f"{rows_file.name}:{lineno}",
+        str(row["qry_text"]),
+        instruction=str(row["qry_inst"]),
+        images=image(str(row["qry_img_path"]), "query image"),
+        cand_names=names,
+        labels={names[0]: 1.0},
+    )
+
+
+# --- video -------------------------------------------------------------------------------------------------------
+
+# Row field naming each video's frame folder under the dataset's frame root (benchmarks.md §2.2 and the hub sets).
+_VIDEO_ID_FIELD: dict[str, str] = {
+    "video_classification": "video_id",
+    "ssv2": "video_id",
+    "msrvtt": "video_id",
+    "msvd": "video_id",
+    "didemo": "video",
+    "vatex": "videoID",
+    "youcook2": "id",
+    "mvbench": "video",
+    "videomme": "videoID",
+    "nextqa": "video",
+    "egoschema": "video_idx",
+    "activitynetqa": "video_name",
+}
+
+
+def _video_folder(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: int) -> tuple[str, Path]:
+    field_name = _VIDEO_ID_FIELD[b.task.parser]
+    require(row, (field_name,), rows_file, lineno)
+    video = str(row[field_name])
+    if b.task.parser in ("didemo", "mvbench"):
+        video = str(Path(video).with_suffix(""))
+    if b.task.parser == "mvbench":
+        require(row, ("subset",), rows_file, lineno)
+        video = f"{row['subset']}/{video}"
+    return video, b.root / b.task.media_root / video
+
+
+def _answer_options(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: int) -> tuple[list[str], str]:
+    """(options, gold option) of a video QA row."""
+    parser = b.task.parser
+    if parser == "mvbench":
+        require(row, ("question", "candidates", "answer"), rows_file, lineno)
+        options, gold = _str_list(row["candidates"], "candidates", rows_file, lineno), str(row["answer"])
+    elif parser == "videomme":
+        require(row, ("question", "options", "answer"), rows_file, lineno)
+        options = _str_list(row["options"], "options", rows_file, lineno)
+        letter = str(row["answer"]).strip().upper()
+        matches = [o for o in options if o.strip().upper().startswith((f"{letter}.", f"{letter})", f"{letter} "))]
+        if len(matches) != 1:
+            raise RowError(rows_file, lineno, f"answer {row['answer']!r} matches {len(matches)} of the options")
+        gold = matches[0]
+    elif parser == "nextqa":
+        require(row, ("question", "answer", "a0", "a1", "a2", "a3", "a4"), rows_file, lineno)
+        options = [str(row[f"a{i}"]) for i in range(5)]
+        gold = options[_index(row["answer"], len(options), rows_file, lineno)]
+    elif parser == "egoschema":
+        require(row, ("question", "option", "answer"), rows_file, lineno)
+        options = _str_list(row["option"], "option", rows_file, lineno)
+        gold = options[_index(row["answer"], len(options), rows_file, lineno)]
+    else:  # activitynetqa
+        require(row, ("question", "answer"), rows_file, lineno)
+        options, gold = ["yes", "no"], str(row["answer"]).strip().lower()
+    if gold not in options:
+        raise RowError(rows_file, lineno, f"the answer {gold!r} is not among the options {options}")
+    return options, gold
+
+
+def _index(answer: Any, n: int, rows_file: Path, lineno: int) -> int:
+    """An answer given as an index (int or digit string) or a letter A, B, …"""
+    text = str(answer).strip()
+    if text.isdigit():
+        i = int(text)
+    elif len(text) == 1 and text.isalpha():
+        i = ord(text.upper()) - ord("A")
+    else:
+        raise RowError(rows_file, lineno, f"answer {answer!r} is neither an option index nor a letter")
+    if not 0 <= i < n:
+        raise RowError(rows_file, lineno, f"answer {answer!r} is out of range for {n} options")
+    return i
+
+
+_CAPTION_FIELD = {
+    "msrvtt": "caption",
+    "msvd": "caption",
+    "didemo": "caption",
+    "vatex": "enCap",
+    "youcook2": "sentence",
+}
+
+
+def _parse_video_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: int, num_frames: int) -> None:
+    parser = b.task.parser
+    where = f"{rows_file.name}:{lineno}"
+    if parser == "moment_retrieval":
+        _parse_moment_row(b, row, rows_file, lineno, num_frames)
+        return
+    if parser == "momentseeker":
+        _parse_momentseeker_row(b, row, rows_file, lineno, num_frames)
+        return
+    video, folder = _video_folder(b, row, rows_file, lineno)
+    if parser in ("video_classification", "ssv2"):
+        require(row, ("pos_text",), rows_file, lineno)
+        gold = str(row["pos_text"])
+        names = None
+        if parser == "ssv2":
+            require(row, ("neg_text",), rows_file, lineno)
+            negatives = _str_list(row["neg_text"], "neg_text", rows_file, lineno)
+            names = [b.candidate(n, n) for n in dict.fromkeys([gold, *negatives])]
+        else:
+            b.candidate(gold, gold)
+        frames = _frames(b, folder, rows_file, lineno, num_frames)
+        b.query(where, "", frames=frames, cand_names=names, labels={gold: 1.0})
+    elif parser in _CAPTION_FIELD:
+        require(row, (_CAPTION_FIELD[parser],), rows_file, lineno)
+        caption = row[_CAPTION_FIELD[parser]]
+        if isinstance(caption, list):
+            if not caption:
+                raise RowError(rows_file, lineno, f"{_CAPTION_FIELD[parser]} is an empty list")
+            caption = caption[0]
+        frames = _frames(b, folder, rows_file, lineno, num_frames)
+        name = b.candidate(video, "", frames=frames)
+        b.query(where, str(caption), cand_names=None, labels={name: 1.0})
+    else:  # video QA
+        options, gold = _answer_options(b, row, rows_file, lineno)
+        frames = _frames(b, folder, rows_file, lineno, num_frames)
+        names = [b.candidate(o, o) for o in options]
+        b.query(where, str(row["question"]), frames=frames, cand_names=names, labels={gold: 1.0})
+
+
+def _parse_moment_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: int, num_frames: int) -> None:
+    """QVHighlight / Charades-STA: ``<frame root>/<video>/query/`` plus one folder per clip (``positive*`` wins)."""
+    require(row, ("query", "video_path"), rows_file, lineno)
+    video = Path(str(row["video_path"])).stem
+    video_dir = b.root / b.task.media_root / video
+    query_frames = _frames(b, video_dir / "query", rows_file, lineno, num_frames)
+    clips = (
+        sorted(p.name for p in video_dir.iterdir() if p.is_dir() and p.name != "query") if video_dir.is_dir() else []
+    )
+    positives = [c for c in clips if c.startswith("positive")]
+    if len(positives) != 1:
+        raise RowError(rows_file, lineno, f"{video_dir} has {len(positives)} positive clip folders; expected one")
+    names = [
+        b.candidate(f"{video}/{clip}", "", frames=_frames(b, video_dir / clip, rows_file, lineno, num_frames))
+        for clip in clips
+    ]
+    b.query(
+        f"{rows_file.name}:{lineno}",
+        str(row["query"]),
+        frames=query_frames,
+        cand_names=names,
+        labels={f"{video}/{positives[0]}": 1.0},
+    )
+
+
+def _clip_paths(value: Any, field_name: str, rows_file: Path, lineno: int) -> list[str]:
+    if not isinstance(value, list):
+        raise RowError(rows_file, lineno, f"{field_name} must be a list of clip entries, got {type(value).__name__}")
+    out = []
+    for entry in value:
+        path = entry.get("output_path") if isinstance(entry, dict) else entry
+        if not isinstance(path, str) or not path:
+            raise RowError(rows_file, lineno, f"{field_name} has an entry without an output_path: {entry!r}")
+        out.append(Path(path).stem)
+    return out
+
+
+def _parse_momentseeker_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: int, num_frames: int) -> None:
+    """MomentSeeker: clips under ``video_frames/<clip>/``; the query is text, text + image, or text + video."""
+    require(row, ("query", "positive_frames", "negative_frames"), rows_file, lineno)
+    base = b.root / b.task.media_root
+    source = str(row.get("input_frames") or "")
+    images: list[Path] = []
+    frames: list[Path] = []
+    if source.endswith(".mp4"):
+        frames = _frames(b, base / "video_frames" / Path(source).stem, rows_file, lineno, num_frames)
+    elif source.endswith(".jpg"):
+        image = base / f"query_{Path(source).stem}.jpg"
+        if not image.is_file():
+            raise RowError(rows_file, lineno, f"query image {image} does not exist")
+        images = [image]
+    elif source:
+        raise RowError(rows_file, lineno, f"input_frames={source!r} is neither .mp4, .jpg nor empty")
+    positives = _clip_paths(row["positive_frames"], "positive_frames", rows_file, lineno)
+    negatives = _clip_paths(row["negative_frames"], "negative_frames", rows_file, lineno)
+    if not positives:
+        raise RowError(rows_file, lineno, "positive_frames is empty")
+    names = [
+        b.candidate(clip, "", frames=_frames(b, base / "video_frames" / clip, rows_file, lineno, num_frames))
+        for clip in dict.fromkeys([*positives, *negatives])
+    ]
+    b.query(
+        f"{rows_file.name}:{lineno}",
+        str(row["query"]),
+        images=images,
+        frames=frames,
+        cand_names=names,
+        labels=dict.fromkeys(positives, 1.0),
+    )
+
+
+# --- visdoc ------------------------------------------------------------------------------------------------------
+
+
+def _page_file(task: MMEBTask, root: Path, corpus_id: str) -> Path:
+    """The page image of ``corpus_id``; VisRAG ids are long file names, so their pages get hashed names."""
+    stem = hashlib.sha1(corpus_id.encode("utf-8")).hexdigest()[:16] if task.parser == "visrag" else corpus_id
+    return root / task.media_root / f"{stem}.png"
+
+
+def _write_page(path: Path, image: Any, rows_file: Path, lineno: int) -> None:
+    """Write a corpus row's page image (a ``{"bytes", "path"}`` struct or raw bytes) as PNG, atomically."""
+    from PIL import Image, UnidentifiedImageError
+
+    data = image.get("bytes") if isinstance(image, dict) else image
+    if not isinstance(data, bytes | bytearray):
+        raise RowError(rows_file, lineno, f"page {path.name} is not on disk and the row carries no image bytes")
+    try:
+        page = Image.open(io.BytesIO(data))
+        page.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise RowError(rows_file, lineno, f"the image bytes do not decode ({err})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    page.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def _load_visdoc(b: _Builder, ann_dir: Path, bad: BadRows, limit: int, files: list[str]) -> None:
+    queries_file = find_rows_file(ann_dir, "queries")
+    qrels_file = find_rows_file(ann_dir, "qrels")
+    corpus_file = find_rows_file(ann_dir, "corpus")
+    files += [str(queries_file), str(qrels_file), str(corpus_file)]
+    corpus: dict[str, Path] = {}
+    for lineno, row in tqdm(read_rows(corpus_file), desc=f"{b.task.key} corpus", leave=False, disable=True):
+        with bad.guard():
+            require(row, ("corpus-id",), corpus_file, lineno)
+            cid = str(row["corpus-id"])
+            page = _page_file(b.task, b.root, cid)
+            if not page.is_file():
+                _write_page(page, row.get("image"), corpus_file, lineno)
+            corpus[cid] = page
+    qrels: dict[str, dict[str, float]] = {}
+    for lineno, row in read_rows(qrels_file):
+        with bad.guard():
+            require(row, ("query-id", "corpus-id", "score"), qrels_file, lineno)
+            cid = str(row["corpus-id"])
+            if cid not in corpus:
+                raise RowError(qrels_file, lineno, f"corpus-id {cid!r} is not in {corpus_file.name}")
+            score = float(row["score"])
+            grades = qrels.setdefault(str(row["query-id"]), {})
+            grades[cid] = max(score, grades.get(cid, score))  # a duplicated pair keeps its larger score
+    for lineno, row in read_rows(queries_file):
+        if limit and len(b.queries) >= limit:
+            break
+        with bad.guard():
+            require(row, ("query-id", "query"), queries_file, lineno)
+            if b.task.language is not None and str(row.get("language", "")).lower() != b.task.language:
+                continue
+            qid = str(row["query-id"])
+            relevant = {cid: g for cid, g in qrels.get(qid, {}).items() if g > 0}
+            if not relevant:
+                raise RowError(queries_file, lineno, f"query {qid!r} has no relevant page (score > 0) in the qrels")
+            for cid in relevant:  # the row's own candidates come first in the global pool
+                b.candidate(cid, "", images=[corpus[cid]])
+            b.query(f"{queries_file.name}:{lineno}", str(row["query"]), cand_names=None, labels=relevant)
+    for cid, page in corpus.items():
+        b.candidate(cid, "", images=[page])
+
+
+# --- dispatch ----------------------------------------------------------------------------------------------------
+
+
+def annotation_dir(task: MMEBTask, data_root: Path, page_labels: PageLabels = "fixed") -> Path:
+    """``DATA/annotations/<key>``; for the two page sets with fixed labels, ``DATA/annotations/<key>-fixed``."""
+    name = f"{task.key}-fixed" if task.key in PAGE_SETS and page_labels == "fixed" else task.key
+    path = data_root / ANNOTATIONS_DIR / name
+    if not path.is_dir():
+        hint = ""
+        if task.key in PAGE_SETS:
+            other = data_root / ANNOTATIONS_DIR / (task.key if page_labels == "fixed" else f"{task.key}-fixed")
+            if other.is_dir():
+                hint = (
+                    f" ({other} exists: set page_labels to {'old' if page_labels == 'fixed' else 'fixed'} if "
+                    "that is the version you have)"
+                )
+        raise FileNotFoundError(
+            f"{task.key}: no annotation folder {path}{hint}; export the rows of {task.source} "
+            f"(config {task.source_config or task.key}, split {task.source_split}) there (docs/eval.md §5)"
+        )
+    return path
+
+
+def load_mmeb_task(
+    key: str,
+    data_root: str | Path,
+    *,
+    page_labels: PageLabels = "fixed",
+    on_bad_row: BadRowPolicy = "stop",
+    limit: int = 0,
+    num_frames: int = 8,
+    show_progress_bar: bool = False,
+) -> LoadedTask:
+    """Read one MMEB-V2 dataset from the local layout into queries, a de-duplicated pool and qrels.
+
+    Args:
+        key: registry key (``X-page-fixed`` accepted for the page sets).
+        data_root: the folder holding ``image-tasks/``, ``video-tasks/``, ``visdoc-tasks/`` and ``annotations/``.
+        page_labels: which labels the page sets' annotations hold (``fixed`` reads ``<key>-fixed/``).
+        on_bad_row: ``stop`` raises on the first malformed row or missing media file; ``skip`` drops and counts it.
+        limit: keep only the first ``limit`` queries (0 = all), e.g. for a smoke run.
+        num_frames: frames sampled per video.
+    """
+    (name,) = resolve_tasks([key])
+    task = MMEB_BY_KEY[name]
+    root = Path(data_root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"MMEB-V2 data root {root} does not exist")
+    ann_dir = annotation_dir(task, root, page_labels)
+    b = _Builder(task, root)
+    bad = BadRows(on_bad_row)
+    files: list[str] = []
+    if task.modality == "visdoc":
+        _load_visdoc(b, ann_dir, bad, limit, files)
+    else:
+        rows_file = find_rows_file(ann_dir, "test")
+        files.append(str(rows_file))
+        parse = _parse_image_row if task.modality == "image" else _parse_video_row
+        cap = min(x for x in (limit or None, task.subsample) if x) if (limit or task.subsample) else 0
+        rows = read_rows(rows_file)
+        for lineno, row in tqdm(rows, desc=f"{name} rows", leave=False, disable=not show_progress_bar):
+            if cap and len(b.queries) >= cap:
+                break
+            with bad.guard():
+                parse(b, row, rows_file, lineno, num_frames)
+        labels_file = ann_dir / "labels.txt"
+        if task.eval_type == "global" and labels_file.is_file():
+            files.append(str(labels_file))
+            for label in labels_file.read_text(encoding="utf-8").splitlines():
+                if label.strip():
+                    b.candidate(label.strip(), label.strip())
+    if not b.queries:
+        raise EvalError(f"{name}: no query could be read from {files} (skipped rows: {bad.count})")
+    if b.collisions:
+        logger.warning(
+            "%s: %d candidate name(s) reused with different content; first occurrences kept", name, b.collisions
+        )
+    revision_file = ann_dir / REVISION_FILE
+    revision = revision_file.read_text(encoding="utf-8").strip() if revision_file.is_file() else None
+    return LoadedTask(
+        task,
+        _to_eval_task(b),
+        {c.item.id: c.name for c in b.pool.values()},
+        b.collisions,
+        bad.as_dict(),
+        revision,
+        files,
+    )
+
+
+def _to_eval_task(b: _Builder) -> EvalTask:
+    ids = {name: c.item.id for name, c in b.pool.items()}
+    local = b.task.eval_type == "local"
+    return EvalTask(
+        name=b.task.key,
+        info=b.task.info(),
+        queries=[q.item for q in b.queries],
+        pool={c.item.id: c.item for c in b.pool.values()},
+        candidates=[[ids[n] for n in q.cand_names or ()] for q in b.queries] if local else None,
+        qrels=[{ids[n]: g for n, g in q.labels.items()} for q in b.queries],  # type: ignore[misc]
+        positives=[[ids[n] for n in q.labels] for q in b.queries],
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MMEBReport:
+    """The result of one MMEB-V2 run: score objects, the summary over the scored datasets, and metadata."""
+
+    results: dict[str, dict[str, Any]]
+    summary: dict[str, Any] | None
+    metadata: dict[str, Any]
+    stats: dict[str, TaskStats] = field(default_factory=dict)
+
+    def markdown(self) -> str:
+        m = self.metadata
+        lines = [
+            f"# {m['model_name']}: MMEB-V2",
+            "",
+            f"- Embedder: `{m['embedder']['id']}`; Reasoner: `{(m['reasoner'] or {}).get('id', '-')}`; "
+            f"cot_mode {m['cot_mode']}; modes: query {m['query_mode']}, candidate {m['candidate_mode']}",
+            f"- Split versions: {json.dumps(m['split_versions'])}; benchmark version {m['benchmark_version']}",
+            f"- Skipped rows: {sum(r['skipped'] for r in m['bad_rows'].values())} (on_bad_row={m['on_bad_row']})",
+            "",
+            "",
+        ]
+        body = format_summary(self.summary) if self.summary else "No scored MMEB-V2 dataset was evaluated.\n"
+        return "\n".join(lines) + body
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "metadata": self.metadata,
+            "summary": self.summary,
+            "results": self.results,
+            "stats": {k: dataclasses.asdict(s) for k, s in self.stats.items()},
+        }
+
+
+def split_versions(results: Mapping[str, Mapping[str, Any]], page_labels: PageLabels) -> dict[str, str]:
+    """``{"ViDoSeek-page": page_labels, "MMLongBench-page": page_labels, "MomentSeeker": "dedup-1602" | …}``."""
+    versions: dict[str, str] = dict.fromkeys(PAGE_SETS, page_labels)
+    if "MomentSeeker" in results:
+        versions["MomentSeeker"] = MOMENTSEEKER_VERSIONS.get(results["MomentSeeker"]["num_data"], "partial")
+    return versions
+
+
+def mmeb_summary(results: Mapping[str, Mapping[str, Any]], page_labels: PageLabels) -> dict[str, Any]:
+    """The harness's summary of scored results: main metric ×100 per dataset, the 13 sub-groups, the 3 modalities
+    and All, each a plain mean over datasets (benchmarks.md §1.5); partial results are flagged, never padded."""
+    summary = summarize_tasks(
+        results, mmeb_v2_task_info(), group_keys=MMEB_V2_GROUP_KEYS, partial=True, benchmark="MMEB-V2"
+    )
+    summary["split_versions"] = split_versions(results, page_labels)
+    return summary
+
+
+class MMEBEvaluator(TaskEvaluator):
+    """MMEB-V2 retrieval evaluation from the local data layout (the engine is :class:`TaskEvaluator`).
+
+    Args:
+        data_root: the MMEB-V2 data folder (see the module docstring).
+        tasks: registry keys; None = the 78 scored datasets.
+        page_labels: ``fixed`` or ``old``: the labels of ViDoSeek-page and MMLongBench-page (recorded as the split
+            version; the writer names those keys ``X-page-fixed`` only when fixed).
+        on_bad_row, limit, num_frames: see :func:`load_mmeb_task`.
+        check_counts: require each dataset's query count to equal the registry's (off for partial data).
+        benchmark_version: recorded in the metadata (``v2.1``: fixed page labels, MomentSeeker de-duplicated).
+        **engine: the :class:`TaskEvaluator` settings (mode, tcot_source, decoding, caches, batch sizes, …).
+    """
+
+    def __init__(
+        self,
+        data_root: str | Path,
+        tasks: Sequence[str] | None = None,
+        *,
+        page_labels: PageLabels = "fixed",
+        on_bad_row: BadRowPolicy = "stop",
+        limit: int = 0,
+        num_frames: int = 8,
+        check_counts: bool = True,
+        benchmark_version: str = "v2.1",
+        **engine: Any,
+    ) -> None:
+        super().__init__(**engine)
+        if self.tcot_source == "teacher":
+            raise EvalError("MMEB-V2 has no stored T-CoTs: use tcot_source 'reasoner' (with a Reasoner) or 'none'")
+        if page_labels not in ("fixed", "old"):
+            raise EvalError(f"page_labels={page_labels!r}; use 'fixed' or 'old'")
+        self.data_root = Path(data_root)
+        self.tasks = resolve_tasks(tasks)
+        self.page_labels = page_labels
+        self.on_bad_row = on_bad_row
+        self.limit = limit
+        self.num_frames = num_frames
+        self.check_counts = check_counts
+        self.benchmark_version = benchmark_version
+        self.loaded: dict[str, LoadedTask] = {}
+
+    def load(self, name: str) -> LoadedTask:
+        if name not in self.loaded:
+            loaded = load_mmeb_task(
+                name,
+                self.data_root,
+                page_labels=self.page_labels,
+                on_bad_row=self.on_bad_row,
+                limit=self.limit,
+                num_frames=self.num_frames,
+                show_progress_bar=self.show_progress_bar,
+            )
+            self._check_count(loaded)
+            self.loaded[name] = loaded
+        return self.loaded[name]
+
+    def task(self, name: str) -> EvalTask:
+        return self.load(name).eval_task
+
+    def _check_count(self, loaded: LoadedTask) -> None:
+        dataset = loaded.task.dataset
+        n = len(loaded.eval_task.queries)
+        if not self.check_counts or dataset is None or n == dataset.num_queries:
+            return
+        if dataset.key == "MomentSeeker" and n in MOMENTSEEKER_VERSIONS:
+            return
+        raise EvalError(
+            f"{dataset.key}: read {n} queries, but MMEB-V2 has {dataset.num_queries} (skipped rows: "
+            f"{loaded.bad_rows['skipped']}); fix the data, or set check_counts false for a partial run"
+        )
+
+    def _task_scored(
+        self, name: str, task: EvalTask, candidate_ids: Sequence[str], scores: np.ndarray, relevance: list[dict]
+    ) -> None:
+        """Write ``predictions/<key>.jsonl``: per query the top-10 candidate names with scores, gold names, grades."""
+        if self.out_dir is None:
+            return
+        names = self.loaded[name].names
+        top = rank_candidates(scores, PREDICTION_DEPTH)
+        lines = []
+        for i, query in enumerate(task.queries):
+            ids = candidate_ids if task.candidates is None else task.candidates[i]
+            ranked = [int(j) for j in top[i] if np.isfinite(scores[i, j])]
+            lines.append(
+                json.dumps(
+                    {
+                        "query": query.meta.get("row"),
+                        "top": [names[ids[j]] for j in ranked],
+                        "scores": [round(float(scores[i, j]), 6) for j in ranked],
+                        "labels": [names[cid] for cid in task.qrels[i]],
+                        "grades": list(task.qrels[i].values()),
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        write_text(self.out_dir / PREDICTIONS_DIR / f"{name}.jsonl", "\n".join(lines) + "\n")
+
+    def evaluate(
+        self,
+        embedder: Embedder | Any,
+        reasoner: Reasoner | None = None,
+        *,
+        embedder_id: str | None = None,
+        reasoner_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> MMEBReport:
+        """Evaluate the tasks; write score files as they finish, then summary and leaderboard (with ``out_dir``)."""
+        run = self._start(embedder, reasoner, embedder_id, reasoner_id)
+        results: dict[str, dict[str, Any]] = {}
+        stats: dict[str, TaskStats] = {}
+        for name in tqdm(self.tasks, desc="MMEB-V2 datasets", disable=not self.show_progress_bar):
+            results[name], stats[name] = self._evaluate_task(name, run)
+            if self.out_dir is not None:
+                write_task_scores(self.out_dir / SCORES_DIR, name, results[name])
+        scored = {k: v for k, v in results.items() if MMEB_BY_KEY[k].scored}
+        summary = mmeb_summary(scored, self.page_labels) if scored else None
+        meta = self._metadata(run, scored, metadata or {})
+        report = MMEBReport(results, summary, meta, stats)
+        if self.out_dir is not None:
+            self.write(report)
+        return report
+
+    def _metadata(self, run: Any, scored: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+        extra = dict(extra)
+        reasoner = run.reasoner
+        missing = [d.key for d in MMEB_V2_DATASETS if d.key not in scored]
+        return {
+            "model_name": extra.pop("model_name", None) or f"{run.embedder_id} ({self.tcot_source}, {self.mode})",
+            "benchmark": "MMEB-V2",
+            "benchmark_version": self.benchmark_version,
+            "split_versions": split_versions(scored, self.page_labels),
+            "dataset_revisions": {
+                k: {
+                    "source": v.task.source,
+                    "config": v.task.source_config,
+                    "split": v.task.source_split,
+                    "revision": v.revision or "unknown",
+                }
+                for k, v in self.loaded.items()
+            },
+            "main_metrics": dict(MAIN_METRICS),
+            "cot_mode": "none" if self.tcot_source == "none" else "query+candidate",
+            "embedder": {"id": run.embedder_id, "path": extra.pop("embedder_path", None)},
+            "reasoner": None
+            if reasoner is None
+            else {
+                "id": run.reasoner_id,
+                "path": extra.pop("reasoner_path", None),
+                "compact_prompts": reasoner.compact_prompts,
+            },
+            "tcot_source": self.tcot_source,
+            "query_mode": self.mode,
+            "candidate_mode": self.mode,
+            "decoding": dataclasses.asdict(self.decoding) if reasoner is not None else None,
+            "tcot_fallbacks": run.fallbacks,
+            "num_frames": self.num_frames,
+            "frame_order": "natural",
+            "tasks": list(self.tasks),
+            "partial": bool(missing),
+            "missing": missing,
+            "query_counts": {k: len(v.eval_task.queries) for k, v in self.loaded.items()},
+            "candidate_collisions": {k: v.collisions for k, v in self.loaded.items()},
+            "on_bad_row": self.on_bad_row,
+            "bad_rows": {k: v.bad_rows for k, v in self.loaded.items()},
+            "limit": self.limit,
+            "embedrl_version": __version__,
+            "report_generated_date": datetime.now().isoformat(timespec="seconds"),
+            **extra,
+        }
+
+    def write(self, report: MMEBReport) -> None:
+        assert self.out_dir is not None
+        out = self.out_dir
+        scored = {k: v for k, v in report.results.items() if MMEB_BY_KEY[k].scored}
+        if scored:
+            write_leaderboard(
+                out / LEADERBOARD_JSON, scored, report.metadata, partial=bool(report.metadata["missing"])
+            )
+        write_text(out / SUMMARY_MD, report.markdown())
+        write_text(out / SUMMARY_JSON, json.dumps(report.as_dict(), indent=2, default=str) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The `embedrl eval mmeb` stage (shared with `eval uvrb`)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def load_models(cfg: Any) -> tuple[Embedder, Reasoner | None, Any]:
+    """The Embedder, the Reasoner (when ``cfg.reasoner`` is set) and the decoding of a benchmark eval config."""
+    import torch
+
+    from embedrl.models.embedder import Embedder
+    from embedrl.models.reasoner import Decoding, Reasoner
+
+    dtype: Any = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    embedder = Embedder.load(cfg.model, dtype=dtype, device=cfg.device)
+    reasoner = None
+    if cfg.reasoner:
+        reasoner = Reasoner.from_pretrained(
+            cfg.reasoner, dtype=dtype, device=cfg.device, compact_prompts=cfg.compact_prompts
+        )
+    decoding = Decoding(
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_new_tokens=cfg.max_new_tokens,
+        greedy=cfg.greedy,
+        seed=cfg.seed,
+    )
+    return embedder, reasoner, decoding
+
+
+def engine_settings(cfg: Any, out: Path, decoding: Any) -> dict[str, Any]:
+    """The :class:`TaskEvaluator` keyword arguments of a benchmark eval config."""
+    return {
+        "mode": cfg.resolved_mode,
+        "tcot_source": "reasoner" if cfg.reasoner else "none",
+        "decoding": decoding,
+        "batch_size": cfg.batch_size,
+        "reasoner_batch_size": cfg.reasoner_batch_size,
+        "cache_dir": cfg.cache_dir or out / "cache",
+        "out_dir": out,
+        "show_progress_bar": cfg.show_progress_bar,
+    }
+
+
+def config_sha256(cfg: Any) -> str:
+    from embedrl.config import config_to_dict
+
+    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def evaluate_mmeb(cfg: MMEBEvalConfig) -> dict[str, Any]:
+    """The ``embedrl eval mmeb`` stage: load the models, evaluate, write the result files into ``cfg.out``.
+
+    Writes ``config.json``, ``scores/<key>_score.json``, ``predictions/<key>.jsonl``, ``summary.md``,
+    ``summary.json`` and ``leaderboard.json`` (scored datasets only, page keys named after ``page_labels``).
+    """
+    from embedrl.config import config_to_dict, save_config
+
+    out = Path(cfg.out)
+    save_config(cfg, out)
+    embedder, reasoner, decoding = load_models(cfg)
+    evaluator = MMEBEvaluator(
+        cfg.data,
+        cfg.tasks or None,
+        page_labels=cfg.page_labels,
+        on_bad_row=cfg.on_bad_row,
+        limit=cfg.limit,
+        num_frames=cfg.num_frames,
+        check_counts=cfg.check_counts,
+        benchmark_version=cfg.benchmark_version,
+        **engine_settings(cfg, out, decoding),
+    )
+    report = evaluator.evaluate(
+        embedder,
+        reasoner,
+        embedder_id=cfg.embedder_id or None,
+        reasoner_id=cfg.reasoner_id or None,
+        metadata={
+            "model_name": cfg.name or Path(cfg.model).name,
+            "embedder_path": cfg.model,
+            "reasoner_path": cfg.reasoner or None,
+            "embedding_dimension": str(embedder.dim),
+            "eval_config_sha256": config_sha256(cfg),
+            "eval_config": config_to_dict(cfg),
+        },
+    )
+    names = (("summary_md", SUMMARY_MD), ("summary_json", SUMMARY_JSON), ("leaderboard", LEADERBOARD_JSON))
+    files = {name: str(out / f) for name, f in (*names, ("config", "config.json"))}
+    files |= {"scores": str(out / SCORES_DIR), "predictions": str(out / PREDICTIONS_DIR)}
+    return {**report.as_dict(), "markdown": report.markdown(), "files": files}

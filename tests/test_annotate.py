@@ -1,0 +1,356 @@
+"""Teacher annotation and the relevance filter: resume after a kill, answer-conditioned option, the judge split,
+and the HTTP path against the project's own OpenAI-compatible server on loopback (no HTTP mocking)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from embedrl.cli import main
+from embedrl.config import AnnotateConfig, FilterConfig, TeacherSettings
+from embedrl.data.annotate import (
+    AnnotationError,
+    ChatRequest,
+    Journal,
+    OpenAITeacher,
+    annotate,
+    answer_hint,
+    equidistant,
+    filter_pairs,
+)
+from embedrl.data.rows import RowError
+from embedrl.data.schema import Item, Pair, read_jsonl, read_pairs, write_pairs
+
+TCOT = (
+    '<thinking>It shows a kite. {"text_keywords": ["kite"]}</thinking><rethink>Yes.</rethink><answer>A kite.</answer>'
+)
+
+
+class Killed(Exception):
+    """Stands in for a kill in the middle of a run."""
+
+
+class FakeTeacher:
+    """Canned replies; records every request it answers and dies after ``kill_after`` replies."""
+
+    def __init__(self, reply: str | dict[str, str] = TCOT, kill_after: int | None = None) -> None:
+        self.name = "fake"
+        self.reply = reply
+        self.kill_after = kill_after
+        self.seen: list[ChatRequest] = []
+
+    def decoding(self) -> dict:
+        return {"temperature": 0.0}
+
+    def complete(self, requests: Sequence[ChatRequest]) -> Iterator[tuple[ChatRequest, str]]:
+        for r in requests:
+            if self.kill_after is not None and len(self.seen) == self.kill_after:
+                raise Killed
+            self.seen.append(r)
+            yield r, self.reply if isinstance(self.reply, str) else self.reply[r.key]
+
+
+def _text(request: ChatRequest) -> str:
+    return " ".join(p["text"] for m in request.messages for p in m["content"] if p["type"] == "text")
+
+
+def write_input(root: Path, n: int = 6) -> Path:
+    media = root / "in" / "media"
+    media.mkdir(parents=True)
+    pairs = []
+    for i in range(n):
+        image = media / f"img{i}.png"
+        Image.fromarray(np.full((16, 16, 3), 40 * i % 255, dtype=np.uint8)).save(image)
+        dataset = ("CIRR", "N24News", "VisRAG")[i % 3]
+        query = Item(id=f"{dataset}/{i}/q", text=f"query secret {i}", instruction="Find it:", images=(image,))
+        target = Item(id=f"{dataset}/{i}/t", text=f"positive {i}", images=(image,) if i % 2 else ())
+        pairs.append(Pair(dataset, f"{dataset}/{i:03d}", query, target))
+    path = root / "in" / "pairs.jsonl"
+    write_pairs(path, pairs)
+    return path
+
+
+@pytest.fixture
+def pairs_file(tmp_path: Path) -> Path:
+    return write_input(tmp_path / "data")
+
+
+def _cfg(pairs_file: Path, out: Path, **kw) -> AnnotateConfig:
+    return AnnotateConfig(
+        input=str(pairs_file), out=str(out), teacher=TeacherSettings(model="fake"), show_progress_bar=False, **kw
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Annotate
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_annotate_writes_both_tcots_with_provenance(pairs_file: Path, tmp_path: Path) -> None:
+    teacher = FakeTeacher()
+    summary = annotate(_cfg(pairs_file, tmp_path / "out"), teacher)
+    assert summary["files"]["pairs"]["requests_sent"] == 12 and summary["files"]["pairs"]["reused"] == 0
+    records = list(read_jsonl(tmp_path / "out" / "pairs.jsonl"))
+    assert len(records) == 6
+    r = records[0]
+    assert r["query_tcot"]["family"] == "image_based" and r["target_tcot"]["family"] == "positive_text"
+    assert r["query_tcot"]["answer_conditioned"] is False and r["query_tcot"]["generator"] == "fake"
+    assert r["target_tcot"]["parsed"]["keywords"] == ["kite"] and r["query"]["tcot"] == TCOT
+    annotated = read_pairs(tmp_path / "out" / "pairs.jsonl")  # still a pairs file; media resolve from out/
+    assert annotated[0].query.images[0].is_file() and annotated[0].query.tcot == TCOT
+    # target-side prompts never contain the query; off by default: no hint anywhere
+    targets = [_text(q) for q in teacher.seen if q.key.endswith("|target")]
+    assert targets and not any("secret" in t for t in targets)
+    assert not any("Hint" in _text(q) for q in teacher.seen)
+
+
+def test_killed_annotation_resumes_without_redoing_finished_requests(pairs_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(Killed):
+        annotate(_cfg(pairs_file, out), FakeTeacher(kill_after=5))
+    journal = out / "pairs.journal.jsonl"
+    assert len(journal.read_text().splitlines()) == 5 and not (out / "pairs.jsonl").exists()
+    with journal.open("a") as fh:  # a line cut by the kill
+        fh.write('{"key": "CIRR/000|qu')
+    second = FakeTeacher()
+    summary = annotate(_cfg(pairs_file, out), second)
+    assert len(second.seen) == 7 and summary["files"]["pairs"]["reused"] == 5
+    assert len({r.key for r in second.seen}) == 7
+    assert len(list(read_jsonl(out / "pairs.jsonl"))) == 6 and len(Journal(journal).done) == 12
+    third = FakeTeacher()
+    annotate(_cfg(pairs_file, out), third)
+    assert third.seen == []  # nothing left to do
+
+
+def test_answer_conditioned_option(pairs_file: Path, tmp_path: Path) -> None:
+    teacher = FakeTeacher()
+    annotate(_cfg(pairs_file, tmp_path / "o", answer_conditioned_fraction=0.5), teacher)
+    queries = {r.key: _text(r) for r in teacher.seen if r.key.endswith("|query")}
+    hinted = sorted(k for k, t in queries.items() if "Hint" in t)
+    assert hinted == ["CIRR/000|query", "N24News/004|query", "VisRAG/002|query"]  # even indices 0, 2, 4
+    assert "positive 0" in queries["CIRR/000|query"] and "positive 3" not in queries["CIRR/003|query"]
+    # media positives are shown as a file reference, never as pixels
+    assert answer_hint(Item(text="a red kite", images=(Path("x/k.png"),))) == "a red kite [image file: k.png]"
+    records = {r["pair_id"]: r for r in read_jsonl(tmp_path / "o" / "pairs.jsonl")}
+    assert records["CIRR/000"]["query_tcot"]["answer_conditioned"] is True
+    assert records["N24News/001"]["query_tcot"]["answer_conditioned"] is False
+    assert records["CIRR/000"]["query_tcot"]["prompt_hash"] != records["CIRR/003"]["query_tcot"]["prompt_hash"]
+    assert all("Hint" not in _text(r) for r in teacher.seen if r.key.endswith("|target"))
+    with pytest.raises(ValueError, match="parity conditions every even index"):
+        _cfg(pairs_file, tmp_path / "x", answer_conditioned_fraction=0.3)
+
+
+def test_bad_pair_rows_name_file_and_row(pairs_file: Path, tmp_path: Path) -> None:
+    lines = pairs_file.read_text().splitlines(keepends=True)
+    broken = json.loads(lines[1])
+    broken["query"]["images"] = ["media/nope.png"]
+    pairs_file.write_text(lines[0] + json.dumps(broken) + "\n" + "".join(lines[2:]))
+    with pytest.raises(RowError, match=rf"{pairs_file}:2: query media .*nope.png does not exist"):
+        annotate(_cfg(pairs_file, tmp_path / "a"), FakeTeacher())
+    summary = annotate(_cfg(pairs_file, tmp_path / "b", on_bad_row="skip"), FakeTeacher())
+    assert summary["files"]["pairs"]["pairs"] == 5 and summary["files"]["pairs"]["skipped_rows"]["skipped"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Filter
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_equidistant() -> None:
+    assert equidistant(10, 4) == [0, 2, 5, 7] and equidistant(3, 5) == [0, 1, 2] and equidistant(5, 0) == []
+
+
+def test_filter_judges_and_splits(pairs_file: Path, tmp_path: Path) -> None:
+    annotate(_cfg(pairs_file, tmp_path / "ann"), FakeTeacher())
+    replies = {
+        "CIRR/000|judge": "Yes",
+        "CIRR/003|judge": "No.",
+        "N24News/001|judge": "no",
+        "N24News/004|judge": "Yes",
+        "VisRAG/002|judge": "Maybe?",
+        "VisRAG/005|judge": "YES, unrelated",
+    }
+    judge = FakeTeacher(replies)
+    cfg = FilterConfig(
+        input=str(tmp_path / "ann"),
+        out=str(tmp_path / "f"),
+        judge=TeacherSettings(model="fake"),
+        rl_counts={"CIRR": 1, "N24News": 1, "VisRAG": 2},
+        show_progress_bar=False,
+    )
+    summary = filter_pairs(cfg, judge)
+    assert all("Query reasoning" in _text(r) for r in judge.seen)
+    d = summary["datasets"]
+    assert (d["CIRR"]["kept"], d["CIRR"]["dropped"], d["VisRAG"]["unparsed"]) == (1, 1, 1)
+    assert d["N24News"]["contrastive"] == 0 and d["N24News"]["excluded_from_contrastive"]
+    assert d["VisRAG"]["rl"] == 1 and d["VisRAG"]["rl_shortfall"] == 1  # one rejected VisRAG pair for 2 requested
+    assert summary["totals"] == {
+        "initial": 6,
+        "kept": 3,
+        "dropped": 3,
+        "unparsed": 1,
+        "contrastive": 2,
+        "rl": 3,
+        "rl_shortfall": 1,
+    }
+    rl = read_pairs(tmp_path / "f" / "rl.jsonl")  # RL pairs come from the rejected pool by default
+    assert sorted(p.pair_id for p in rl) == ["CIRR/000", "N24News/004", "VisRAG/005"]
+    assert rl[0].query.images[0].is_file()
+    contrastive = read_pairs(tmp_path / "f" / "contrastive" / "VisRAG.jsonl")
+    assert [p.pair_id for p in contrastive] == ["VisRAG/002"]  # unparsed verdicts are kept
+    splits = {r["pair_id"]: r["split"] for r in read_jsonl(tmp_path / "f" / "filtered.jsonl")}
+    assert splits["N24News/001"] == "excluded" and splits["CIRR/003"] == "contrastive"
+
+    kept_cfg = FilterConfig(
+        input=str(tmp_path / "ann"),
+        out=str(tmp_path / "f"),
+        judge=TeacherSettings(model="x"),
+        rl_pool="kept",
+        rl_counts={"CIRR": 1},
+        show_progress_bar=False,
+    )
+    again = FakeTeacher(replies)
+    summary = filter_pairs(kept_cfg, again)
+    assert again.seen == []  # verdicts come from the judge journal
+    assert summary["datasets"]["CIRR"]["contrastive"] == 0 and summary["datasets"]["CIRR"]["rl"] == 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Real teachers: the local checkpoint, and the OpenAI-compatible endpoint on loopback
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_http_teacher_against_the_project_server(pairs_file: Path, tiny_backbone_dir, tmp_path: Path) -> None:
+    pytest.importorskip("fastapi")
+    from embedrl.config import ServeConfig
+    from embedrl.serve.chat import ChatModel
+    from embedrl.serve.server import create_app, serve_in_background
+
+    app = create_app(ServeConfig(), chat_model=ChatModel.load(tiny_backbone_dir("qwen3-vl")))
+    with serve_in_background(app) as base:
+        settings = TeacherSettings(
+            backend="openai",
+            model="chat",
+            base_url=base + "/v1",
+            compact_prompts=True,
+            max_new_tokens=4,
+            concurrency=3,
+            api_key_env="",
+        )
+        cfg = AnnotateConfig(
+            input=str(pairs_file), out=str(tmp_path / "ann"), teacher=settings, limit=3, show_progress_bar=False
+        )
+        teacher = OpenAITeacher(settings)
+        summary = annotate(cfg, teacher)
+        assert summary["files"]["pairs"]["requests_sent"] == 6 and teacher.requests_sent == 6
+        records = list(read_jsonl(tmp_path / "ann" / "pairs.jsonl"))
+        assert len(records) == 3 and all(isinstance(r["query_tcot"]["text"], str) for r in records)
+        assert records[0]["query_tcot"]["generator"] == f"openai:chat@{base}/v1"
+        # greedy decoding at temperature 0: a second run from scratch gives the same texts
+        again = annotate(
+            AnnotateConfig(
+                input=str(pairs_file), out=str(tmp_path / "ann2"), teacher=settings, limit=3, show_progress_bar=False
+            ),
+            OpenAITeacher(settings),
+        )
+        assert again["files"]["pairs"]["requests_sent"] == 6
+        second = list(read_jsonl(tmp_path / "ann2" / "pairs.jsonl"))
+        assert [r["query_tcot"]["text"] for r in second] == [r["query_tcot"]["text"] for r in records]
+        # the judge over HTTP (text-only requests)
+        fcfg = FilterConfig(
+            input=str(tmp_path / "ann"), out=str(tmp_path / "f"), judge=settings, rl_counts={}, show_progress_bar=False
+        )
+        assert filter_pairs(fcfg)["totals"]["initial"] == 3
+        # a request the server rejects (unknown model) is not retried and names the request
+        bad = TeacherSettings(backend="openai", model="nope", base_url=base + "/v1", api_key_env="")
+        with pytest.raises(
+            AnnotationError, match=r"CIRR/000\|(query|target): .* answered HTTP 404: .*model_not_found"
+        ):
+            annotate(
+                AnnotateConfig(
+                    input=str(pairs_file), out=str(tmp_path / "bad"), teacher=bad, limit=1, show_progress_bar=False
+                ),
+                OpenAITeacher(bad),
+            )
+
+
+def test_http_retries_with_exponential_backoff_then_fails_loudly(pairs_file: Path, tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on: connection refused, a real network error
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    settings = TeacherSettings(
+        backend="openai",
+        model="m",
+        base_url=f"http://127.0.0.1:{port}/v1",
+        max_retries=3,
+        backoff_s=0.5,
+        max_backoff_s=1.5,
+        concurrency=1,
+        api_key_env="",
+    )
+    delays: list[float] = []
+    teacher = OpenAITeacher(settings, sleep=delays.append)
+    cfg = AnnotateConfig(
+        input=str(pairs_file), out=str(tmp_path / "o"), teacher=settings, limit=1, show_progress_bar=False
+    )
+    with pytest.raises(AnnotationError, match=r"still failing after 3 retries \(ConnectError"):
+        annotate(cfg, teacher)
+    assert delays[:3] == [0.5, 1.0, 1.5] and teacher.requests_sent >= 4
+
+
+def test_cli_annotate_then_filter_with_a_local_teacher(pairs_file: Path, tiny_backbone_dir, tmp_path: Path) -> None:
+    model = str(tiny_backbone_dir("qwen3-vl"))
+    teacher = [
+        "--teacher.backend",
+        "local",
+        "--teacher.model",
+        model,
+        "--teacher.compact_prompts",
+        "true",
+        "--teacher.max_new_tokens",
+        "4",
+        "--teacher.dtype",
+        "float32",
+    ]
+    ann = tmp_path / "ann"
+    code = main(
+        [
+            "annotate",
+            "--input",
+            str(pairs_file.parent),
+            "--out",
+            str(ann),
+            "--limit",
+            "3",
+            "--show_progress_bar",
+            "false",
+            *teacher,
+        ]
+    )
+    assert code == 0 and len(list(read_jsonl(ann / "pairs.jsonl"))) == 3
+    judge = [a.replace("--teacher.", "--judge.") for a in teacher]
+    code = main(
+        [
+            "filter",
+            "--input",
+            str(ann),
+            "--out",
+            str(tmp_path / "f"),
+            "--show_progress_bar",
+            "false",
+            "--rl_counts",
+            "{CIRR: 1}",
+            *judge,
+        ]
+    )
+    assert code == 0
+    summary = json.loads((tmp_path / "f" / "filter.json").read_text())
+    assert summary["totals"]["initial"] == 3 and summary["judge"] == f"local:{model}"
+    assert (tmp_path / "f" / "rl.jsonl").is_file() and (tmp_path / "f" / "filtered.jsonl").is_file()
