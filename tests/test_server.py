@@ -18,6 +18,7 @@ import pytest
 from PIL import Image
 
 from embedrl.backbones import PixelBudget
+from embedrl.cli import main
 from embedrl.config import IndexConfig, ServeConfig
 from embedrl.data.schema import Item, write_jsonl
 from embedrl.models.reasoner import Decoding
@@ -410,6 +411,81 @@ def test_search_matches_the_library(base: str, models, index) -> None:
     np.testing.assert_allclose([r["score"] for r in got["results"]], [h.score for h in expected.hits], atol=TOL)
     assert [r["rank"] for r in got["results"]] == [1, 2, 3] and set(got["evidence"]) >= {"cue", "problems"}
     assert got["results"][0]["item"]["text"] in {it.text for it in index.items}
+    image_query = _post(base, "/search", {"query": {"text": "like this", "images": [_data_url("red")]}, "k": 2})
+    assert image_query.status_code == 200, image_query.text
+    assert image_query.json()["query"]["images"] == 1 and len(image_query.json()["results"]) == 2
     too_many = _post(base, "/search", {"query": "x", "k": 5000})
     assert too_many.status_code == 400 and "max_k" in _error(too_many)
     json.dumps(got)  # plain JSON all the way down
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Chat models loaded from paths (a Qwen-VL Reasoner and a text causal LM), in-process client
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def text_lm_dir(tiny_backbone_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny text-only Qwen2 causal LM with the tiny tokenizer and its chat template."""
+    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
+    out = tmp_path_factory.mktemp("text-lm")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbone_dir("qwen3-vl"))
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    )
+    Qwen2ForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_chat_models_loaded_from_paths(text_lm_dir: Path, tiny_backbone_dir) -> None:
+    from fastapi.testclient import TestClient
+
+    reasoner_dir = str(tiny_backbone_dir("qwen3-vl"))
+    app = create_app(ServeConfig(chat_model=str(text_lm_dir), reasoner=reasoner_dir, max_wait_ms=0.0))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
+    expected = ChatModel.load(text_lm_dir).generate(
+        [Conversation([{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in messages])],
+        ChatParams(max_tokens=6, temperature=0.0),
+    )[0][0]
+    with TestClient(app) as http:
+        for name in ("chat", str(text_lm_dir)):  # the served name, or the checkpoint path as an alias
+            reply = http.post(
+                "/v1/chat/completions", json={"model": name, "messages": messages, "temperature": 0, "max_tokens": 6}
+            )
+            assert reply.status_code == 200, reply.text
+            body = reply.json()
+            assert body["choices"][0]["message"]["content"] == expected.text and body["model"] == name
+            assert body["usage"]["prompt_tokens"] == expected.prompt_tokens
+        image = {"type": "image_url", "image_url": {"url": _data_url()}}
+        refused = http.post(
+            "/v1/chat/completions", json={"model": "chat", "messages": [{"role": "user", "content": [image]}]}
+        )
+        assert refused.status_code == 400 and "text-only" in refused.json()["error"]["message"]
+        assert (
+            http.post(
+                "/v1/chat/completions",
+                json={"model": reasoner_dir, "messages": [{"role": "user", "content": [image]}], "max_tokens": 2},
+            ).status_code
+            == 200
+        )
+        assert http.get("/health").json() == {
+            "status": "ok",
+            "embedder": None,
+            "chat_models": ["chat", "reasoner"],
+            "index": None,
+        }
+        no_embedder = http.post("/v1/embeddings", json={"model": "embedder", "input": "x"})
+        assert no_embedder.status_code == 404 and "no Embedder is loaded" in no_embedder.json()["error"]["message"]
+        assert http.post("/search", json={"query": "x"}).status_code == 404
+    with pytest.raises(ValueError, match="nothing to serve"):
+        create_app(ServeConfig())
+    assert main(["serve", "--port", "0"]) == 2  # the CLI says so too, without a traceback

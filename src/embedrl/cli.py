@@ -209,7 +209,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Serve embeddings, chat completions and search over HTTP (OpenAI-compatible)."""
     from embedrl.serve.server import serve
 
-    serve(config_from_args(ServeConfig, args))
+    cfg = config_from_args(ServeConfig, args)
+    try:
+        serve(cfg)
+    except (ValueError, FileNotFoundError) as err:  # nothing to serve, a bad path, an index of other models
+        print(f"embedrl: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

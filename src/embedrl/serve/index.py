@@ -679,8 +679,15 @@ class SearchResult:
     hits: list[SearchHit]
 
     def as_dict(self) -> dict[str, Any]:
+        query = self.query
         return {
-            "query": self.query.to_record(),
+            "query": {
+                "id": query.id,
+                "text": query.text,
+                "instruction": query.instruction,
+                "images": len(query.images),
+                "frames": len(query.frames),
+            },
             "tcot": self.tcot,
             "evidence": self.evidence,
             "results": [hit.as_dict() for hit in self.hits],

@@ -26,6 +26,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import functools
 import hmac
 import io
 import logging
@@ -379,10 +380,11 @@ def _load_models(
 def _build_state(cfg: ServeConfig, embedder: Any, reasoner: Any, chat_model: Any, index: Any) -> _State:
     from embedrl.models.reasoner import Decoding
 
+    token = cfg.bearer_token()  # before the (slow) model loading: a missing key variable fails at once
     embedder, reasoner, chat_model, index = _load_models(cfg, embedder, reasoner, chat_model, index)
     if embedder is None and reasoner is None and chat_model is None:
         raise ValueError("nothing to serve: set model (an Embedder), reasoner or chat_model")
-    state = _State(cfg=cfg, media=MediaReader(cfg), token=cfg.bearer_token(), embedder=embedder, reasoner=reasoner)
+    state = _State(cfg=cfg, media=MediaReader(cfg), token=token, embedder=embedder, reasoner=reasoner)
     if embedder is not None:
         decoding = Decoding(
             temperature=cfg.tcot_temperature,
@@ -494,15 +496,8 @@ def create_app(
             raise APIError(400, f"k={body.k} exceeds max_k={cfg.max_k}", param="k")
         raw = body.query if isinstance(body.query, str) else body.query.model_dump()
         item = state.media.item(raw, "query")
-        result = await state.run(("search",), lambda jobs: _search_batch(state.searcher, jobs), (item, body.k))
-        out = result.as_dict()
-        out["query"] = {
-            "text": item.text,
-            "instruction": item.instruction,
-            "images": len(item.images),
-            "frames": len(item.frames),
-        }
-        return out
+        result = await state.run(("search",), functools.partial(_search_batch, state.searcher), (item, body.k))
+        return result.as_dict()
 
     return app
 
@@ -543,7 +538,7 @@ async def _embeddings(state: _State, body: EmbeddingsBody) -> dict[str, Any]:
                 param="mode",
             )
     key = ("embed", mode, body.side, body.target_modality)
-    fn = lambda jobs: _embed_batch(state, mode, body.side, body.target_modality, jobs)  # noqa: E731
+    fn = functools.partial(_embed_batch, state, mode, body.side, body.target_modality)
     vectors, tcots, tokens = await state.run(key, fn, items)
     data = []
     for i, (vector, tcot) in enumerate(zip(vectors, tcots, strict=True)):
@@ -598,7 +593,7 @@ async def _chat(state: _State, body: ChatBody) -> dict[str, Any]:
     )
     # A seeded sampled request runs alone: the seed then reproduces it whatever else is queued.
     key = ("chat", name, params, uuid.uuid4().hex if params.seed is not None else None)
-    outputs = await state.run(key, lambda jobs: _chat_batch(model, params, jobs), conversation)
+    outputs = await state.run(key, functools.partial(_chat_batch, model, params), conversation)
     prompt_tokens = outputs[0].prompt_tokens
     completion_tokens = sum(o.completion_tokens for o in outputs)
     return {
