@@ -127,3 +127,15 @@ def test_every_stage_config_field_has_help() -> None:
 
     for cls in STAGE_CONFIGS.values():
         check(cls)
+
+
+def test_exponent_floats_from_the_command_line_are_numbers() -> None:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; float fields accept it, other strings stay errors."""
+    from embedrl.config import GRPOTrainConfig, load_config
+
+    cfg = load_config(
+        GRPOTrainConfig, None, {"lr": "1e-4", "beta": "2.5E-3", "reasoner": "r", "data": "d", "out": "o"}
+    )
+    assert cfg.lr == 1e-4 and cfg.beta == 2.5e-3
+    with pytest.raises(ConfigError, match="must be a number"):
+        load_config(GRPOTrainConfig, None, {"lr": "fast", "reasoner": "r", "data": "d", "out": "o"})

@@ -242,7 +242,8 @@ def test_cli_rl_smoke(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path)
     args = ["rl", "--reasoner", cfg.reasoner, "--embedder", cfg.embedder, "--data", cfg.data, "--out", str(tmp_path),
             "--num_generations", "2", "--pairs_per_step", "2", "--max_steps", "1", "--max_new_tokens", "16",
-            "--compact_prompts", "true", "--device", cfg.device, "--dtype", cfg.dtype]  # fmt: skip
+            "--compact_prompts", "true", "--device", cfg.device, "--dtype", cfg.dtype,
+            "--engine", "native"]  # fmt: skip
     # LoRA (the reference is the adapter-free base) and PPO: 2 epochs x 2 mini-batches of the 8 trajectories.
     ppo = ["--lora", "4", "--beta", "0.01", "--ppo_epochs", "2", "--mini_batch_size", "4", "--micro_batch_size", "2"]
     assert main([*args, *ppo]) == 0

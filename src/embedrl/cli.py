@@ -141,10 +141,15 @@ def cmd_train_reasoner(args: argparse.Namespace) -> int:
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
-    from embedrl.train.grpo import train_rl
-
     cfg = config_from_args(GRPOTrainConfig, args)
-    final = train_rl(cfg)
+    if cfg.engine == "trl":
+        from embedrl.train.grpo_trl import train_rl_trl
+
+        final = train_rl_trl(cfg)
+    else:
+        from embedrl.train.grpo import train_rl
+
+        final = train_rl(cfg)
     print(f"EG-RL Reasoner written to {final}")
     return 0
 

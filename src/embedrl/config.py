@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 C = TypeVar("C")
+_FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")  # exponent floats YAML misses
 CONFIG_FILENAME = "config.json"
 
 
@@ -371,7 +373,22 @@ class GRPOTrainConfig:
         default=0, metadata=_help("0 = full fine-tuning; r > 0 = LoRA rank r (alpha 2r) on the language model")
     )
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute policy activations in backward"))
-    use_vllm: bool = field(default=False, metadata=_help("vLLM rollouts (GPU; not implemented yet, keep false)"))
+    engine: Literal["trl", "native"] = field(
+        default="trl",
+        metadata=_help(
+            "GRPO engine: 'trl' (TRL's GRPOTrainer through its public arguments; LoRA, vLLM, accelerate) or "
+            "'native' (embedrl's own loop: exact method.md §4.2 objective and bit-exact resume; single process)"
+        ),
+    )
+    use_vllm: bool = field(
+        default=False, metadata=_help("vLLM rollouts (engine 'trl' on a GPU with the 'gpu' extra installed)")
+    )
+    vllm_mode: Literal["colocate", "server"] = field(
+        default="colocate", metadata=_help("vLLM in the training process ('colocate') or a `trl vllm-serve` server")
+    )
+    vllm_server_base_url: str = field(
+        default="", metadata=_help("base URL of the `trl vllm-serve` server (vllm_mode 'server'); '' = localhost")
+    )
     compact_prompts: bool = field(
         default=False, metadata=_help("the families' compact prompts (tiny cold-started models were trained on them)")
     )
@@ -419,6 +436,8 @@ class GRPOTrainConfig:
             raise ConfigError(f"temperature={self.temperature} must be > 0 (rollouts sample; 1.0 is the paper's)")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.use_vllm and self.engine != "trl":
+            raise ConfigError("use_vllm=true needs engine 'trl' (the native loop generates with HF generate only)")
         self.reward_config()  # validates the reward knobs now, with RewardConfig's messages
 
     def reward_config(self) -> Any:
@@ -1045,6 +1064,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}={value!r} must be an integer; got {type(value).__name__}")
         return value
     if tp is float:
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            value = float(value)  # YAML 1.1 reads 1e-4 (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}={value!r} must be a number; got {type(value).__name__}")
         return float(value)

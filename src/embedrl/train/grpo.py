@@ -316,8 +316,12 @@ def _add_lora(model: PreTrainedModel, rank: int) -> torch.nn.Module:
     return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names))
 
 
-def load_models(cfg: GRPOTrainConfig) -> RLModels:
-    """Load the policy (``cfg.reasoner``), the frozen reference (beta > 0), Embedder and Discriminator."""
+def load_models(cfg: GRPOTrainConfig, *, reference: bool = True, lora: bool = True) -> RLModels:
+    """Load the policy (``cfg.reasoner``), the frozen reference (beta > 0), Embedder and Discriminator.
+
+    ``reference=False`` / ``lora=False`` leave the reference model and the LoRA adapters to the caller (TRL's
+    ``GRPOTrainer`` builds its own from ``peft_config`` and the policy's checkpoint path).
+    """
     if cfg.use_vllm:
         import importlib.util
 
@@ -325,9 +329,6 @@ def load_models(cfg: GRPOTrainConfig) -> RLModels:
             raise ImportError(
                 "use_vllm=true needs vLLM: pip install 'embedrl[gpu]' on a GPU machine, or set use_vllm: false"
             )
-        raise NotImplementedError(
-            "vLLM rollouts (with weight sync after each update) are not implemented yet; set use_vllm: false"
-        )
     dtype = getattr(torch, cfg.dtype)
     policy = Reasoner.from_pretrained(
         cfg.reasoner, dtype=dtype, device=cfg.device, compact_prompts=cfg.compact_prompts
@@ -338,10 +339,10 @@ def load_models(cfg: GRPOTrainConfig) -> RLModels:
             f"max_prompt_tokens + max_new_tokens = {cfg.max_prompt_tokens + cfg.max_new_tokens} exceeds the "
             f"policy's context of {context} tokens (method.md §8 item 19); lower one of them"
         )
-    reference = None
-    if cfg.beta > 0 and not cfg.lora:  # with LoRA the reference is the policy with its adapters disabled
-        reference = _freeze(Reasoner.from_pretrained(cfg.reasoner, dtype=dtype, device=cfg.device).model)
-    if cfg.lora:
+    ref_model = None
+    if reference and cfg.beta > 0 and not cfg.lora:  # with LoRA the reference is the policy without its adapters
+        ref_model = _freeze(Reasoner.from_pretrained(cfg.reasoner, dtype=dtype, device=cfg.device).model)
+    if lora and cfg.lora:
         policy.model = _add_lora(policy.model, cfg.lora)
     if not cfg.lora:
         policy.model.requires_grad_(True)  # full fine-tuning (load_backbone returns the model in eval mode)
@@ -353,11 +354,11 @@ def load_models(cfg: GRPOTrainConfig) -> RLModels:
         endpoint = EndpointDiscriminator(
             cfg.discriminator_url, cfg.discriminator, cfg.discriminator_max_new_tokens, cfg.discriminator_batch_size
         )
-        return RLModels(policy, reference, embedder, endpoint, None)
+        return RLModels(policy, ref_model, embedder, endpoint, None)
     disc = Reasoner.from_pretrained(cfg.discriminator or cfg.reasoner, dtype=dtype, device=cfg.device)
     _freeze(disc.model)
     discriminator = ChatDiscriminator(disc, cfg.discriminator_max_new_tokens, cfg.discriminator_batch_size)
-    return RLModels(policy, reference, embedder, discriminator, disc.model)
+    return RLModels(policy, ref_model, embedder, discriminator, disc.model)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,214 @@
+"""EG-RL on TRL's GRPOTrainer (engine 'trl'): step blocks, reward checks, frozen reward models, metrics, resume."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from PIL import Image
+
+from embedrl.config import GRPOTrainConfig, WorldConfig
+from embedrl.data.schema import read_pairs
+from embedrl.data.world import generate_world
+from embedrl.train.grpo import METRICS_FILE, RL_META_FILE, SAMPLES_FILE, RLData, Timed, load_models
+from embedrl.train.grpo_trl import (
+    StepClock,
+    TRLRewards,
+    build_trl_dataset,
+    mixed_batch_processor,
+    rl_step_geometry,
+    train_rl_trl,
+)
+
+G, B = 2, 2
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate_world(WorldConfig(out=str(tmp_path_factory.mktemp("world")), size="tiny", seed=0))
+
+
+@pytest.fixture(scope="module")
+def embedder_dir(tiny_backbone_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from embedrl.models.embedder import Embedder
+
+    out = tmp_path_factory.mktemp("embedder")
+    Embedder.from_backbone(tiny_backbone_dir("qwen3-vl")).save(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def make_cfg(tiny_backbone_dir, embedder_dir: Path, world: Path):
+    def make(out: Path, **kw) -> GRPOTrainConfig:
+        base = dict(
+            engine="trl", reasoner=str(tiny_backbone_dir("qwen3-vl")), embedder=str(embedder_dir),
+            data=str(world / "rl.jsonl"), out=str(out), seed=0, num_generations=G, pairs_per_step=B, max_steps=3,
+            max_new_tokens=16, compact_prompts=True, discriminator_max_new_tokens=4, lr=1e-3, save_every=2,
+            sample_table_every=2, micro_batch_size=8, w_outcome=0.8, w_process=0.2, acc_mode="fraction",
+        )  # fmt: skip
+        base.update(kw)
+        return GRPOTrainConfig(**base)
+
+    return make
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: t.detach().clone() for name, t in module.state_dict().items()}
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def trl_run(make_cfg, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
+    cfg = make_cfg(tmp_path_factory.mktemp("rl-trl"))
+    models = load_models(cfg, reference=False, lora=False)
+    frozen = {"embedder": models.embedder.model, "discriminator": models.discriminator_model}
+    before = {name: _snapshot(m) for name, m in {**frozen, "policy": models.policy.model}.items()}
+    final = train_rl_trl(cfg, models=models)
+    return SimpleNamespace(cfg=cfg, models=models, frozen=frozen, before=before, final=final, out=Path(cfg.out))
+
+
+def test_trl_policy_trains_and_reward_models_stay_frozen(trl_run: SimpleNamespace) -> None:
+    after = _snapshot(trl_run.models.policy.model)
+    changed = [n for n, t in trl_run.before["policy"].items() if not torch.equal(t, after[n])]
+    assert any("language_model.layers" in n for n in changed), "the policy did not change"
+    for name, module in trl_run.frozen.items():
+        now = _snapshot(module)
+        for key, t in trl_run.before[name].items():
+            assert torch.equal(t, now[key]), f"frozen {name} tensor {key} changed"
+        assert not any(p.requires_grad for p in module.parameters()), name
+
+
+def test_trl_steps_follow_the_same_dataset_schedule(trl_run: SimpleNamespace) -> None:
+    records = _metrics(trl_run.out)
+    assert [r["step"] for r in records] == [1, 2, 3]
+    data = RLData(read_pairs(trl_run.cfg.data), B, trl_run.cfg.seed)
+    assert [r["dataset"] for r in records] == [data.batch(i)[1] for i in range(3)]
+    for r in records:
+        assert r["pairs"] == B and r["prompts"] == 2 * B and r["trajectories"] == 2 * B * G
+        for key in ("reward/total", "reward/format", "reward/process", "reward/outcome", "completion/length",
+                    "time/generation", "time/reward_embedder", "time/reward_discriminator", "time/update",
+                    "discriminator/accuracy", "reward/outcome/acc_frac/query", "trl/loss"):  # fmt: skip
+            assert key in r, key
+        assert r["time/generation"] > 0 and r["time/reward_embedder"] > 0 and r["time/update"] > 0
+        assert 0 < r["completion/length"] <= trl_run.cfg.max_new_tokens
+    assert "## step 2" in (trl_run.out / SAMPLES_FILE).read_text()
+
+
+def test_trl_final_checkpoint_reloads_with_metadata(trl_run: SimpleNamespace) -> None:
+    from embedrl.models.reasoner import Reasoner
+
+    reasoner = Reasoner.from_pretrained(trl_run.final)
+    assert type(reasoner.processor).__name__ == type(trl_run.models.policy.processor).__name__
+    meta = json.loads((trl_run.final / RL_META_FILE).read_text())
+    assert meta["reward"]["w_outcome"] == 0.8 and meta["num_generations"] == G
+    after = trl_run.models.policy.model.state_dict()
+    for key, t in reasoner.model.state_dict().items():
+        assert torch.equal(t, after[key]), key
+
+
+def test_trl_resume_continues_from_the_last_checkpoint(make_cfg, tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path / "run", max_steps=2, save_every=1, max_new_tokens=8)
+    train_rl_trl(cfg)
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()
+    resumed = make_cfg(tmp_path / "run", max_steps=3, save_every=1, max_new_tokens=8)
+    train_rl_trl(resumed)
+    steps = [r["step"] for r in _metrics(tmp_path / "run")]
+    assert steps == [1, 2, 3], f"the resumed run redid or skipped steps: {steps}"
+
+
+def test_dataset_blocks_are_whole_pairs_of_one_dataset(world: Path) -> None:
+    data = RLData(read_pairs(world / "rl.jsonl"), B, seed=0)
+    ds = build_trl_dataset(data, 4, compact=True)
+    assert len(ds) == 4 * 2 * B
+    for block in range(4):
+        rows = [r for r in ds if r["block"] == block]
+        _, dataset, pairs = data.batch(block)
+        assert {r["dataset"] for r in rows} == {dataset}
+        assert Counter((r["pair_id"], r["side"]) for r in rows) == {
+            (p.pair_id, s): 1 for p in pairs for s in ("query", "target")
+        }
+    assert [r["block"] for r in ds] == sorted(r["block"] for r in ds)  # training order = step order
+    video = [r for r in ds if r["n_frames"]]
+    if video:
+        assert len(video[0]["images"]) >= video[0]["n_frames"]  # frames travel as images
+
+
+def _rewards(clock: StepClock, tmp_path: Path) -> TRLRewards:
+    from embedrl.rewards import RewardConfig
+
+    def embed(side, texts, columns):
+        return torch.nn.functional.normalize(torch.randn(len(texts), 4), dim=-1)
+
+    cfg = RewardConfig.from_preset("paper", w_process=0.0)
+    funcs = [lambda **kw: [1.0] * len(kw["completions"]), None, lambda **kw: [0.5] * len(kw["completions"])]
+    return TRLRewards(funcs, cfg, 2, Timed(embed), Timed(lambda p: p), clock, [0], tmp_path, 0, 1)
+
+
+def test_reward_call_rejects_a_batch_that_mixes_step_blocks(tmp_path: Path) -> None:
+    fmt = _rewards(StepClock(), tmp_path).reward_funcs()[0]
+    item = json.dumps({"id": "x", "text": "t"})
+    cols = dict(pair_id=["a", "a", "a", "a", "b", "b", "b", "b"], side=["query"] * 2 + ["target"] * 2 + ["query"] * 2
+                + ["target"] * 2, item=[item] * 8, dataset=["d"] * 8)  # fmt: skip
+    fmt(prompts=[""] * 8, completions=["x"] * 8, block=[0] * 8, **cols)  # one block: accepted
+    with pytest.raises(ValueError, match="blocks"):
+        fmt(prompts=[""] * 8, completions=["x"] * 8, block=[0] * 4 + [1] * 4, **cols)
+    with pytest.raises(ValueError, match="datasets"):
+        fmt(prompts=[""] * 8, completions=["x"] * 8, block=[0] * 8, **{**cols, "dataset": ["d"] * 4 + ["e"] * 4})
+    with pytest.raises(ValueError, match="no target-side rollouts"):
+        fmt(prompts=[""] * 2, completions=["x"] * 2, block=[0] * 2, dataset=["d"] * 2, pair_id=["a", "a"],
+            side=["query", "query"], item=[item] * 2)  # fmt: skip
+
+
+def test_mixed_batch_processor_accepts_text_only_prompts(tiny_backbone_dir, tmp_path: Path) -> None:
+    from embedrl.backbones import load_backbone
+
+    _, processor = load_backbone(tiny_backbone_dir("qwen3-vl"))
+    wrapped = mixed_batch_processor(processor)
+    img = Image.new("RGB", (64, 64), "red")
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "a"}]}]
+    texts = [processor.apply_chat_template(chat, tokenize=False), "plain text"]
+    with pytest.raises(TypeError):
+        processor(images=[[img], None], text=texts, padding=True, return_tensors="pt")
+    got = wrapped(images=[[img], None], text=texts, padding=True, return_tensors="pt")
+    want = processor(images=[[img], []], text=texts, padding=True, return_tensors="pt")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+    assert type(wrapped).__name__ == type(processor).__name__ and type(processor) is not type(wrapped)
+    wrapped.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "processor_config.json").read_text())["processor_class"] == type(processor).__name__
+
+
+def test_geometry_checks_batch_sizes(make_cfg, tmp_path: Path) -> None:
+    geo = rl_step_geometry(make_cfg(tmp_path, pairs_per_step=4, num_generations=4, mini_batch_size=16,
+                                    micro_batch_size=8))  # fmt: skip
+    assert (geo.trajectories, geo.mini, geo.micro, geo.accumulation, geo.steps_per_generation) == (32, 16, 8, 2, 4)
+    assert geo.optimizer_steps(ppo_epochs=2) == 4
+    with pytest.raises(ValueError, match="must divide the 32"):
+        rl_step_geometry(make_cfg(tmp_path, pairs_per_step=4, num_generations=4, mini_batch_size=12))
+    with pytest.raises(ValueError, match="must divide mini_batch_size"):
+        rl_step_geometry(make_cfg(tmp_path, pairs_per_step=4, num_generations=4, mini_batch_size=16,
+                                  micro_batch_size=6))  # fmt: skip
+
+
+def test_cli_rl_trl_with_lora_kl_and_ppo_minibatches(make_cfg, tmp_path: Path) -> None:
+    """LoRA (TRL's peft_config; the KL reference is the adapter-free base), beta > 0, 2 PPO epochs x 2 mini-batches
+    of 2 micro-batches: micro-batches of text-only prompts occur and must run."""
+    from embedrl.backbones import load_backbone
+    from embedrl.cli import main
+
+    cfg = make_cfg(tmp_path)
+    args = ["rl", "--reasoner", cfg.reasoner, "--embedder", cfg.embedder, "--data", cfg.data, "--out", str(tmp_path),
+            "--num_generations", "2", "--pairs_per_step", "2", "--max_steps", "1", "--max_new_tokens", "8",
+            "--compact_prompts", "true", "--engine", "trl", "--lora", "4", "--beta", "0.01", "--ppo_epochs", "2",
+            "--mini_batch_size", "4", "--micro_batch_size", "2"]  # fmt: skip
+    assert main(args) == 0
+    record = json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[-1])
+    assert record["step"] == 1 and "trl/kl" in record and record["trl/kl"] == record["trl/kl"]  # finite, not NaN
+    model, _ = load_backbone(tmp_path / "final")  # LoRA merged: a plain checkpoint
+    assert not any("lora" in name for name, _ in model.named_parameters())
