@@ -134,8 +134,10 @@ def test_exponent_floats_from_the_command_line_are_numbers() -> None:
     from embedrl.config import GRPOTrainConfig, load_config
 
     cfg = load_config(
-        GRPOTrainConfig, None, {"lr": "1e-4", "beta": "2.5E-3", "reasoner": "r", "data": "d", "out": "o"}
+        GRPOTrainConfig,
+        None,
+        {"lr": "1e-4", "beta": "2.5E-3", "reasoner": "r", "embedder": "e", "data": "d", "out": "o"},
     )
     assert cfg.lr == 1e-4 and cfg.beta == 2.5e-3
     with pytest.raises(ConfigError, match="must be a number"):
-        load_config(GRPOTrainConfig, None, {"lr": "fast", "reasoner": "r", "data": "d", "out": "o"})
+        load_config(GRPOTrainConfig, None, {"lr": "fast", "reasoner": "r", "embedder": "e", "data": "d", "out": "o"})
