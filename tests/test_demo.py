@@ -1,4 +1,4 @@
-"""`embedrl demo --quick`: runs every available stage and writes results.json and report.md."""
+"""`embedrl demo --quick`: runs every stage and writes results.json, report.md and the plots."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from embedrl.cli import main
-from embedrl.demo import DEMO_MODES
+from embedrl.demo import CLAIMS, DEMO_MODES, MODES_PLOT, REWARD_PLOT, check_claims, rl_curve
 
 
 def test_quick_demo_writes_every_mode(tmp_path: Path) -> None:
@@ -22,4 +22,31 @@ def test_quick_demo_writes_every_mode(tmp_path: Path) -> None:
         assert set(scores["tasks"]) == tasks
         assert 0.0 <= scores["overall"] <= 100.0
         assert scores["overall"] == pytest.approx(sum(scores["tasks"].values()) / len(tasks), abs=0.01)
-    assert "| **overall** |" in (tmp_path / "report.md").read_text()
+    assert [c["claim"] for c in results["claims"]] == [f"{a} > {b}" for a, b in CLAIMS]
+    assert results["rl"]["steps"] >= 1 and len(results["rl"]["reward/total"]) >= 1
+    report = (tmp_path / "report.md").read_text()
+    assert "| **overall** |" in report and REWARD_PLOT in report and MODES_PLOT in report
+    for png in (REWARD_PLOT, MODES_PLOT):
+        assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = (tmp_path / "rl" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == results["rl"]["steps"]
+
+
+def test_claims_report_margins() -> None:
+    results = {"modes": {"raw": {"overall": 10.0}, "pre_rl": {"overall": 30.0}, "egrl": {"overall": 35.5},
+                         "no_evidence": {"overall": 36.0}}}  # fmt: skip
+    claims = {c["claim"]: c for c in check_claims(results)}
+    assert claims["egrl > pre_rl"] == {"claim": "egrl > pre_rl", "margin": 5.5, "holds": True}
+    assert claims["pre_rl > raw"]["margin"] == 20.0 and claims["pre_rl > raw"]["holds"]
+    assert claims["egrl > no_evidence"] == {"claim": "egrl > no_evidence", "margin": -0.5, "holds": False}
+
+
+def test_rl_curve_means_over_stretches(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"reward/total": float(i), "reward/format": 1.0, "reward/process": 0.5, "reward/outcome": 0.0}
+            for i in range(8)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve = rl_curve(path)
+    assert curve["steps"] == 8 and curve["chunk_steps"] == 2
+    assert curve["reward/total"] == [0.5, 2.5, 4.5, 6.5] and curve["reward/format"] == [1.0] * 4
+    assert rl_curve(tmp_path / "missing.jsonl") == {}

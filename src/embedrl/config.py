@@ -349,6 +349,13 @@ class GRPOTrainConfig:
     micro_batch_size: int = field(
         default=8, metadata=_help("trajectories per forward/backward (gradients accumulate; memory only)")
     )
+    scale_advantages: bool = field(
+        default=True,
+        metadata=_help(
+            "divide each group's advantages by its reward std (method.md §4.2); false = r - mean only (Dr. GRPO), "
+            "which does not blow reward noise up to unit scale when the reward models are weak (tiny runs)"
+        ),
+    )
     clip_eps: float = field(default=0.2, metadata=_help("PPO clip ε of the ratio"))
     beta: float = field(
         default=0.0, metadata=_help("KL weight β (k3, in the loss, to the initial policy); paper 0.01; 0 = none")

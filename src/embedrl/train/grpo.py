@@ -814,7 +814,7 @@ def train_rl(cfg: GRPOTrainConfig, models: RLModels | None = None, on_step: Step
             else:
                 components, totals = score_rollouts(funcs, reward_cfg, batch)
                 rewards = torch.tensor([math.nan if r is None else r for r in totals], dtype=torch.float32)  # [N]
-                adv = group_advantages(rewards, [k[:2] for k in batch.keys], scale=True, eps=1e-6)  # [N]
+                adv = group_advantages(rewards, [k[:2] for k in batch.keys], scale=cfg.scale_advantages, eps=1e-6)
                 t2 = time.perf_counter()
                 record.update(step_metrics(batch, components, totals, rewards, funcs))
                 record.update(update_policy(models, batch, adv, optimizer, cfg))

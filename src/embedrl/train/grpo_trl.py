@@ -191,12 +191,12 @@ class TRLRewards:
     def __init__(
         self, funcs: Sequence[Callable[..., list[float | None]]], reward_cfg: RewardConfig, G: int,
         embed: Timed, discriminator: Timed, clock: StepClock, eos_ids: Sequence[int], out: Path,
-        sample_every: int, steps_per_rl_step: int,
+        sample_every: int, steps_per_rl_step: int, scale: bool = True,
     ) -> None:  # fmt: skip
         self.funcs, self.reward_cfg, self.G = list(funcs), reward_cfg, G
         self.embed, self.discriminator, self.clock = embed, discriminator, clock
         self.eos_ids, self.out, self.sample_every = set(eos_ids), out, sample_every
-        self.steps_per_rl_step = steps_per_rl_step
+        self.steps_per_rl_step, self.scale = steps_per_rl_step, scale
         self.components: dict[str, list[float | None]] = {}
 
     def reward_funcs(self) -> list[Callable[..., list[float | None]]]:
@@ -247,7 +247,7 @@ class TRLRewards:
         totals = total_reward(components, self.reward_cfg)
         keys = rollout_keys(columns["pair_id"], columns["side"])
         rewards = torch.tensor([math.nan if r is None else r for r in totals], dtype=torch.float32)  # [N]
-        adv = group_advantages(rewards, [k[:2] for k in keys], scale=True, eps=TRL_ADV_EPS)  # [N] as TRL computes
+        adv = group_advantages(rewards, [k[:2] for k in keys], scale=self.scale, eps=TRL_ADV_EPS)  # [N] as TRL
         batch = self._rollout_batch(completions, columns, keys)
         step = columns["trainer_state"].global_step // self.steps_per_rl_step + 1
         record: dict[str, Any] = {
@@ -401,7 +401,8 @@ def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
 
     funcs, weights = build_reward_funcs(reward_cfg, embed, discriminator, num_generations=G, seed=cfg.seed)
     eos_ids, _ = _stop_ids(policy.model, policy.processor)
-    rewards = TRLRewards(funcs, reward_cfg, G, embed, discriminator, clock, eos_ids, out, cfg.sample_table_every, k)
+    rewards = TRLRewards(funcs, reward_cfg, G, embed, discriminator, clock, eos_ids, out, cfg.sample_table_every, k,
+                         cfg.scale_advantages)  # fmt: skip
     policy.model.requires_grad_(True)
     _check_disjoint(models, [p for p in policy.model.parameters()])
 
@@ -431,7 +432,7 @@ def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
         epsilon=cfg.clip_eps,
         beta=cfg.beta,
         loss_type="dapo",  # token mean over the mini-batch (method.md §4.2)
-        scale_rewards="group",
+        scale_rewards="group" if cfg.scale_advantages else "none",
         temperature=cfg.temperature,
         top_p=cfg.top_p,
         top_k=0,
