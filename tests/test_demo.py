@@ -43,10 +43,12 @@ def test_claims_report_margins() -> None:
 
 def test_rl_curve_means_over_stretches(tmp_path: Path) -> None:
     path = tmp_path / "metrics.jsonl"
-    rows = [{"reward/total": float(i), "reward/format": 1.0, "reward/process": 0.5, "reward/outcome": 0.0}
-            for i in range(8)]  # fmt: skip
+    rows = [{"reward/total": float(i), "reward/format": 1.0, "reward/process": 0.5, "reward/outcome": 0.0,
+             "dataset": "ab"[i % 2]} for i in range(8)]  # fmt: skip
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     curve = rl_curve(path)
     assert curve["steps"] == 8 and curve["chunk_steps"] == 2
     assert curve["reward/total"] == [0.5, 2.5, 4.5, 6.5] and curve["reward/format"] == [1.0] * 4
+    assert curve["total_by_dataset_halves"] == {"a": [1.0, 5.0], "b": [2.0, 6.0]}
+    assert curve["total_change_within_dataset"] == 4.0
     assert rl_curve(tmp_path / "missing.jsonl") == {}

@@ -212,3 +212,31 @@ def test_cli_rl_trl_with_lora_kl_and_ppo_minibatches(make_cfg, tmp_path: Path) -
     assert record["step"] == 1 and "trl/kl" in record and record["trl/kl"] == record["trl/kl"]  # finite, not NaN
     model, _ = load_backbone(tmp_path / "final")  # LoRA merged: a plain checkpoint
     assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_rewards_can_use_the_project_server_as_embedder_and_discriminator(
+    tiny_backbone_dir, embedder_dir: Path, world: Path
+) -> None:
+    """EG-RL's reward models behind `embedrl serve`: the same vectors as the in-process Embedder (pixels, T-CoT and
+    evidence crops included) and the same greedy Discriminator replies as the in-process chat model."""
+    from embedrl.config import ServeConfig
+    from embedrl.models.embedder import Embedder
+    from embedrl.models.reasoner import Reasoner
+    from embedrl.serve.server import create_app, serve_in_background
+    from embedrl.train.grpo import ChatDiscriminator, EmbedderReward, EndpointDiscriminator, EndpointEmbedderReward
+
+    pairs = [p for p in read_pairs(world / "rl.jsonl") if p.target.images][:3]
+    items = [p.target for p in pairs]
+    tcots = ['<thinking>A cue. {"bbox_2d": [0, 0, 500, 500]}</thinking><rethink>Yes.</rethink><answer>A red '
+             'square.</answer>'] * len(items)  # fmt: skip
+    embedder = Embedder.load(embedder_dir)
+    chat = Reasoner.from_pretrained(tiny_backbone_dir("qwen3-vl"), compact_prompts=True)
+    want = EmbedderReward(embedder)("target", tcots, {"item": items})
+    prompts = ["Pick 1 or 2.", "Which candidate matches? Answer with a number."]
+    want_replies = ChatDiscriminator(chat, max_new_tokens=4)(prompts)
+    app = create_app(ServeConfig(max_wait_ms=0.0), embedder=embedder, chat_model=chat)
+    with serve_in_background(app) as base:
+        got = EndpointEmbedderReward(base + "/v1", "embedder", batch_size=2)("target", tcots, {"item": items})
+        replies = EndpointDiscriminator(base + "/v1", "chat", max_new_tokens=4)(prompts)
+    assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
+    assert replies == want_replies

@@ -301,7 +301,20 @@ class GRPOTrainConfig:
     reasoner: str = field(
         default="", metadata=_help("policy initialisation: a Reasoner checkpoint dir, e.g. a cold start (required)")
     )
-    embedder: str = field(default="", metadata=_help("frozen reward Embedder: a directory written by Embedder.save"))
+    embedder: str = field(
+        default="",
+        metadata=_help(
+            "frozen reward Embedder: a directory written by Embedder.save, or the served model's name when "
+            "embedder_url is set"
+        ),
+    )
+    embedder_url: str = field(
+        default="",
+        metadata=_help(
+            "'' = load the Embedder in-process; else an `embedrl serve` base URL (e.g. http://host:8000/v1) that "
+            "embeds the rollouts (bearer token from $EMBEDRL_API_KEY)"
+        ),
+    )
     discriminator: str = field(
         default="",
         metadata=_help(
@@ -414,6 +427,8 @@ class GRPOTrainConfig:
         for name in ("reasoner", "embedder", "data", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is empty: pass --{name} (see embedrl rl --help)")
+        if self.embedder_url and not self.embedder_url.startswith(("http://", "https://")):
+            raise ConfigError(f"embedder_url={self.embedder_url!r} must start with http:// or https://")
         if self.discriminator_url and not self.discriminator_url.startswith(("http://", "https://")):
             raise ConfigError(f"discriminator_url={self.discriminator_url!r} must start with http:// or https://")
         if self.discriminator_url and not self.discriminator:

@@ -52,7 +52,8 @@ __all__ = [
 _SHARD_PREFIX = "shard-"
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a synced temporary file, so a kill never leaves a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as fh:
         fh.write(data)
@@ -275,7 +276,7 @@ class EmbeddingCache:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, array_file)
-        _atomic_write_bytes(self.path / f"{stem}.json", json.dumps({"keys": keys}).encode("utf-8"))
+        atomic_write_bytes(self.path / f"{stem}.json", json.dumps({"keys": keys}).encode("utf-8"))
 
     def compact(self) -> None:
         """Merge every shard on disk into one (the new shard is committed before the old ones are removed)."""

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from embedrl import __version__
 from embedrl.config import IndexConfig, config_from_dict, save_config
 from embedrl.data.schema import Item, Modality, read_jsonl
-from embedrl.eval.cache import EmbeddingCache, TCoTCache, TCoTKey, decoding_key, embedding_key
+from embedrl.eval.cache import EmbeddingCache, TCoTCache, TCoTKey, atomic_write_bytes, decoding_key, embedding_key
 from embedrl.prompts import FAMILIES, Side, choose_family
 
 if TYPE_CHECKING:
@@ -458,7 +458,7 @@ class SearchIndex:
             json.dumps({"row": row, "item": item.to_record(), "tcot": tcot}, sort_keys=True, ensure_ascii=False)
             for row, (item, tcot) in enumerate(zip(self.items, self.tcots, strict=True))
         ]
-        _write_atomic(path / ITEMS_FILE, "".join(line + "\n" for line in lines).encode("utf-8"))
+        atomic_write_bytes(path / ITEMS_FILE, "".join(line + "\n" for line in lines).encode("utf-8"))
         if self.faiss_index is not None:
             tmp = path / (INDEX_FILE + ".tmp")
             faiss.write_index(self.faiss_index, str(tmp))
@@ -475,7 +475,7 @@ class SearchIndex:
             "modality_counts": dict(self.modality_counts),
             "embedrl_version": __version__,
         }
-        _write_atomic(path / INFO_FILE, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+        atomic_write_bytes(path / INFO_FILE, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode("utf-8"))
         return path
 
     @classmethod
@@ -522,15 +522,6 @@ class SearchIndex:
             tcots=tcots,
             modality_counts=info["modality_counts"],
         )
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -22,9 +22,12 @@ a failure raises, never a zero vector.
 
 from __future__ import annotations
 
+import base64
+import io
 import json
 import logging
 import math
+import os
 import random
 import time
 import urllib.error
@@ -45,6 +48,7 @@ from transformers import GenerationConfig, PreTrainedModel
 from embedrl import prompts as P
 from embedrl.config import GRPOTrainConfig, save_config
 from embedrl.data.schema import Item, Pair, read_pairs
+from embedrl.evidence import load_image
 from embedrl.models.embedder import Embedder
 from embedrl.models.reasoner import Reasoner, ReasonerPrompt, build_reasoner_prompt
 from embedrl.rewards import RewardConfig, RolloutKey, build_reward_funcs, check_groups, derive_seed, total_reward
@@ -59,6 +63,7 @@ __all__ = [
     "ChatDiscriminator",
     "EmbedderReward",
     "EndpointDiscriminator",
+    "EndpointEmbedderReward",
     "RLData",
     "RLModels",
     "RolloutBatch",
@@ -67,8 +72,11 @@ __all__ = [
     "completion_logprobs",
     "generate_rollouts",
     "load_models",
+    "lora_config",
     "pair_prompts",
+    "post_json",
     "reward_columns",
+    "reward_embedder",
     "sample_table",
     "score_rollouts",
     "step_batches",
@@ -82,6 +90,7 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.md"
 FINAL_DIR = "final"
+ENDPOINT_TOKEN_ENV = "EMBEDRL_API_KEY"  # bearer token of embedder_url / discriminator_url, if the server wants one
 RL_META_FILE = "embedrl_rl.json"  # in final/ and every checkpoint: Embedder id, resolved reward config, step
 COMPONENTS = ("format", "process", "outcome")  # the order of build_reward_funcs' (funcs, weights)
 SIDES = ("query", "target")
@@ -192,6 +201,19 @@ class EmbedderReward:
         return torch.from_numpy(self.embedder.encode(tcot_items, batch_size=self.batch_size, mode="full"))
 
 
+EmbedFn = Callable[[str, list[str], dict[str, list[Any]]], Tensor]  # embed(side, completions, columns) -> [n, D]
+
+
+def reward_embedder(cfg: GRPOTrainConfig, models: RLModels) -> EmbedFn:
+    """The rollout embedder of the rewards: the in-process frozen Embedder, or the ``embedder_url`` endpoint."""
+    if cfg.embedder_url:
+        token = os.environ.get(ENDPOINT_TOKEN_ENV, "")
+        return EndpointEmbedderReward(cfg.embedder_url, cfg.embedder, cfg.embed_batch_size, token=token)
+    if models.embedder is None:
+        raise ValueError("no Embedder: set embedder (a directory) or embedder_url")
+    return EmbedderReward(models.embedder, cfg.embed_batch_size)
+
+
 def _text_prompt(text: str) -> ReasonerPrompt:
     return ReasonerPrompt([{"role": "user", "content": [{"type": "text", "text": text}]}], [], None, 0)
 
@@ -233,9 +255,33 @@ class ChatDiscriminator:
         return replies
 
 
+def post_json(
+    endpoint: str, body: dict[str, Any], *, what: str, timeout: float, retries: int, backoff: float, token: str = ""
+) -> dict[str, Any]:
+    """POST ``body`` as JSON and return the JSON reply. Network errors and 5xx are retried ``retries`` times with a
+    linear back-off, then raise; a 4xx raises at once (a client error does not heal by retrying)."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(endpoint, data=json.dumps(body).encode(), headers=headers)
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            if 400 <= err.code < 500 or attempt == retries:
+                detail = err.read().decode("utf-8", "replace")[:300]
+                raise RuntimeError(f"{what} endpoint {endpoint}: HTTP {err.code} {err.reason} {detail}") from err
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            if attempt == retries:
+                raise RuntimeError(f"{what} endpoint {endpoint} failed {retries + 1} times: {err}") from err
+        time.sleep(backoff * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 class EndpointDiscriminator:
-    """``discriminator(prompts) -> replies`` from an OpenAI-compatible ``/chat/completions`` endpoint (e.g. a vLLM
-    server running the Discriminator, as in the paper's deployment).
+    """``discriminator(prompts) -> replies`` from an OpenAI-compatible ``/chat/completions`` endpoint (e.g. ``embedrl
+    serve`` or a vLLM server running the Discriminator, as in the paper's deployment).
 
     Greedy (temperature 0), text-only, ``max_tokens`` per reply. Requests run concurrently and the replies are joined
     by prompt index, never by completion order (method.md §4.10). A failed request is retried ``retries`` times with a
@@ -244,34 +290,17 @@ class EndpointDiscriminator:
 
     def __init__(
         self, url: str, model: str, max_new_tokens: int = 10, concurrency: int = 32, timeout: float = 120.0,
-        retries: int = 2, backoff: float = 1.0,
+        retries: int = 2, backoff: float = 1.0, token: str = "",
     ) -> None:  # fmt: skip
         self.endpoint = url.rstrip("/") + "/chat/completions"
         self.model, self.max_new_tokens, self.concurrency = model, max_new_tokens, concurrency
-        self.timeout, self.retries, self.backoff = timeout, retries, backoff
+        self.timeout, self.retries, self.backoff, self.token = timeout, retries, backoff, token
 
     def _request(self, prompt: str) -> str:
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0,
                 "max_tokens": self.max_new_tokens}  # fmt: skip
-        request = urllib.request.Request(
-            self.endpoint, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-        )
-        for attempt in range(self.retries + 1):
-            try:
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    payload = json.loads(response.read())
-                break
-            except urllib.error.HTTPError as err:
-                if 400 <= err.code < 500 or attempt == self.retries:  # a client error will not heal by retrying
-                    raise RuntimeError(
-                        f"Discriminator endpoint {self.endpoint}: HTTP {err.code} {err.reason}"
-                    ) from err
-            except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-                if attempt == self.retries:
-                    raise RuntimeError(
-                        f"Discriminator endpoint {self.endpoint} failed {self.retries + 1} times: {err}"
-                    ) from err
-            time.sleep(self.backoff * (attempt + 1))
+        payload = post_json(self.endpoint, body, what="Discriminator", timeout=self.timeout, retries=self.retries,
+                            backoff=self.backoff, token=self.token)  # fmt: skip
         try:
             return str(payload["choices"][0]["message"]["content"] or "")
         except (KeyError, IndexError, TypeError) as err:
@@ -282,18 +311,65 @@ class EndpointDiscriminator:
             return list(pool.map(self._request, prompts))  # map keeps the prompts' order
 
 
+def _data_url(image: Any) -> str:
+    buffer = io.BytesIO()
+    load_image(image).convert("RGB").save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+class EndpointEmbedderReward:
+    """``embed(side, completions, columns) -> [n, D]`` from an ``embedrl serve`` Embedder (method.md §4.9, service).
+
+    Each rollout goes to ``POST {url}/embeddings`` as a structured item: the side's text and instruction, its images
+    and frames as PNG data URLs, and the rollout's T-CoT, with ``mode: full``, so the server builds the same input as
+    the in-process :class:`EmbedderReward` (pixels, T-CoT, crops and key frames). Batches of ``batch_size`` items;
+    the vectors are joined by their ``index``; any failure raises (never a zero vector).
+    """
+
+    def __init__(
+        self, url: str, model: str, batch_size: int = 32, timeout: float = 300.0, retries: int = 2,
+        backoff: float = 1.0, token: str = "",
+    ) -> None:  # fmt: skip
+        self.endpoint = url.rstrip("/") + "/embeddings"
+        self.model, self.batch_size = model, batch_size
+        self.timeout, self.retries, self.backoff, self.token = timeout, retries, backoff, token
+
+    def _item(self, item: Item, tcot: str) -> dict[str, Any]:
+        return {"text": item.text, "instruction": item.instruction, "images": [_data_url(x) for x in item.images],
+                "frames": [_data_url(x) for x in item.frames], "tcot": tcot}  # fmt: skip
+
+    def __call__(self, side: str, completions: list[str], columns: dict[str, list[Any]]) -> Tensor:
+        items = columns.get("item")
+        if items is None or len(items) != len(completions):
+            raise ValueError(f"the {side}-side rollouts need an 'item' column with one Item per completion")
+        vectors: list[list[float]] = []
+        for start in range(0, len(items), self.batch_size):
+            stop = start + self.batch_size
+            chunk = list(zip(items[start:stop], completions[start:stop], strict=True))
+            body = {"model": self.model, "input": [self._item(it, text) for it, text in chunk], "mode": "full",
+                    "side": side, "encoding_format": "float"}  # fmt: skip
+            payload = post_json(self.endpoint, body, what="Embedder", timeout=self.timeout, retries=self.retries,
+                                backoff=self.backoff, token=self.token)  # fmt: skip
+            data = sorted(payload.get("data") or [], key=lambda d: d["index"])
+            if [d["index"] for d in data] != list(range(len(chunk))):
+                raise ValueError(f"Embedder endpoint {self.endpoint} returned {len(data)} vectors for {len(chunk)}")
+            vectors += [d["embedding"] for d in data]
+        return torch.tensor(vectors, dtype=torch.float32)
+
+
 @dataclass
 class RLModels:
     """Everything ``train_rl`` runs: the trainable policy and the frozen models (no shared parameters)."""
 
     policy: Reasoner  # trainable; its model is a peft model when cfg.lora > 0
     reference: PreTrainedModel | None  # frozen initial policy for the KL; None when beta = 0 or with LoRA
-    embedder: Embedder  # frozen reward model
+    embedder: Embedder | None  # frozen reward model (None: an embedder_url endpoint)
     discriminator: Callable[[list[str]], list[str]]  # prompts -> replies
     discriminator_model: PreTrainedModel | None  # the Discriminator's weights when in-process
 
     def frozen_modules(self) -> list[torch.nn.Module]:
-        return [m for m in (self.reference, self.embedder.model, self.discriminator_model) if m is not None]
+        embedder = self.embedder.model if self.embedder is not None else None
+        return [m for m in (self.reference, embedder, self.discriminator_model) if m is not None]
 
 
 def _freeze(model: torch.nn.Module) -> torch.nn.Module:
@@ -301,19 +377,28 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
     return model.eval()
 
 
-def _add_lora(model: PreTrainedModel, rank: int) -> torch.nn.Module:
-    """LoRA rank ``rank`` (alpha 2r, no dropout) on the language model's attention and MLP projections."""
-    from peft import LoraConfig, get_peft_model
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+def lora_config(model: PreTrainedModel, rank: int) -> Any:
+    """LoRA rank ``rank`` (alpha 2r, no dropout) on the language model's attention and MLP projections, never on the
+    vision tower (a ``peft.LoraConfig``; both GRPO engines use it)."""
+    from peft import LoraConfig
+
     vision = {id(m) for m in model.get_submodule("model.visual").modules()}
     names = [
         name for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and id(module) not in vision and name.rsplit(".", 1)[-1] in targets
+        if isinstance(module, torch.nn.Linear) and id(module) not in vision and name.rsplit(".", 1)[-1] in LORA_TARGETS
     ]  # fmt: skip
     if not names:
-        raise ValueError(f"no language-model Linear layer is named one of {targets}")
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names))
+        raise ValueError(f"no language-model Linear layer is named one of {list(LORA_TARGETS)}")
+    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names)
+
+
+def _add_lora(model: PreTrainedModel, rank: int) -> torch.nn.Module:
+    from peft import get_peft_model
+
+    return get_peft_model(model, lora_config(model, rank))
 
 
 def load_models(cfg: GRPOTrainConfig, *, reference: bool = True, lora: bool = True) -> RLModels:
@@ -348,11 +433,17 @@ def load_models(cfg: GRPOTrainConfig, *, reference: bool = True, lora: bool = Tr
         policy.model.requires_grad_(True)  # full fine-tuning (load_backbone returns the model in eval mode)
     if cfg.gradient_checkpointing:
         policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    embedder = Embedder.load(cfg.embedder, dtype=dtype, device=cfg.device)
-    _freeze(embedder.model)
+    embedder = None
+    if not cfg.embedder_url:
+        embedder = Embedder.load(cfg.embedder, dtype=dtype, device=cfg.device)
+        _freeze(embedder.model)
     if cfg.discriminator_url:
         endpoint = EndpointDiscriminator(
-            cfg.discriminator_url, cfg.discriminator, cfg.discriminator_max_new_tokens, cfg.discriminator_batch_size
+            cfg.discriminator_url,
+            cfg.discriminator,
+            cfg.discriminator_max_new_tokens,
+            cfg.discriminator_batch_size,
+            token=os.environ.get(ENDPOINT_TOKEN_ENV, ""),
         )
         return RLModels(policy, ref_model, embedder, endpoint, None)
     disc = Reasoner.from_pretrained(cfg.discriminator or cfg.reasoner, dtype=dtype, device=cfg.device)
@@ -775,7 +866,7 @@ def train_rl(cfg: GRPOTrainConfig, models: RLModels | None = None, on_step: Step
     total = cfg.max_steps or cfg.epochs * data.steps_per_epoch
     models = models or load_models(cfg)
     G = cfg.group_size
-    embed, discriminator = Timed(EmbedderReward(models.embedder, cfg.embed_batch_size)), Timed(models.discriminator)
+    embed, discriminator = Timed(reward_embedder(cfg, models)), Timed(models.discriminator)
     funcs, _ = build_reward_funcs(reward_cfg, embed, discriminator, num_generations=G, seed=cfg.seed)
     params = [p for p in models.policy.model.parameters() if p.requires_grad]
     _check_disjoint(models, params)

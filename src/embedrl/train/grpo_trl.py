@@ -53,7 +53,6 @@ from embedrl.train.grpo import (
     RL_META_FILE,
     SAMPLES_FILE,
     SIDES,
-    EmbedderReward,
     RLData,
     RLModels,
     RolloutBatch,
@@ -62,6 +61,8 @@ from embedrl.train.grpo import (
     _meta,
     _stop_ids,
     load_models,
+    lora_config,
+    reward_embedder,
     sample_table,
     step_metrics,
 )
@@ -72,7 +73,6 @@ __all__ = ["StepClock", "TRLRewards", "build_trl_dataset", "rl_step_geometry", "
 logger = logging.getLogger(__name__)
 
 TRL_ADV_EPS = 1e-4  # TRL's std epsilon in its group advantages (for the sample table's advantage column)
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -288,20 +288,6 @@ class TRLRewards:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _lora_config(model: torch.nn.Module, rank: int) -> Any:
-    """LoRA rank ``rank`` (alpha 2r) on the language model's projections, never on the vision tower."""
-    from peft import LoraConfig
-
-    vision = {id(m) for m in model.get_submodule("model.visual").modules()}
-    names = [
-        name for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and id(module) not in vision and name.rsplit(".", 1)[-1] in LORA_TARGETS
-    ]  # fmt: skip
-    if not names:
-        raise ValueError(f"no language-model Linear layer is named one of {LORA_TARGETS}")
-    return LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=names)
-
-
 def mixed_batch_processor(processor: Any) -> Any:
     """A shallow copy of ``processor`` that accepts ``None`` for a prompt without images in a batched call.
 
@@ -396,7 +382,7 @@ def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
     )  # fmt: skip
 
     clock = StepClock()
-    embed, discriminator = Timed(EmbedderReward(models.embedder, cfg.embed_batch_size)), Timed(models.discriminator)
+    embed, discriminator = Timed(reward_embedder(cfg, models)), Timed(models.discriminator)
     from embedrl.rewards import build_reward_funcs
 
     funcs, weights = build_reward_funcs(reward_cfg, embed, discriminator, num_generations=G, seed=cfg.seed)
@@ -452,7 +438,7 @@ def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
         args=args,
         train_dataset=dataset,
         processing_class=mixed_batch_processor(policy.processor),
-        peft_config=_lora_config(policy.model, cfg.lora) if cfg.lora else None,
+        peft_config=lora_config(policy.model, cfg.lora) if cfg.lora else None,
         callbacks=[_callback(clock, out, total, k)],
     )
     last = get_last_checkpoint(args.output_dir) if cfg.resume and Path(args.output_dir).is_dir() else None
