@@ -37,7 +37,7 @@ import io
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -1111,28 +1111,20 @@ def config_sha256(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode("utf-8")).hexdigest()
 
 
-def evaluate_mmeb(cfg: MMEBEvalConfig) -> dict[str, Any]:
-    """The ``embedrl eval mmeb`` stage: load the models, evaluate, write the result files into ``cfg.out``.
-
-    Writes ``config.json``, ``scores/<key>_score.json``, ``predictions/<key>.jsonl``, ``summary.md``,
-    ``summary.json`` and ``leaderboard.json`` (scored datasets only, page keys named after ``page_labels``).
-    """
+def run_benchmark_stage(
+    cfg: Any,
+    make_evaluator: Callable[[dict[str, Any]], Any],
+    files: Sequence[tuple[str, str]],
+    extra_metadata: Callable[[Embedder], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The body of ``embedrl eval mmeb`` / ``eval uvrb``: save the config, load the models, build the evaluator from
+    the engine settings, evaluate with the run's metadata, and return the report with the written ``files``."""
     from embedrl.config import config_to_dict, save_config
 
     out = Path(cfg.out)
     save_config(cfg, out)
     embedder, reasoner, decoding = load_models(cfg)
-    evaluator = MMEBEvaluator(
-        cfg.data,
-        cfg.tasks or None,
-        page_labels=cfg.page_labels,
-        on_bad_row=cfg.on_bad_row,
-        limit=cfg.limit,
-        num_frames=cfg.num_frames,
-        check_counts=cfg.check_counts,
-        benchmark_version=cfg.benchmark_version,
-        **engine_settings(cfg, out, decoding),
-    )
+    evaluator = make_evaluator(engine_settings(cfg, out, decoding))
     report = evaluator.evaluate(
         embedder,
         reasoner,
@@ -1142,12 +1134,35 @@ def evaluate_mmeb(cfg: MMEBEvalConfig) -> dict[str, Any]:
             "model_name": cfg.name or Path(cfg.model).name,
             "embedder_path": cfg.model,
             "reasoner_path": cfg.reasoner or None,
-            "embedding_dimension": str(embedder.dim),
+            **(extra_metadata(embedder) if extra_metadata else {}),
             "eval_config_sha256": config_sha256(cfg),
             "eval_config": config_to_dict(cfg),
         },
     )
-    names = (("summary_md", SUMMARY_MD), ("summary_json", SUMMARY_JSON), ("leaderboard", LEADERBOARD_JSON))
-    files = {name: str(out / f) for name, f in (*names, ("config", "config.json"))}
-    files |= {"scores": str(out / SCORES_DIR), "predictions": str(out / PREDICTIONS_DIR)}
-    return {**report.as_dict(), "markdown": report.markdown(), "files": files}
+    return {**report.as_dict(), "markdown": report.markdown(), "files": {name: str(out / f) for name, f in files}}
+
+
+def evaluate_mmeb(cfg: MMEBEvalConfig) -> dict[str, Any]:
+    """The ``embedrl eval mmeb`` stage: load the models, evaluate, write the result files into ``cfg.out``.
+
+    Writes ``config.json``, ``scores/<key>_score.json``, ``predictions/<key>.jsonl``, ``summary.md``,
+    ``summary.json`` and ``leaderboard.json`` (scored datasets only, page keys named after ``page_labels``).
+    """
+    files = (("summary_md", SUMMARY_MD), ("summary_json", SUMMARY_JSON), ("leaderboard", LEADERBOARD_JSON),
+             ("config", "config.json"), ("scores", SCORES_DIR), ("predictions", PREDICTIONS_DIR))  # fmt: skip
+    return run_benchmark_stage(
+        cfg,
+        lambda engine: MMEBEvaluator(
+            cfg.data,
+            cfg.tasks or None,
+            page_labels=cfg.page_labels,
+            on_bad_row=cfg.on_bad_row,
+            limit=cfg.limit,
+            num_frames=cfg.num_frames,
+            check_counts=cfg.check_counts,
+            benchmark_version=cfg.benchmark_version,
+            **engine,
+        ),
+        files,
+        lambda embedder: {"embedding_dimension": str(embedder.dim)},
+    )

@@ -45,7 +45,7 @@ from embedrl.data.rows import BadRowPolicy, BadRows, RowError, read_rows, requir
 from embedrl.data.schema import Item
 from embedrl.data.world import EvalTask
 from embedrl.eval.metrics import metric_names, rank_candidates
-from embedrl.eval.mmeb import config_sha256, engine_settings, load_models, write_text
+from embedrl.eval.mmeb import run_benchmark_stage, write_text
 from embedrl.eval.retrieval import EvalError, TaskEvaluator, TaskStats
 from embedrl.prompts import UVRB_QUERY_INSTRUCTIONS
 
@@ -599,38 +599,19 @@ class UVRBEvaluator(TaskEvaluator):
 def evaluate_uvrb(cfg: UVRBEvalConfig) -> dict[str, Any]:
     """The ``embedrl eval uvrb`` stage: writes ``config.json``, ``scores/<DS>_score.json``, ``predictions/<DS>.jsonl``,
     ``summary.md`` and ``summary.json`` into ``cfg.out``."""
-    from embedrl.config import config_to_dict, save_config
-
-    out = Path(cfg.out)
-    save_config(cfg, out)
-    embedder, reasoner, decoding = load_models(cfg)
-    evaluator = UVRBEvaluator(
-        cfg.data,
-        cfg.tasks or None,
-        query_instructions=cfg.query_instructions,
-        max_text_chars=cfg.max_text_chars,
-        num_frames=cfg.num_frames,
-        on_bad_row=cfg.on_bad_row,
-        limit=cfg.limit,
-        **engine_settings(cfg, out, decoding),
+    files = (("summary_md", SUMMARY_MD), ("summary_json", SUMMARY_JSON), ("scores", SCORES_DIR),
+             ("predictions", PREDICTIONS_DIR))  # fmt: skip
+    return run_benchmark_stage(
+        cfg,
+        lambda engine: UVRBEvaluator(
+            cfg.data,
+            cfg.tasks or None,
+            query_instructions=cfg.query_instructions,
+            max_text_chars=cfg.max_text_chars,
+            num_frames=cfg.num_frames,
+            on_bad_row=cfg.on_bad_row,
+            limit=cfg.limit,
+            **engine,
+        ),
+        files,
     )
-    report = evaluator.evaluate(
-        embedder,
-        reasoner,
-        embedder_id=cfg.embedder_id or None,
-        reasoner_id=cfg.reasoner_id or None,
-        metadata={
-            "model_name": cfg.name or Path(cfg.model).name,
-            "embedder_path": cfg.model,
-            "reasoner_path": cfg.reasoner or None,
-            "eval_config_sha256": config_sha256(cfg),
-            "eval_config": config_to_dict(cfg),
-        },
-    )
-    files = {
-        "summary_md": str(out / SUMMARY_MD),
-        "summary_json": str(out / SUMMARY_JSON),
-        "scores": str(out / SCORES_DIR),
-        "predictions": str(out / PREDICTIONS_DIR),
-    }
-    return {**report.as_dict(), "markdown": report.markdown(), "files": files}
