@@ -73,6 +73,14 @@ FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 Family = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 
 
+def _check_decoding(greedy: bool, temperature: float, top_p: float) -> None:
+    """Reasoner decoding settings shared by the evaluation and index configs."""
+    if not greedy and temperature <= 0:
+        raise ConfigError(f"temperature={temperature} must be > 0 when sampling; set greedy: true instead")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p} must be in (0, 1]")
+
+
 @dataclass
 class TinyBackboneConfig:
     """`embedrl backbone tiny`: a tiny, randomly initialised Qwen-VL checkpoint built offline."""
@@ -553,10 +561,7 @@ class EvalConfig:
             raise ConfigError(
                 f"reasoner is set but tcot_source={self.tcot_source}; drop it or use tcot_source reasoner"
             )
-        if not self.greedy and self.temperature <= 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0 when sampling; set greedy: true instead")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        _check_decoding(self.greedy, self.temperature, self.top_p)
         for name in ("max_new_tokens", "batch_size", "reasoner_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -621,10 +626,7 @@ class IndexConfig:
             )
         if self.tcot_source == "reasoner" and not self.reasoner:
             raise ConfigError("tcot_source=reasoner needs --reasoner DIR, the Reasoner checkpoint to generate with")
-        if not self.greedy and self.temperature <= 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0 when sampling; set greedy: true instead")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        _check_decoding(self.greedy, self.temperature, self.top_p)
         for name in ("max_new_tokens", "batch_size", "reasoner_batch_size", "hnsw_m", "hnsw_ef_construction",
                      "hnsw_ef_search", "ivf_nprobe"):  # fmt: skip
             if getattr(self, name) < 1:
@@ -773,10 +775,7 @@ class BenchmarkEvalConfig:
             raise ConfigError("mode=raw embeds no T-CoT: drop --reasoner, or pick mode full/answer_only/no_evidence")
         if not self.reasoner and self.mode not in ("auto", "raw"):
             raise ConfigError(f"mode={self.mode} needs T-CoTs: pass --reasoner DIR, or use mode raw")
-        if not self.greedy and self.temperature <= 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0 when sampling; set greedy: true instead")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        _check_decoding(self.greedy, self.temperature, self.top_p)
         for name in ("max_new_tokens", "batch_size", "reasoner_batch_size", "num_frames"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
