@@ -2,6 +2,7 @@
 #   make demo   - the whole method end to end on the synthetic world (CPU)
 #   make test   - the test suite (offline, CPU)
 #   make lint   - ruff check + format check
+#   make perception-backbone - rebuild the shipped perception-pretrained tiny backbone (~25 min on 2 cores)
 # Each target creates .venv if it is missing and installs the project into it with pinned versions.
 
 PYTHON ?= python3
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.embedrl-installed
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format venv clean
+.PHONY: demo test lint format venv clean perception-backbone
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,6 +35,13 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff check --fix src tests benchmarks scripts
 	$(BIN)/ruff format src tests benchmarks scripts
+
+PERCEPTION_DIR := src/embedrl/resources/backbones/tiny-qwen3-vl-perception
+perception-backbone: $(STAMP)
+	$(OFFLINE) $(BIN)/embedrl backbone tiny --out runs/perception/tiny
+	$(OFFLINE) $(BIN)/embedrl backbone pretrain --backbone runs/perception/tiny --out runs/perception/pretrain
+	rm -rf $(PERCEPTION_DIR) && mkdir -p $(dir $(PERCEPTION_DIR))
+	cp -r runs/perception/pretrain/final $(PERCEPTION_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist src/*.egg-info

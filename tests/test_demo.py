@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from embedrl.cli import main
-from embedrl.demo import CLAIMS, DEMO_MODES, MODES_PLOT, REWARD_PLOT, check_claims, rl_curve
+from embedrl.demo import CLAIMS, DEMO_MODES, MODES_PLOT, REWARD_PLOT, answer_agreement, check_claims, rl_curve
 
 
 def test_quick_demo_writes_every_mode(tmp_path: Path) -> None:
@@ -24,6 +24,10 @@ def test_quick_demo_writes_every_mode(tmp_path: Path) -> None:
         assert scores["overall"] == pytest.approx(sum(scores["tasks"].values()) / len(tasks), abs=0.01)
     assert [c["claim"] for c in results["claims"]] == [f"{a} > {b}" for a, b in CLAIMS]
     assert results["rl"]["steps"] >= 1 and len(results["rl"]["reward/total"]) >= 1
+    assert set(results["answer_agreement"]) == {"pre_rl", "egrl"}
+    for agreement in results["answer_agreement"].values():
+        assert set(agreement) == tasks
+        assert all(0.0 <= v <= 1.0 for sides in agreement.values() for v in sides.values())
     report = (tmp_path / "report.md").read_text()
     assert "| **overall** |" in report and REWARD_PLOT in report and MODES_PLOT in report
     for png in (REWARD_PLOT, MODES_PLOT):
@@ -52,3 +56,30 @@ def test_rl_curve_means_over_stretches(tmp_path: Path) -> None:
     assert curve["total_by_dataset_halves"] == {"a": [1.0, 5.0], "b": [2.0, 6.0]}
     assert curve["total_change_within_dataset"] == 4.0
     assert rl_curve(tmp_path / "missing.jsonl") == {}
+
+
+def _tcot(answer: str) -> str:
+    return f'<thinking>t {{"text_keywords": ["a"]}}</thinking><rethink>r</rethink><answer>{answer}</answer>'
+
+
+def test_answer_agreement_compares_with_the_teacher(tmp_path: Path) -> None:
+    task = tmp_path / "world" / "eval" / "t1"
+    task.mkdir(parents=True)
+    (task / "candidates.jsonl").write_text(
+        "".join(json.dumps({"id": f"c{i}", "tcot": _tcot(f"Blue {i}.")}) + "\n" for i in range(2))
+    )
+    (task / "queries.jsonl").write_text(json.dumps({"query": {"id": "q0", "tcot": _tcot("A red circle.")}}) + "\n")
+    cache = tmp_path / "cache" / "tcots"
+    cache.mkdir(parents=True)
+    records = [
+        ("q0", "query", "a RED circle.", "r1"),
+        ("c0", "target", "Blue 0.", "r1"),
+        ("c1", "target", "Blue 0.", "r1"),
+        ("c1", "target", "Blue 1.", "other-reasoner"),
+    ]
+    (cache / "t1.jsonl").write_text(
+        "".join(
+            json.dumps({"id": i, "side": side, "text": _tcot(a), "reasoner": r}) + "\n" for i, side, a, r in records
+        )
+    )
+    assert answer_agreement(tmp_path / "world", tmp_path / "cache", "r1") == {"t1": {"query": 1.0, "target": 0.5}}

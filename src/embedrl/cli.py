@@ -16,6 +16,7 @@ from typing import Any
 
 from embedrl.config import (
     AnnotateConfig,
+    BackbonePretrainConfig,
     ConfigError,
     ConvertConfig,
     EmbedderTrainConfig,
@@ -68,6 +69,17 @@ def cmd_backbone_tiny(args: argparse.Namespace) -> int:
     cfg = config_from_args(TinyBackboneConfig, args)
     out = build_tiny_backbone(cfg)
     print(f"wrote tiny {cfg.family} checkpoint to {out}")
+    return 0
+
+
+def cmd_backbone_pretrain(args: argparse.Namespace) -> int:
+    from embedrl.train.pretrain import PERCEPTION_FILE, pretrain_backbone
+
+    cfg = config_from_args(BackbonePretrainConfig, args)
+    out = pretrain_backbone(cfg)
+    scores = json.loads((out / PERCEPTION_FILE).read_text())["exact_match"]
+    print(f"wrote perception-pretrained checkpoint to {out}")
+    print("held-out exact match: " + ", ".join(f"{task} {acc:.2f}" for task, acc in scores.items()))
     return 0
 
 
@@ -322,7 +334,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Run every available stage of the method on the synthetic world (see :mod:`embedrl.demo`)."""
     from embedrl.demo import run_demo
 
-    run_demo(args.out, seed=args.seed, quick=args.quick)
+    run_demo(args.out, seed=args.seed, quick=args.quick, backbone=args.backbone)
     return 0
 
 
@@ -346,6 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(tiny, TinyBackboneConfig)
     tiny.set_defaults(func=cmd_backbone_tiny)
+    pretrain = backbone_sub.add_parser(
+        "pretrain", help="perception pre-training of a tiny backbone on questions about world media (resumable)"
+    )
+    add_config_arguments(pretrain, BackbonePretrainConfig)
+    pretrain.set_defaults(func=cmd_backbone_pretrain)
 
     world = sub.add_parser("world", help="the synthetic multimodal world (the embedded default data)")
     world_sub = world.add_subparsers(dest="world_command", required=True, metavar="SUBCOMMAND")
@@ -444,6 +461,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: runs/demo)")
     demo.add_argument("--seed", type=int, default=0, help="seed of the world and the models (default: 0)")
     demo.add_argument("--quick", action="store_true", help="a smaller, faster version")
+    demo.add_argument(
+        "--backbone",
+        type=Path,
+        default=None,
+        help="start from this tiny backbone instead of the shipped perception-pretrained one "
+        "(e.g. the output of `embedrl backbone pretrain`, OUT/final)",
+    )
     demo.set_defaults(func=cmd_demo)
     return parser
 

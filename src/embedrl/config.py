@@ -124,6 +124,57 @@ class TinyBackboneConfig:
             raise ConfigError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels} and {self.max_pixels}")
 
 
+PRETRAIN_TASKS = ("crop", "cell", "find", "list", "event", "page", "copy")
+
+
+def _default_pretrain_weights() -> dict[str, float]:
+    return {"crop": 1.0, "cell": 2.0, "find": 1.5, "list": 2.0, "event": 1.5, "page": 1.0, "copy": 1.0}
+
+
+@dataclass
+class BackbonePretrainConfig:
+    """`embedrl backbone pretrain`: perception pre-training of a tiny backbone on questions about world media."""
+
+    backbone: str = field(
+        default="", metadata=_help("tiny backbone to start from (`embedrl backbone tiny`; required)")
+    )
+    out: str = field(default="", metadata=_help("output directory; the checkpoint is written to OUT/final (required)"))
+    seed: int = field(default=0, metadata=_help("seed of the sampled media (each step's examples depend on it only)"))
+    task_weights: dict[str, float] = field(
+        default_factory=_default_pretrain_weights,
+        metadata=_help(f"sampling weight per task ({', '.join(PRETRAIN_TASKS)}); 0 leaves a task out"),
+    )
+    batch_size: int = field(default=32, metadata=_help("examples per step"))
+    max_steps: int = field(default=4000, metadata=_help("optimiser steps"))
+    lr: float = field(default=3e-3, metadata=_help("peak learning rate (AdamW, linear warm-up then linear decay)"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
+    warmup_steps: int = field(default=30, metadata=_help("warm-up steps"))
+    max_length: int = field(default=1024, metadata=_help("longest allowed tokenised example"))
+    eval_every: int = field(
+        default=1000, metadata=_help("score held-out perception every N steps (0 = only at the end)")
+    )
+    eval_examples: int = field(default=64, metadata=_help("held-out examples per task in the final score"))
+    save_every: int = field(default=250, metadata=_help("write a resumable trainer state every N steps (0 = never)"))
+    device: str = field(default="cpu", metadata=_help("torch device"))
+
+    def __post_init__(self) -> None:
+        for name in ("backbone", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"{name} is empty: pass --{name} (see embedrl backbone pretrain --help)")
+        unknown = sorted(set(self.task_weights) - set(PRETRAIN_TASKS))
+        if unknown:
+            raise ConfigError(f"task_weights has unknown task(s) {unknown}; the tasks are {list(PRETRAIN_TASKS)}")
+        if any(w < 0 for w in self.task_weights.values()) or not any(w > 0 for w in self.task_weights.values()):
+            raise ConfigError(f"task_weights must be >= 0 with at least one > 0, got {self.task_weights}")
+        self.task_weights = {k: float(v) for k, v in self.task_weights.items() if v > 0}
+        if self.batch_size < 1 or self.max_steps < 1 or self.max_length < 16 or self.warmup_steps < 0:
+            raise ConfigError("batch_size and max_steps must be >= 1, max_length >= 16, warmup_steps >= 0")
+        if self.eval_every < 0 or self.save_every < 0 or self.eval_examples < 2:
+            raise ConfigError("eval_every and save_every must be >= 0 and eval_examples >= 2")
+        if self.lr <= 0:
+            raise ConfigError(f"lr={self.lr} must be > 0")
+
+
 @dataclass
 class TeacherNoiseConfig:
     """Imperfections of the synthetic world's teacher T-CoTs (rates are probabilities per T-CoT)."""
@@ -1011,6 +1062,7 @@ class FilterConfig:
 # Explicit name -> class table, used by tests that validate every YAML under configs/.
 STAGE_CONFIGS: dict[str, type] = {
     "backbone": TinyBackboneConfig,
+    "backbone_pretrain": BackbonePretrainConfig,
     "world": WorldConfig,
     "train_embedder": EmbedderTrainConfig,
     "train_reasoner": ReasonerTrainConfig,

@@ -1,6 +1,7 @@
 """``embedrl demo``: the whole method end to end on the embedded default (the synthetic world), on CPU.
 
-Stages, each timed and printed: generate the world → build a tiny Qwen3-VL backbone → train the Embedder on teacher
+Stages, each timed and printed: generate the world → copy the tiny Qwen3-VL backbone (shipped after perception
+pre-training, ``embedrl backbone pretrain``; the analogue of a pretrained MLLM) → train the Embedder on teacher
 T-CoTs (with evidence) → cold-start the Reasoner (SFT on teacher T-CoTs) → EG-RL (GRPO through TRL's
 ``GRPOTrainer``, the frozen Embedder and Discriminator as reward models) → evaluate every inference mode on the
 world's held-out tasks:
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,6 @@ from embedrl.config import (
     EvalConfig,
     GRPOTrainConfig,
     ReasonerTrainConfig,
-    TinyBackboneConfig,
     WorldConfig,
 )
 
@@ -55,7 +56,7 @@ class DemoSize:
 
 SIZES = {
     "quick": DemoSize("tiny", 60, 8, 30, 8, 4, 2, 2, 64),
-    "default": DemoSize("small", 250, 16, 300, 16, 60, 4, 4, 128),
+    "default": DemoSize("small", 250, 16, 240, 16, 50, 4, 4, 128),
 }
 # Sampling temperature of RL rollouts and of the Reasoner rows at evaluation (pre_rl and egrl alike). The paper
 # samples at 1.0; a tiny cold-started Reasoner at 1.0 garbles most T-CoTs (format pass rate ~0.3 vs ~0.8 at 0.7).
@@ -106,9 +107,26 @@ def rl_config(reasoner: Path, embedder: Path, world: Path, out: Path, seed: int,
     )
 
 
-def run_demo(out: str | Path, seed: int = 0, quick: bool = False) -> dict[str, Any]:
-    """Run every stage into ``out``; returns (and writes) the results."""
-    from embedrl.backbones import build_tiny_backbone
+def copy_backbone(source: str | Path, dest: Path) -> Path:
+    """Copy the starting backbone into the run directory, so the run's outputs are self-contained."""
+    source = Path(source)
+    if not (source / "config.json").is_file():
+        raise FileNotFoundError(f"{source} is not a backbone checkpoint directory (no config.json)")
+    print(f"starting from {source}", flush=True)
+    shutil.rmtree(dest, ignore_errors=True)
+    shutil.copytree(source, dest)
+    return dest
+
+
+def run_demo(
+    out: str | Path, seed: int = 0, quick: bool = False, backbone: str | Path | None = None
+) -> dict[str, Any]:
+    """Run every stage into ``out``; returns (and writes) the results.
+
+    ``backbone`` is where the Embedder and the Reasoner start; by default the shipped perception-pretrained tiny
+    Qwen3-VL (:func:`embedrl.backbones.perception_backbone`).
+    """
+    from embedrl.backbones import perception_backbone
     from embedrl.data.world import generate_world
     from embedrl.eval.retrieval import evaluate_world, preset_config
     from embedrl.train.embedder import train_embedder
@@ -120,10 +138,7 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False) -> dict[str, A
     start = time.perf_counter()
     stage_s: dict[str, float] = {}
     world = _timed(stage_s, "world", generate_world, WorldConfig(out=str(out / "world"), seed=seed, size=size.world))
-    backbone = _timed(
-        stage_s, "backbone", build_tiny_backbone,
-        TinyBackboneConfig(family="qwen3-vl", out=str(out / "backbone"), seed=seed),
-    )  # fmt: skip
+    backbone = _timed(stage_s, "backbone", copy_backbone, backbone or perception_backbone(), out / "backbone")
     embedder = _timed(
         stage_s, "embedder", train_embedder,
         EmbedderTrainConfig(
@@ -162,6 +177,10 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False) -> dict[str, A
         "modes": {mode: _mode_scores(report, metrics) for mode, report in reports.items()},
     }
     results["claims"] = check_claims(results)
+    results["answer_agreement"] = {
+        mode: answer_agreement(world, out / "eval" / "cache", reports[mode]["metadata"]["reasoner"]["id"])
+        for mode in ("pre_rl", "egrl")
+    }
     results["rl"] = rl_curve(out / "rl" / "metrics.jsonl")
     plot_rewards(out / "rl" / "metrics.jsonl", out / REWARD_PLOT)
     plot_modes(results, out / MODES_PLOT)
@@ -171,6 +190,38 @@ def run_demo(out: str | Path, seed: int = 0, quick: bool = False) -> dict[str, A
     (out / "report.md").write_text(report_md + "\n")
     print("\n" + report_md)
     return results
+
+
+def answer_agreement(world: Path, cache_dir: Path, reasoner_id: str) -> dict[str, dict[str, float]]:
+    """Per task and side: the share of the Reasoner's T-CoTs whose ``<answer>`` equals the teacher's (case-folded).
+
+    A diagnostic of what the Reasoner perceives and restates, read from the evaluation's T-CoT cache: the teacher's
+    answers are ground truth (its noise touches the cue and the prose, not the answer).
+    """
+    from embedrl.tcot import parse_tcot
+
+    teacher: dict[str, str] = {}
+    for task_dir in sorted(p for p in (world / "eval").iterdir() if p.is_dir()):
+        pool = (
+            task_dir / "candidates.jsonl" if (task_dir / "candidates.jsonl").is_file() else task_dir / "corpus.jsonl"
+        )
+        for line in pool.read_text().splitlines():
+            item = json.loads(line)
+            teacher[item["id"]] = parse_tcot(item["tcot"]).answer.casefold()
+        for line in (task_dir / "queries.jsonl").read_text().splitlines():
+            item = json.loads(line)["query"]
+            teacher[item["id"]] = parse_tcot(item["tcot"]).answer.casefold()
+    out: dict[str, dict[str, float]] = {}
+    for path in sorted((cache_dir / "tcots").glob("*.jsonl")):
+        hits: dict[str, list[bool]] = {}
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            if rec["reasoner"] != reasoner_id or rec["id"] not in teacher:
+                continue
+            same = parse_tcot(rec["text"]).answer.casefold() == teacher[rec["id"]]
+            hits.setdefault(rec["side"], []).append(same)
+        out[path.stem] = {side: round(sum(v) / len(v), 3) for side, v in sorted(hits.items())}
+    return out
 
 
 def _n_queries(report: dict[str, Any]) -> dict[str, int]:
@@ -278,6 +329,11 @@ def plot_modes(results: dict[str, Any], png: Path) -> Path:
     return png
 
 
+def _mean_side(agreement: dict[str, dict[str, float]], side: str) -> float:
+    values = [sides[side] for sides in agreement.values() if side in sides]
+    return sum(values) / len(values) if values else 0.0
+
+
 def format_results(results: dict[str, Any]) -> str:
     """The per-task and overall comparison table, the claims, the RL curve and the stage times."""
     modes = list(results["modes"])
@@ -297,6 +353,16 @@ def format_results(results: dict[str, Any]) -> str:
         lines.append("Claims (overall score, margin in points): " + "; ".join(
             f"{c['claim']}: {'holds' if c['holds'] else 'FAILS'} ({c['margin']:+.2f})" for c in results["claims"]
         ) + ".")  # fmt: skip
+        lines.append("")
+    agreement = results.get("answer_agreement") or {}
+    if agreement:
+        lines.append(
+            "Reasoner answers equal to the teacher's (mean over tasks, query / target side): "
+            + "; ".join(
+                f"{mode} {_mean_side(a, 'query'):.2f} / {_mean_side(a, 'target'):.2f}" for mode, a in agreement.items()
+            )
+            + "."
+        )
         lines.append("")
     rl = results.get("rl") or {}
     if rl:

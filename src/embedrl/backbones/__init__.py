@@ -45,9 +45,31 @@ __all__ = [
     "detect_family",
     "get_adapter",
     "load_backbone",
+    "perception_backbone",
 ]
 
 logger = logging.getLogger(__name__)
+
+# The tiny Qwen3-VL after perception pre-training (`embedrl backbone pretrain`), shipped with the package: the
+# embedded default starts from it as real users start from a pretrained MLLM. `make perception-backbone` rebuilds it.
+PERCEPTION_BACKBONE_DIR = (
+    Path(__file__).resolve().parent.parent / "resources" / "backbones" / "tiny-qwen3-vl-perception"
+)
+
+
+def perception_backbone() -> Path:
+    """The shipped perception-pretrained tiny Qwen3-VL checkpoint (read-only; load it with :func:`load_backbone`).
+
+    Raises:
+        FileNotFoundError: the package was installed without it; rebuild it with ``make perception-backbone``.
+    """
+    if not (PERCEPTION_BACKBONE_DIR / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the perception-pretrained tiny backbone is missing from {PERCEPTION_BACKBONE_DIR}; rebuild it with "
+            "`make perception-backbone` (about 20 minutes on 2 CPU cores) or pass a backbone directory explicitly"
+        )
+    return PERCEPTION_BACKBONE_DIR
+
 
 # Config attribute -> the token whose id it must hold.
 _CONFIG_TOKENS = {

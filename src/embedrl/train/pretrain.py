@@ -1,0 +1,256 @@
+"""Perception pre-training of a tiny backbone: ``pretrain_backbone(cfg)`` (``embedrl backbone pretrain``).
+
+A freshly built tiny Qwen-VL (``embedrl backbone tiny``) has random weights: it cannot tell a red circle from a blue
+square, so every later stage would train a model that ignores its pixels (measured: the demo's Reasoner wrote the
+same T-CoT for 50 different images). Real users start from a pretrained MLLM; this stage is the tiny analogue. It
+trains the whole model with the language-modelling loss on short questions about freshly sampled world media:
+
+==========  =============================================================  ===========================================
+task        input → answer                                                 what it teaches
+==========  =============================================================  ===========================================
+``crop``    one enlarged object → ``small red striped circle``             attributes of one object (crops, evidence)
+``cell``    scene + ``What is at [250, 500, 500, 750]?`` → its phrase      box → the object in it
+``find``    scene + ``Where is the large red plain circle?`` → its box     object → its box (the ``bbox_2d`` cue)
+``list``    scene → ``four objects: a large red ..., a small blue ...``    the scene description of image T-CoTs
+``event``   8 frames → ``in frame 4 the green triangle vanishes; ...``     which frames differ, and how (video T-CoTs)
+``page``    page → ``MARKET; stones 40, fish 86, lamps 62, trees 51``      reading headings and tables (documents)
+``copy``    ``Repeat: the market page that lists trees 51`` → the text     restating a query's words exactly (keywords)
+==========  =============================================================  ===========================================
+
+Media are sampled from the world's generators with a seed stream disjoint from any world's (``seed`` here, not the
+world seed), at a random difficulty between the training and the RL levels: the model learns to perceive the world,
+not its evaluation sets. Each step's examples are a pure function of ``(seed, step)``, so a resumed run sees exactly
+the examples the uninterrupted run would have. ``perception.json`` records greedy exact-match accuracy per task on
+held-out media (a separate seed stream) next to the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from embedrl.config import BackbonePretrainConfig, save_config
+from embedrl.data.scenes import NUMBER_WORDS, Clip, Crop, Scene, render_clip, render_crop, render_page, render_scene
+from embedrl.data.world_tasks import TASKS as WORLD_TASKS
+from embedrl.data.world_tasks import (
+    TRAIN_LEVEL,
+    Geometry,
+    frames_phrase,
+    make_obj,
+    name,
+    random_attrs,
+    random_event,
+    random_page,
+    sample_scene,
+    sample_video_scene,
+    shimmer,
+)
+from embedrl.models.reasoner import Reasoner, ReasonerPrompt
+from embedrl.train.reasoner import SFTExample, sft_batch
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+PERCEPTION_FILE = "perception.json"
+STATE_FILE = "trainer_state.pt"
+EVAL_SEED_OFFSET = 7_919_000  # held-out media: a seed stream no training step uses
+
+
+@dataclass(frozen=True)
+class PerceptionExample:
+    """Media, a question about them and the exact answer."""
+
+    images: list[Image.Image]
+    question: str
+    answer: str
+    task: str
+
+    def sft(self) -> SFTExample:
+        content = [{"type": "image"} for _ in self.images] + [{"type": "text", "text": self.question}]
+        prompt = ReasonerPrompt([{"role": "user", "content": content}], self.images, None, 0)
+        return SFTExample(prompt, self.answer, self.task)
+
+
+def _image(array: object) -> Image.Image:
+    return Image.fromarray(array)  # type: ignore[arg-type]
+
+
+def _scene(rng: random.Random, geo: Geometry) -> Scene:
+    # Between the training level (3-5 objects, half near-copies) and the RL level (5-7, mostly near-copies).
+    return sample_scene(rng, geo, rng.randint(2, 7), rng.choice((0.3, 0.6, 0.85)))
+
+
+def crop_task(rng: random.Random, geo: Geometry) -> PerceptionExample:
+    obj = make_obj(rng, random_attrs(rng), (0, 0), geo, jitter=False)
+    return PerceptionExample([_image(render_crop(Crop.of(obj), geo.cell))], "Name the object.", obj.phrase(), "crop")
+
+
+def cell_task(rng: random.Random, geo: Geometry) -> PerceptionExample:
+    scene = _scene(rng, geo)
+    obj = rng.choice(scene.objects)
+    question = f"What is at {list(obj.box(geo.grid))}?"
+    return PerceptionExample([_image(render_scene(scene, geo.cell))], question, obj.phrase(), "cell")
+
+
+def find_task(rng: random.Random, geo: Geometry) -> PerceptionExample:
+    scene = _scene(rng, geo)
+    obj = rng.choice(scene.objects)
+    question = f"Where is the {obj.phrase()}?"
+    return PerceptionExample([_image(render_scene(scene, geo.cell))], question, str(list(obj.box(geo.grid))), "find")
+
+
+def list_task(rng: random.Random, geo: Geometry) -> PerceptionExample:
+    scene = _scene(rng, geo)
+    listing = ", ".join(f"a {o.phrase()}" for o in scene.objects)  # reading order, as the teacher's T-CoTs
+    answer = f"{NUMBER_WORDS[len(scene.objects)]} objects: {listing}"
+    return PerceptionExample([_image(render_scene(scene, geo.cell))], "List the objects.", answer, "list")
+
+
+def event_task(rng: random.Random, geo: Geometry) -> PerceptionExample:
+    scene = sample_video_scene(rng, geo, rng.randint(2, geo.video_grid**2))
+    n_events = min(rng.choice((1, 2)), len(scene.objects))
+    half = geo.num_frames // n_events
+    who = rng.sample(range(len(scene.objects)), n_events)
+    events = tuple(random_event(rng, i, k * half, (k + 1) * half) for k, i in enumerate(who))
+    clip = Clip(scene, events, shimmer(rng, geo))
+    frames = [_image(f) for f in render_clip(clip, geo.cell)]
+    told = [f"in {frames_phrase(e.frames)} the {name(scene.objects[e.index])} {e.kind}" for e in clip.ordered_events()]
+    return PerceptionExample(frames, "What happens in the video?", "; ".join(told), "event")
+
+
+def page_task(rng: random.Random, geo: Geometry) -> PerceptionExample:
+    page = random_page(rng)
+    answer = f"{page.topic.upper()}; " + ", ".join(f"{item} {value}" for item, value in page.table)
+    return PerceptionExample([_image(render_page(page, geo.page_size))], "Read the page.", answer, "page")
+
+
+def copy_task(rng: random.Random, geo: Geometry) -> PerceptionExample:
+    spec = WORLD_TASKS[rng.choice(sorted(WORLD_TASKS))]
+    example = spec.make(rng, geo, TRAIN_LEVEL, 2)
+    texts = [side.text for side in (example.query, example.positive, *example.negatives) if side.text]
+    text = rng.choice(texts) if texts else f"the {make_obj(rng, random_attrs(rng), (0, 0), geo).phrase()}"
+    return PerceptionExample([], f"Repeat: {text}", text, "copy")
+
+
+TASKS: dict[str, Callable[[random.Random, Geometry], PerceptionExample]] = {
+    "crop": crop_task,
+    "cell": cell_task,
+    "find": find_task,
+    "list": list_task,
+    "event": event_task,
+    "page": page_task,
+    "copy": copy_task,
+}
+
+
+def step_examples(cfg: BackbonePretrainConfig, step: int, geo: Geometry) -> list[PerceptionExample]:
+    """The examples of optimiser step ``step`` (1-based): a pure function of ``(cfg.seed, step)``."""
+    rng = random.Random(cfg.seed * 1_000_003 + step)
+    names, weights = zip(*sorted(cfg.task_weights.items()), strict=True)
+    return [TASKS[task](rng, geo) for task in rng.choices(names, weights, k=cfg.batch_size)]
+
+
+def evaluate_perception(
+    reasoner: Reasoner, geo: Geometry, tasks: list[str], per_task: int, seed: int, max_new_tokens: int = 96
+) -> dict[str, float]:
+    """Greedy exact-match accuracy per task on ``per_task`` held-out examples."""
+    model = reasoner.model
+    was_training = model.training
+    model.eval()
+    scores = {}
+    for task in tasks:
+        rng = random.Random(EVAL_SEED_OFFSET + seed * 101 + sorted(TASKS).index(task))
+        examples = [TASKS[task](rng, geo) for _ in range(per_task)]
+        hits = 0
+        for start in range(0, per_task, 16):
+            chunk = examples[start : start + 16]
+            inputs = reasoner.chat_inputs([ex.sft().prompt for ex in chunk])
+            with torch.no_grad():
+                out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+            texts = reasoner.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            hits += sum(text.strip() == ex.answer for ex, text in zip(chunk, texts, strict=True))
+        scores[task] = round(hits / per_task, 4)
+    model.train(was_training)
+    return scores
+
+
+def _save_state(out: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, schedule: Any) -> None:
+    tmp = out / (STATE_FILE + ".tmp")
+    torch.save({"step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "schedule": schedule.state_dict()}, tmp)  # fmt: skip
+    tmp.replace(out / STATE_FILE)
+
+
+def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
+    """Train ``cfg.backbone`` on the perception tasks; writes ``cfg.out/final`` (a backbone checkpoint, usable
+    wherever a tiny backbone is) with ``perception.json``, and returns that path. Resumes from ``cfg.out`` when a
+    ``trainer_state.pt`` of an unfinished run is there."""
+    out = Path(cfg.out)
+    save_config(cfg, out)
+    torch.manual_seed(cfg.seed)
+    geo = Geometry()
+    reasoner = Reasoner.from_pretrained(cfg.backbone, device=cfg.device)
+    model = reasoner.model
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)) * max(0.0, 1 - s / cfg.max_steps)
+    )
+    first = 1
+    if (out / STATE_FILE).is_file():
+        state = torch.load(out / STATE_FILE, map_location=cfg.device, weights_only=False)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        first = state["step"] + 1
+        logger.info("resuming perception pre-training at step %d", first)
+    metrics = out / METRICS_FILE
+    if first == 1:
+        metrics.unlink(missing_ok=True)
+    with metrics.open("a") as log:
+        bar = tqdm(range(first, cfg.max_steps + 1), desc="backbone pretrain", initial=first - 1, total=cfg.max_steps)
+        for step in bar:
+            start = time.perf_counter()
+            examples = step_examples(cfg, step, geo)
+            loss = model(**sft_batch(reasoner, [ex.sft() for ex in examples], cfg.max_length)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            record = {"step": step, "train/loss": loss.item(), "train/lr": schedule.get_last_lr()[0],
+                      "train/s": round(time.perf_counter() - start, 3)}  # fmt: skip
+            if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                scores = evaluate_perception(reasoner, geo, sorted(cfg.task_weights), cfg.eval_examples // 2, cfg.seed)
+                record.update({f"eval/{task}": acc for task, acc in scores.items()})
+                logger.info("step %d perception %s", step, scores)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
+                _save_state(out, step, model, optimizer, schedule)
+
+    final = out / "final"
+    model.eval()
+    reasoner.save(final)
+    for extra in ("embedrl_backbone.json",):  # the tiny backbone's record (pixel budget, family) travels with it
+        if (Path(cfg.backbone) / extra).is_file():
+            shutil.copy2(Path(cfg.backbone) / extra, final / extra)
+    save_config(cfg, final, filename="pretrain_config.json")
+    scores = evaluate_perception(reasoner, geo, sorted(cfg.task_weights), cfg.eval_examples, cfg.seed)
+    (final / PERCEPTION_FILE).write_text(json.dumps({"exact_match": scores, "examples_per_task": cfg.eval_examples,
+                                                     "steps": cfg.max_steps}, indent=2) + "\n")  # fmt: skip
+    logger.info("perception after %d steps: %s", cfg.max_steps, scores)
+    (out / STATE_FILE).unlink(missing_ok=True)
+    return final

@@ -1,0 +1,144 @@
+"""Perception pre-training of the tiny backbone (embedrl.train.pretrain) and the shipped pretrained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import pytest
+import torch
+
+from embedrl.config import BackbonePretrainConfig, ConfigError
+from embedrl.data.scenes import COLOURS, SHAPES
+from embedrl.data.world_tasks import Geometry
+from embedrl.train import pretrain
+from embedrl.train.pretrain import TASKS, pretrain_backbone, step_examples
+
+GEO = Geometry()
+
+
+def _cfg(tmp_path, backbone, **kw) -> BackbonePretrainConfig:
+    base = dict(backbone=str(backbone), out=str(tmp_path / "pre"), batch_size=4, max_steps=4, eval_every=0,
+                eval_examples=2, save_every=2, warmup_steps=1)  # fmt: skip
+    return BackbonePretrainConfig(**(base | kw))
+
+
+def test_step_examples_depend_on_seed_and_step_only(tmp_path):
+    cfg = BackbonePretrainConfig(backbone="b", out=str(tmp_path), batch_size=8)
+    a, b = step_examples(cfg, 7, GEO), step_examples(cfg, 7, GEO)
+    assert [(e.task, e.question, e.answer) for e in a] == [(e.task, e.question, e.answer) for e in b]
+    assert [x.tobytes() for e in a for x in e.images] == [x.tobytes() for e in b for x in e.images]
+    other = step_examples(cfg, 8, GEO)
+    assert [(e.question, e.answer) for e in a] != [(e.question, e.answer) for e in other]
+
+
+def test_task_weights_select_tasks(tmp_path):
+    cfg = BackbonePretrainConfig(backbone="b", out=str(tmp_path), batch_size=16, task_weights={"crop": 1, "find": 0})
+    assert cfg.task_weights == {"crop": 1.0}
+    assert {e.task for e in step_examples(cfg, 1, GEO)} == {"crop"}
+
+
+def test_answers_are_ground_truth():
+    rng = random.Random(3)
+    for _ in range(20):
+        cell, find = TASKS["cell"](rng, GEO), TASKS["find"](rng, GEO)
+        words = cell.answer.split()
+        assert words[-1] in SHAPES and any(w in COLOURS for w in words)
+        assert re.fullmatch(r"What is at \[\d+, \d+, \d+, \d+\]\?", cell.question)
+        box = json.loads(find.answer)
+        assert len(box) == 4 and all(v % 250 == 0 for v in box) and box[2] - box[0] == 250
+        listing = TASKS["list"](rng, GEO)
+        count, rest = listing.answer.split(" objects: ")
+        assert len(rest.split(", ")) == ["zero", "one", "two", "three", "four", "five", "six", "seven"].index(count)
+        event = TASKS["event"](rng, GEO)
+        assert len(event.images) == GEO.num_frames and event.answer.startswith("in frame")
+        assert TASKS["page"](rng, GEO).answer.split(";")[0].isupper()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"task_weights": {"ocr": 1.0}}, "unknown task"),
+        ({"task_weights": {"crop": 0.0}}, "at least one > 0"),
+        ({"backbone": ""}, "backbone is empty"),
+        ({"lr": 0.0}, "lr=0.0"),
+    ],
+)
+def test_config_errors_name_the_problem(tmp_path, override, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        BackbonePretrainConfig(**({"backbone": "b", "out": str(tmp_path)} | override))
+
+
+def _weights(path):
+    from embedrl.backbones import load_backbone
+
+    model, _ = load_backbone(path)
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def test_pretrain_changes_weights_and_resume_equals_uninterrupted(tmp_path, tiny_backbone_dir, monkeypatch):
+    backbone = tiny_backbone_dir("qwen3-vl")
+    start = _weights(backbone)
+    full = pretrain_backbone(_cfg(tmp_path / "a", backbone))
+    after = _weights(full)
+    assert any(not torch.equal(start[k], after[k]) for k in start)
+    record = json.loads((full / pretrain.PERCEPTION_FILE).read_text())
+    assert set(record["exact_match"]) == set(TASKS) and record["steps"] == 4
+    losses = [json.loads(line)["train/loss"] for line in (tmp_path / "a" / "pre" / "metrics.jsonl").open()]
+    assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
+
+    # A run killed during step 3 (after the state of step 2 was saved) and then rerun ends where the full run did.
+    real = pretrain.step_examples
+
+    def killed(cfg, step, geo):
+        if step == 3:
+            raise KeyboardInterrupt
+        return real(cfg, step, geo)
+
+    monkeypatch.setattr(pretrain, "step_examples", killed)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain_backbone(_cfg(tmp_path / "b", backbone))
+    assert (tmp_path / "b" / "pre" / pretrain.STATE_FILE).is_file()
+    monkeypatch.setattr(pretrain, "step_examples", real)
+    resumed = pretrain_backbone(_cfg(tmp_path / "b", backbone))
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "pre" / "metrics.jsonl").open()]
+    assert steps == [1, 2, 3, 4]
+    again = _weights(resumed)
+    for k in after:
+        torch.testing.assert_close(again[k], after[k], rtol=0, atol=1e-6)
+    assert not (tmp_path / "b" / "pre" / pretrain.STATE_FILE).exists()
+
+
+def test_shipped_perception_backbone_perceives():
+    """The shipped checkpoint names fresh objects it never saw (greedy), far above chance (1/6 colour x 1/4 shape)."""
+    from embedrl.backbones import perception_backbone
+    from embedrl.models.reasoner import Reasoner
+
+    path = perception_backbone()
+    record = json.loads((path / pretrain.PERCEPTION_FILE).read_text())
+    assert record["exact_match"]["crop"] >= 0.85 and record["exact_match"]["copy"] >= 0.85
+    reasoner = Reasoner.from_pretrained(path)
+    assert type(reasoner.model).__name__ == "Qwen3VLForConditionalGeneration"
+    rng = random.Random(12345)
+    examples = [TASKS["crop"](rng, GEO) for _ in range(16)]
+    inputs = reasoner.chat_inputs([ex.sft().prompt for ex in examples])
+    with torch.no_grad():
+        out = reasoner.model.generate(**inputs, do_sample=False, max_new_tokens=8)
+    texts = reasoner.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    correct = sum(text.strip() == ex.answer for ex, text in zip(examples, texts, strict=True))
+    assert correct >= 13, list(zip([ex.answer for ex in examples], texts, strict=True))
+
+
+def test_cli_pretrain_prints_scores(tmp_path, tiny_backbone_dir, capsys):
+    from embedrl.cli import main
+
+    out = tmp_path / "cli"
+    args = ["backbone", "pretrain", "--backbone", str(tiny_backbone_dir("qwen3-vl")), "--out", str(out),
+            "--max_steps", "2", "--batch_size", "2", "--eval_every", "0", "--eval_examples", "2",
+            "--task_weights", '{"crop": 1, "copy": 1}']  # fmt: skip
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "held-out exact match: copy" in printed and "crop" in printed
+    saved = json.loads((out / "final" / "pretrain_config.json").read_text())
+    assert saved["config"]["task_weights"] == {"crop": 1.0, "copy": 1.0}
