@@ -65,10 +65,15 @@ def _tcot(answer: str) -> str:
 def test_answer_agreement_compares_with_the_teacher(tmp_path: Path) -> None:
     task = tmp_path / "world" / "eval" / "t1"
     task.mkdir(parents=True)
+    files = {"queries": "t1/queries.jsonl", "candidates": "t1/candidates.jsonl"}
+    manifest = {"tasks": {"t1": {"eval_type": "local", "files": files}}}
+    (tmp_path / "world" / "eval" / "manifest.json").write_text(json.dumps(manifest))
     (task / "candidates.jsonl").write_text(
         "".join(json.dumps({"id": f"c{i}", "tcot": _tcot(f"Blue {i}.")}) + "\n" for i in range(2))
     )
-    (task / "queries.jsonl").write_text(json.dumps({"query": {"id": "q0", "tcot": _tcot("A red circle.")}}) + "\n")
+    row = {"query": {"id": "q0", "tcot": _tcot("A red circle.")}, "candidates": ["c0", "c1"], "qrels": {"c0": 1},
+           "positives": ["c0"]}  # fmt: skip
+    (task / "queries.jsonl").write_text(json.dumps(row) + "\n")
     cache = tmp_path / "cache" / "tcots"
     cache.mkdir(parents=True)
     records = [
@@ -79,7 +84,9 @@ def test_answer_agreement_compares_with_the_teacher(tmp_path: Path) -> None:
     ]
     (cache / "t1.jsonl").write_text(
         "".join(
-            json.dumps({"id": i, "side": side, "text": _tcot(a), "reasoner": r}) + "\n" for i, side, a, r in records
+            json.dumps({"id": i, "side": side, "text": _tcot(a), "reasoner": r, "prompt_hash": "p", "decoding": {}})
+            + "\n"
+            for i, side, a, r in records
         )
     )
     assert answer_agreement(tmp_path / "world", tmp_path / "cache", "r1") == {"t1": {"query": 1.0, "target": 0.5}}

@@ -198,29 +198,24 @@ def answer_agreement(world: Path, cache_dir: Path, reasoner_id: str) -> dict[str
     A diagnostic of what the Reasoner perceives and restates, read from the evaluation's T-CoT cache: the teacher's
     answers are ground truth (its noise touches the cue and the prose, not the answer).
     """
+    from embedrl.data.world import EVAL_DIR, MANIFEST_FILE, load_eval_task
+    from embedrl.eval.cache import TCoTCache
     from embedrl.tcot import parse_tcot
 
-    teacher: dict[str, str] = {}
-    for task_dir in sorted(p for p in (world / "eval").iterdir() if p.is_dir()):
-        pool = (
-            task_dir / "candidates.jsonl" if (task_dir / "candidates.jsonl").is_file() else task_dir / "corpus.jsonl"
-        )
-        for line in pool.read_text().splitlines():
-            item = json.loads(line)
-            teacher[item["id"]] = parse_tcot(item["tcot"]).answer.casefold()
-        for line in (task_dir / "queries.jsonl").read_text().splitlines():
-            item = json.loads(line)["query"]
-            teacher[item["id"]] = parse_tcot(item["tcot"]).answer.casefold()
     out: dict[str, dict[str, float]] = {}
-    for path in sorted((cache_dir / "tcots").glob("*.jsonl")):
+    for name in sorted(json.loads((world / EVAL_DIR / MANIFEST_FILE).read_text())["tasks"]):
+        task = load_eval_task(world, name)
+        teacher = {
+            it.id: parse_tcot(it.tcot).answer.casefold() for it in [*task.queries, *task.pool.values()] if it.tcot
+        }
+        cache = cache_dir / "tcots" / f"{name}.jsonl"
+        if not cache.is_file():
+            continue
         hits: dict[str, list[bool]] = {}
-        for line in path.read_text().splitlines():
-            rec = json.loads(line)
-            if rec["reasoner"] != reasoner_id or rec["id"] not in teacher:
-                continue
-            same = parse_tcot(rec["text"]).answer.casefold() == teacher[rec["id"]]
-            hits.setdefault(rec["side"], []).append(same)
-        out[path.stem] = {side: round(sum(v) / len(v), 3) for side, v in sorted(hits.items())}
+        for key, text in TCoTCache(cache).items():
+            if key.reasoner == reasoner_id and key.item_id in teacher:
+                hits.setdefault(key.side, []).append(parse_tcot(text).answer.casefold() == teacher[key.item_id])
+        out[name] = {side: round(sum(v) / len(v), 3) for side, v in sorted(hits.items())}
     return out
 
 

@@ -157,6 +157,10 @@ class TCoTCache:
     def __len__(self) -> int:
         return len(self._texts)
 
+    def items(self) -> list[tuple[TCoTKey, str]]:
+        """Every cached (key, T-CoT text)."""
+        return list(self._texts.items())
+
     def __contains__(self, key: TCoTKey) -> bool:
         return key in self._texts
 

@@ -40,6 +40,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from embedrl.backbones.tiny import BACKBONE_CONFIG_FILENAME
 from embedrl.config import BackbonePretrainConfig, save_config
 from embedrl.data.scenes import NUMBER_WORDS, Clip, Crop, Scene, render_clip, render_crop, render_page, render_scene
 from embedrl.data.world_tasks import TASKS as WORLD_TASKS
@@ -57,7 +58,7 @@ from embedrl.data.world_tasks import (
     shimmer,
 )
 from embedrl.models.reasoner import Reasoner, ReasonerPrompt
-from embedrl.train.reasoner import SFTExample, sft_batch
+from embedrl.train.reasoner import SFTExample, sft_batch, warmup_linear_decay
 
 logger = logging.getLogger(__name__)
 
@@ -204,9 +205,7 @@ def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
     model = reasoner.model
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)) * max(0.0, 1 - s / cfg.max_steps)
-    )
+    schedule = warmup_linear_decay(optimizer, cfg.warmup_steps, cfg.max_steps)
     first = 1
     if (out / STATE_FILE).is_file():
         state = torch.load(out / STATE_FILE, map_location=cfg.device, weights_only=False)
@@ -244,9 +243,9 @@ def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
     final = out / "final"
     model.eval()
     reasoner.save(final)
-    for extra in ("embedrl_backbone.json",):  # the tiny backbone's record (pixel budget, family) travels with it
-        if (Path(cfg.backbone) / extra).is_file():
-            shutil.copy2(Path(cfg.backbone) / extra, final / extra)
+    record = Path(cfg.backbone) / BACKBONE_CONFIG_FILENAME  # the tiny backbone's record (family, pixel budget)
+    if record.is_file():
+        shutil.copy2(record, final / BACKBONE_CONFIG_FILENAME)
     save_config(cfg, final, filename="pretrain_config.json")
     scores = evaluate_perception(reasoner, geo, sorted(cfg.task_weights), cfg.eval_examples, cfg.seed)
     (final / PERCEPTION_FILE).write_text(json.dumps({"exact_match": scores, "examples_per_task": cfg.eval_examples,

@@ -14,6 +14,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -96,6 +97,13 @@ def sft_batch(reasoner: Reasoner, batch: list[SFTExample], max_length: int) -> d
     return inputs.to(reasoner.model.device)
 
 
+def warmup_linear_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int) -> Any:
+    """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``max_steps`` (stepped once per step)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)) * max(0.0, 1 - s / max_steps)
+    )
+
+
 def train_reasoner(cfg: ReasonerTrainConfig) -> Path:
     """Cold-start SFT; writes the Reasoner to ``cfg.out/final`` and returns that path."""
     out = Path(cfg.out)
@@ -114,9 +122,7 @@ def train_reasoner(cfg: ReasonerTrainConfig) -> Path:
     model = reasoner.model
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)) * max(0.0, 1 - s / cfg.max_steps)
-    )
+    schedule = warmup_linear_decay(optimizer, cfg.warmup_steps, cfg.max_steps)
     order: list[int] = []
     with (out / METRICS_FILE).open("w") as log:
         for step in tqdm(range(1, cfg.max_steps + 1), desc="train-reasoner"):
