@@ -2,7 +2,7 @@
 #   make demo   - the whole method end to end on the synthetic world (CPU)
 #   make test   - the test suite (offline, CPU)
 #   make lint   - ruff check + format check
-#   make perception-backbone - rebuild the shipped perception-pretrained tiny backbone (~25 min on 2 cores)
+#   make perception-backbone - rebuild the shipped perception-pretrained tiny backbone (~20 min on 2 cores)
 # Each target creates .venv if it is missing and installs the project into it with pinned versions.
 
 PYTHON ?= python3
