@@ -3,6 +3,7 @@
 #   make test   - the test suite (offline, CPU)
 #   make lint   - ruff check + format check
 #   make perception-backbone - rebuild the shipped perception-pretrained tiny backbone (~20 min on 2 cores)
+#   make instruct-backbone   - rebuild the shipped instruct-stage tiny backbone from it (~20 min on 2 cores)
 # Each target creates .venv if it is missing and installs the project into it with pinned versions.
 
 PYTHON ?= python3
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.embedrl-installed
 OFFLINE := HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint format venv clean perception-backbone
+.PHONY: demo test lint format venv clean perception-backbone instruct-backbone
 
 $(STAMP): pyproject.toml requirements/constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +43,12 @@ perception-backbone: $(STAMP)
 	$(OFFLINE) $(BIN)/embedrl backbone pretrain --backbone runs/perception/tiny --out runs/perception/pretrain
 	rm -rf $(PERCEPTION_DIR) && mkdir -p $(dir $(PERCEPTION_DIR))
 	cp -r runs/perception/pretrain/final $(PERCEPTION_DIR)
+
+INSTRUCT_DIR := src/embedrl/resources/backbones/tiny-qwen3-vl-instruct
+instruct-backbone: $(STAMP)
+	$(OFFLINE) $(BIN)/embedrl backbone pretrain --config configs/backbone_pretrain-instruct.yaml
+	rm -rf $(INSTRUCT_DIR) && mkdir -p $(dir $(INSTRUCT_DIR))
+	cp -r runs/instruct/pretrain/final $(INSTRUCT_DIR)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build dist src/*.egg-info

@@ -58,6 +58,20 @@ def test_rl_curve_means_over_stretches(tmp_path: Path) -> None:
     assert rl_curve(tmp_path / "missing.jsonl") == {}
 
 
+def test_a_term_with_weight_zero_is_left_out(tmp_path: Path) -> None:
+    """With w_process = 0 the RL log has no process column: the curve and the plot leave it out."""
+    from embedrl.demo import plot_rewards
+
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"step": i + 1, "reward/total": 1.0, "reward/format": 1.0, "reward/outcome": 0.0, "dataset": "a"}
+            for i in range(4)]  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    curve = rl_curve(path)
+    assert "reward/process" not in curve and curve["reward/format"] == [1.0] * 4
+    assert plot_rewards(path, tmp_path / REWARD_PLOT) == tmp_path / REWARD_PLOT
+    assert (tmp_path / REWARD_PLOT).stat().st_size > 0
+
+
 def _tcot(answer: str) -> str:
     return f'<thinking>t {{"text_keywords": ["a"]}}</thinking><rethink>r</rethink><answer>{answer}</answer>'
 

@@ -11,15 +11,17 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from embedrl.config import EmbedderTrainConfig, LoraSettings, WorldConfig
+from embedrl.config import ConfigError, EmbedderTrainConfig, LoraSettings, WorldConfig
 from embedrl.data.world import generate_world
 from embedrl.train.embedder import (
     METRICS_FILE,
     build_sampler,
     cosine_schedule,
+    evidence_only,
     latest_checkpoint,
     load_training_data,
     prepare_model,
+    step_views,
     train_embedder,
     train_step,
 )
@@ -56,18 +58,19 @@ class _Killed(Exception):
     pass
 
 
-def test_killed_run_resumes_to_identical_weights(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("rate", [0.0, 0.5])
+def test_killed_run_resumes_to_identical_weights(tiny_backbone_dir, world: Path, tmp_path: Path, rate: float) -> None:
     backbone = tiny_backbone_dir("qwen3-vl")
-    train_embedder(_cfg(backbone, world, tmp_path / "a"))
+    train_embedder(_cfg(backbone, world, tmp_path / "a", evidence_only_rate=rate))
 
     def kill_after_3(step: int, metrics: dict) -> None:
         if step == 3:  # step 2 is checkpointed, step 3 is lost with the "crash"
             raise _Killed
 
     with pytest.raises(_Killed):
-        train_embedder(_cfg(backbone, world, tmp_path / "b"), on_step=kill_after_3)
+        train_embedder(_cfg(backbone, world, tmp_path / "b", evidence_only_rate=rate), on_step=kill_after_3)
     assert latest_checkpoint(tmp_path / "b").name == "step-0000002"
-    train_embedder(_cfg(backbone, world, tmp_path / "b"))
+    train_embedder(_cfg(backbone, world, tmp_path / "b", evidence_only_rate=rate))
 
     a, b = _weights(latest_checkpoint(tmp_path / "a")), _weights(latest_checkpoint(tmp_path / "b"))
     assert a.keys() == b.keys() and len(a) > 10
@@ -226,3 +229,53 @@ def test_unknown_dataset_weight_is_named(world: Path, tmp_path: Path) -> None:
     )
     with pytest.raises(ValueError, match="dataset_weights names \\['nope'\\]"):
         build_sampler(load_training_data(cfg.data), cfg)
+
+
+def test_evidence_only_keeps_the_cue_and_drops_the_words(world: Path) -> None:
+    from embedrl.evidence import build_embedder_messages
+    from embedrl.tcot import parse_tcot
+
+    pairs = [p for ps in load_training_data(world / "train.jsonl").values() for p in ps]
+    checked = set()
+    for pair in pairs:
+        for item in (pair.query, pair.target):
+            cut = evidence_only(item)
+            before, after = parse_tcot(item.tcot), parse_tcot(cut.tcot)
+            assert (after.cue_key, after.boxes, after.frames, after.keywords) == (
+                before.cue_key, before.boxes, before.frames, before.keywords
+            )  # fmt: skip
+            assert after.thinking == after.rethink == after.answer == "" and not after.problems
+            full, short = build_embedder_messages(item, "full"), build_embedder_messages(cut, "full")
+            assert len(short.images) == len(full.images)  # the same crops and key frames
+            text = " ".join(c.get("text", "") for m in short.messages for c in m["content"] if isinstance(c, dict))
+            assert before.answer not in text
+            checked.add(before.cue_key)
+    assert checked == {"bbox_2d", "key_frames", "text_keywords"}
+    assert evidence_only(pairs[0].query.__class__(id="x", text="t")).tcot is None
+
+
+def test_step_views_are_a_function_of_seed_and_step(world: Path, tmp_path: Path) -> None:
+    cfg = _cfg(Path("unused"), world, tmp_path, sub_batch_size=8)
+    batch = _first_batch(world, cfg)
+
+    def cut(views) -> list[bool]:
+        return [v.query.tcot != o.query.tcot for (_, vs), (_, os_) in zip(views, batch, strict=True)
+                for v, o in zip(vs, os_, strict=True)]  # fmt: skip
+
+    assert step_views(batch, 0.0, 1, 1) is batch
+    assert all(cut(step_views(batch, 1.0, 1, 1)))
+    half = cut(step_views(batch, 0.5, 1, 7))
+    assert half == cut(step_views(batch, 0.5, 1, 7)) and 0 < sum(half) < len(half)
+    assert half != cut(step_views(batch, 0.5, 1, 8)) or half != cut(step_views(batch, 0.5, 2, 7))
+
+
+@pytest.mark.parametrize(
+    ("kw", "match"),
+    [
+        ({"evidence_only_rate": 1.5}, "not a probability"),
+        ({"evidence_only_rate": 0.3, "mode": "raw"}, "needs mode 'full'"),
+    ],
+)
+def test_evidence_only_rate_is_validated(tmp_path: Path, kw: dict, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        EmbedderTrainConfig(backbone="x", data="d", out=str(tmp_path), **kw)

@@ -78,8 +78,8 @@ def cmd_backbone_pretrain(args: argparse.Namespace) -> int:
     cfg = config_from_args(BackbonePretrainConfig, args)
     out = pretrain_backbone(cfg)
     scores = json.loads((out / PERCEPTION_FILE).read_text())["exact_match"]
-    print(f"wrote perception-pretrained checkpoint to {out}")
-    print("held-out exact match: " + ", ".join(f"{task} {acc:.2f}" for task, acc in scores.items()))
+    print(f"wrote pretrained checkpoint to {out}")
+    print("held-out accuracy: " + ", ".join(f"{task} {acc:.2f}" for task, acc in scores.items()))
     return 0
 
 
@@ -359,7 +359,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_arguments(tiny, TinyBackboneConfig)
     tiny.set_defaults(func=cmd_backbone_tiny)
     pretrain = backbone_sub.add_parser(
-        "pretrain", help="perception pre-training of a tiny backbone on questions about world media (resumable)"
+        "pretrain",
+        help="pre-training of a tiny backbone on questions about world media and T-CoTs of world items (resumable)",
     )
     add_config_arguments(pretrain, BackbonePretrainConfig)
     pretrain.set_defaults(func=cmd_backbone_pretrain)
@@ -465,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backbone",
         type=Path,
         default=None,
-        help="start from this tiny backbone instead of the shipped perception-pretrained one "
+        help="start from this tiny backbone instead of the shipped instruct-stage one "
         "(e.g. the output of `embedrl backbone pretrain`, OUT/final)",
     )
     demo.set_defaults(func=cmd_demo)

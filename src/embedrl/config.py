@@ -124,7 +124,7 @@ class TinyBackboneConfig:
             raise ConfigError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels} and {self.max_pixels}")
 
 
-PRETRAIN_TASKS = ("crop", "cell", "find", "list", "event", "page", "copy")
+PRETRAIN_TASKS = ("crop", "cell", "find", "list", "event", "page", "copy", "tcot", "judge")
 
 
 def _default_pretrain_weights() -> dict[str, float]:
@@ -297,6 +297,13 @@ class EmbedderTrainConfig:
         default_factory=dict, metadata=_help("sampling weight per dataset name (default 1.0); p ∝ weight × size")
     )
     datasets: list[str] = field(default_factory=list, metadata=_help("train on these datasets only; [] = all"))
+    evidence_only_rate: float = field(
+        default=0.0,
+        metadata=_help(
+            "probability that a training item's T-CoT is cut to its evidence cue (prose, rethink and answer "
+            "dropped; full mode only), so the Embedder learns to read crops and key frames, not only the words"
+        ),
+    )
     save_every: int = field(default=50, metadata=_help("write a resumable checkpoint every N steps"))
     log_every: int = field(default=1, metadata=_help("log metrics every N steps"))
     resume: bool = field(default=True, metadata=_help("resume from the latest checkpoint in out/ when present"))
@@ -317,6 +324,10 @@ class EmbedderTrainConfig:
         for name, weight in self.dataset_weights.items():
             if weight <= 0:
                 raise ConfigError(f"dataset_weights.{name}={weight} must be > 0; drop the dataset from the data")
+        if not 0.0 <= self.evidence_only_rate <= 1.0:
+            raise ConfigError(f"evidence_only_rate={self.evidence_only_rate} is not a probability; use one in [0, 1]")
+        if self.evidence_only_rate and self.mode != "full":
+            raise ConfigError(f"evidence_only_rate needs mode 'full' (got {self.mode!r}): others show no evidence")
 
 
 @dataclass

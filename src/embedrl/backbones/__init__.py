@@ -44,17 +44,28 @@ __all__ = [
     "check_token_ids",
     "detect_family",
     "get_adapter",
+    "instruct_backbone",
     "load_backbone",
     "perception_backbone",
 ]
 
 logger = logging.getLogger(__name__)
 
-# The tiny Qwen3-VL after perception pre-training (`embedrl backbone pretrain`), shipped with the package: the
-# embedded default starts from it as real users start from a pretrained MLLM. `make perception-backbone` rebuilds it.
-PERCEPTION_BACKBONE_DIR = (
-    Path(__file__).resolve().parent.parent / "resources" / "backbones" / "tiny-qwen3-vl-perception"
-)
+# Tiny Qwen3-VL checkpoints shipped with the package (`embedrl backbone pretrain`), the tiny analogues of a pretrained
+# and an instruct MLLM: perception pre-training (`make perception-backbone`), then T-CoT writing and discrimination
+# on fresh world items (`make instruct-backbone`). The embedded default starts from the instruct one.
+_SHIPPED = Path(__file__).resolve().parent.parent / "resources" / "backbones"
+PERCEPTION_BACKBONE_DIR = _SHIPPED / "tiny-qwen3-vl-perception"
+INSTRUCT_BACKBONE_DIR = _SHIPPED / "tiny-qwen3-vl-instruct"
+
+
+def _shipped(path: Path, make_target: str, minutes: int) -> Path:
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(
+            f"the shipped tiny backbone is missing from {path}; rebuild it with `make {make_target}` (about "
+            f"{minutes} minutes on 2 CPU cores) or pass a backbone directory explicitly"
+        )
+    return path
 
 
 def perception_backbone() -> Path:
@@ -63,12 +74,17 @@ def perception_backbone() -> Path:
     Raises:
         FileNotFoundError: the package was installed without it; rebuild it with ``make perception-backbone``.
     """
-    if not (PERCEPTION_BACKBONE_DIR / "model.safetensors").is_file():
-        raise FileNotFoundError(
-            f"the perception-pretrained tiny backbone is missing from {PERCEPTION_BACKBONE_DIR}; rebuild it with "
-            "`make perception-backbone` (about 20 minutes on 2 CPU cores) or pass a backbone directory explicitly"
-        )
-    return PERCEPTION_BACKBONE_DIR
+    return _shipped(PERCEPTION_BACKBONE_DIR, "perception-backbone", 20)
+
+
+def instruct_backbone() -> Path:
+    """The shipped instruct-stage tiny Qwen3-VL checkpoint (perception, then T-CoT writing and discrimination), where
+    the embedded default's Embedder and Reasoner start (read-only; load it with :func:`load_backbone`).
+
+    Raises:
+        FileNotFoundError: the package was installed without it; rebuild it with ``make instruct-backbone``.
+    """
+    return _shipped(INSTRUCT_BACKBONE_DIR, "instruct-backbone", 20)
 
 
 # Config attribute -> the token whose id it must hold.

@@ -13,6 +13,7 @@ base-model forward path needs no DDP wrapper.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ from embedrl.config import EmbedderTrainConfig, save_config
 from embedrl.data.sampler import DatasetInfo, SubBatchSampler, split_for_rank
 from embedrl.data.schema import Item, Pair, read_pairs
 from embedrl.losses import cached_info_nce, info_nce
+from embedrl.tcot import TCoT, parse_tcot, render_tcot
 
 logger = logging.getLogger(__name__)
 
@@ -178,6 +180,33 @@ def sub_batch_loss(embedder: Any, queries: list[Item], targets: list[Item], cfg:
     return {k: v.detach() for k, v in out.items()}
 
 
+def evidence_only(item: Item) -> Item:
+    """The item with its T-CoT cut to the evidence cue: ``<thinking>{cue}</thinking><rethink></rethink><answer>
+    </answer>`` (no cue, no T-CoT text at all)."""
+    if item.tcot is None:
+        return item
+    tcot = parse_tcot(item.tcot)
+    cue = TCoT(cue_key=tcot.cue_key, keywords=tcot.keywords, boxes=tcot.boxes, frames=tcot.frames)
+    return dataclasses.replace(item, tcot=render_tcot(cue))
+
+
+def step_views(batch: list[tuple[str, list[Pair]]], rate: float, seed: int, step: int) -> list[tuple[str, list[Pair]]]:
+    """Each side of each pair independently cut to :func:`evidence_only` with probability ``rate``; a pure function
+    of ``(seed, step)``, so a resumed run sees the views the uninterrupted run would have."""
+    if rate <= 0:
+        return batch
+    rng = random.Random(f"{seed}/evidence-only/{step}")
+    out = []
+    for dataset, pairs in batch:
+        views = []
+        for pair in pairs:
+            query = evidence_only(pair.query) if rng.random() < rate else pair.query
+            target = evidence_only(pair.target) if rng.random() < rate else pair.target
+            views.append(dataclasses.replace(pair, query=query, target=target))
+        out.append((dataset, views))
+    return out
+
+
 def train_step(
     embedder: Any,
     batch: list[tuple[str, list[Pair]]],
@@ -308,6 +337,7 @@ def train_embedder(cfg: EmbedderTrainConfig, on_step: StepCallback | None = None
         epoch, in_epoch = divmod(step, steps_per_epoch)
         for global_batch in sampler.epoch(epoch, start_step=in_epoch):
             batch = [(d, [data[d][i] for i in split_for_rank(idx, rank, world)]) for d, idx in global_batch]
+            batch = step_views(batch, cfg.evidence_only_rate, cfg.seed, step + 1)
             start = time.perf_counter()
             metrics = train_step(embedder, batch, optimizer, scheduler, cfg, world)
             step += 1

@@ -15,13 +15,21 @@ task        input → answer                                                 wha
 ``event``   8 frames → ``in frame 4 the green triangle vanishes; ...``     which frames differ, and how (video T-CoTs)
 ``page``    page → ``MARKET; stones 40, fish 86, lamps 62, trees 51``      reading headings and tables (documents)
 ``copy``    ``Repeat: the market page that lists trees 51`` → the text     restating a query's words exactly (keywords)
+``tcot``    a world query or target + its family prompt → a teacher T-CoT  the Reasoner's job (an instruct stage)
+``judge``   an anchor T-CoT + candidate T-CoTs → the matching number      the Discriminator's job (an instruct stage)
 ==========  =============================================================  ===========================================
+
+The shipped checkpoints are two runs of this stage: perception (``configs/backbone_pretrain.yaml``, the first
+seven tasks, from random weights) and instruct (``configs/backbone_pretrain-instruct.yaml``, mostly ``tcot`` with
+``judge`` and perception replay, from the perception checkpoint), the tiny analogues of a pretrained and an
+instruct MLLM.
 
 Media are sampled from the world's generators with a seed stream disjoint from any world's (``seed`` here, not the
 world seed), at a random difficulty between the training and the RL levels: the model learns to perceive the world,
 not its evaluation sets. Each step's examples are a pure function of ``(seed, step)``, so a resumed run sees exactly
 the examples the uninterrupted run would have. ``perception.json`` records greedy exact-match accuracy per task on
-held-out media (a separate seed stream) next to the checkpoint.
+held-out media (a separate seed stream) next to the checkpoint; a ``tcot`` reply counts as right when its
+``<answer>`` equals the teacher's.
 """
 
 from __future__ import annotations
@@ -41,12 +49,27 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from embedrl.backbones.tiny import BACKBONE_CONFIG_FILENAME
-from embedrl.config import BackbonePretrainConfig, save_config
-from embedrl.data.scenes import NUMBER_WORDS, Clip, Crop, Scene, render_clip, render_crop, render_page, render_scene
-from embedrl.data.world_tasks import TASKS as WORLD_TASKS
+from embedrl.config import BackbonePretrainConfig, TeacherNoiseConfig, save_config
+from embedrl.data.scenes import (
+    NUMBER_WORDS,
+    Clip,
+    Crop,
+    Scene,
+    render_clip,
+    render_crop,
+    render_media,
+    render_page,
+    render_scene,
+)
+from embedrl.data.schema import Item, Modality
+from embedrl.data.teacher import discrimination_example, write_tcot
 from embedrl.data.world_tasks import (
+    EVAL_LEVEL,
+    RL_LEVEL,
     TRAIN_LEVEL,
+    Example,
     Geometry,
+    Side,
     frames_phrase,
     make_obj,
     name,
@@ -57,8 +80,10 @@ from embedrl.data.world_tasks import (
     sample_video_scene,
     shimmer,
 )
-from embedrl.models.reasoner import Reasoner, ReasonerPrompt
-from embedrl.train.reasoner import SFTExample, sft_batch, warmup_linear_decay
+from embedrl.data.world_tasks import TASKS as WORLD_TASKS
+from embedrl.models.reasoner import Reasoner, ReasonerPrompt, build_reasoner_prompt
+from embedrl.tcot import parse_tcot
+from embedrl.train.reasoner import SFTExample, discrimination_sft, sft_batch, warmup_linear_decay
 
 logger = logging.getLogger(__name__)
 
@@ -76,11 +101,21 @@ class PerceptionExample:
     question: str
     answer: str
     task: str
+    prompt: ReasonerPrompt | None = None  # the full user turn where it is not "media + question" (tcot, judge)
 
     def sft(self) -> SFTExample:
-        content = [{"type": "image"} for _ in self.images] + [{"type": "text", "text": self.question}]
-        prompt = ReasonerPrompt([{"role": "user", "content": content}], self.images, None, 0)
+        prompt = self.prompt
+        if prompt is None:
+            content = [{"type": "image"} for _ in self.images] + [{"type": "text", "text": self.question}]
+            prompt = ReasonerPrompt([{"role": "user", "content": content}], self.images, None, 0)
         return SFTExample(prompt, self.answer, self.task)
+
+    def correct(self, generated: str) -> bool:
+        """Whether a generated reply counts as right: the same ``<answer>`` for T-CoTs (the teacher's noise touches
+        the cue and the prose, never the answer), exact match otherwise."""
+        if self.task == "tcot":
+            return parse_tcot(generated).answer.casefold() == parse_tcot(self.answer).answer.casefold()
+        return generated.strip() == self.answer
 
 
 def _image(array: object) -> Image.Image:
@@ -144,6 +179,62 @@ def copy_task(rng: random.Random, geo: Geometry) -> PerceptionExample:
     return PerceptionExample([], f"Repeat: {text}", text, "copy")
 
 
+def _world_example(rng: random.Random, geo: Geometry, k: int) -> tuple[str, Example]:
+    """A fresh example of a random world task at a random level (the pre-training seed stream, not a world's)."""
+    task = rng.choice(sorted(WORLD_TASKS))
+    return task, WORLD_TASKS[task].make(rng, geo, rng.choice((TRAIN_LEVEL, EVAL_LEVEL, RL_LEVEL)), k)
+
+
+def _modality(side: Side) -> Modality:
+    return "text" if side.media is None else "video" if isinstance(side.media, Clip) else "image"
+
+
+def _side_item(side: Side, geo: Geometry, rng: random.Random) -> Item:
+    """The side as an item with rendered media and a teacher T-CoT (the world's default teacher noise)."""
+    images: list[Image.Image] = []
+    if side.media is not None:
+        pixels = render_media(side.media, geo.cell, geo.page_size)
+        images = [_image(a) for a in (pixels if isinstance(pixels, list) else [pixels])]
+    tcot = write_tcot(side.view, TeacherNoiseConfig(), rng).text
+    video = _modality(side) == "video"
+    return Item("", side.text, side.instruction, () if video else images, images if video else (), tcot)
+
+
+def tcot_task(rng: random.Random, geo: Geometry) -> PerceptionExample:
+    """The cold start's task on fresh world items: a query or a target, the family prompt → the teacher's T-CoT."""
+    _, example = _world_example(rng, geo, 1)
+    side, chosen = rng.choice((("query", example.query), ("target", example.positive)))
+    item = _side_item(chosen, geo, rng)
+    prompt = build_reasoner_prompt(item, side, _modality(example.positive), compact=True)
+    return PerceptionExample(list(prompt.images), "", item.tcot or "", "tcot", prompt)
+
+
+def _brief(side: Side, rng: random.Random) -> dict[str, Any]:
+    tcot = write_tcot(side.view, TeacherNoiseConfig(), rng).text
+    return {"id": "", "text": side.text, "instruction": side.instruction, "tcot": tcot}
+
+
+def judge_task(rng: random.Random, geo: Geometry) -> PerceptionExample:
+    """The Discriminator's task (listwise choice among T-CoTs) on fresh world items, in either direction."""
+    task, example = _world_example(rng, geo, 3)
+    others: list[Example] = []
+    if rng.random() < 0.5:
+        # target -> query: other queries of the same task, none sharing the anchor's query or target.
+        keys = {example.query.key, example.positive.key}
+        others = [o for o in (WORLD_TASKS[task].make(rng, geo, TRAIN_LEVEL, 1) for _ in range(3))
+                  if not {o.query.key, o.positive.key} & keys]  # fmt: skip
+    if others:
+        anchor, positive = _brief(example.positive, rng), _brief(example.query, rng)
+        negatives = [_brief(o.query, rng) for o in others]
+        rec = discrimination_example("", task, "target_to_query", anchor, positive, negatives, rng)
+    else:
+        anchor, positive = _brief(example.query, rng), _brief(example.positive, rng)
+        negatives = [_brief(n, rng) for n in example.negatives]
+        rec = discrimination_example("", task, "query_to_target", anchor, positive, negatives, rng)
+    ex = discrimination_sft(rec)
+    return PerceptionExample([], "", ex.answer, "judge", ex.prompt)
+
+
 TASKS: dict[str, Callable[[random.Random, Geometry], PerceptionExample]] = {
     "crop": crop_task,
     "cell": cell_task,
@@ -152,7 +243,11 @@ TASKS: dict[str, Callable[[random.Random, Geometry], PerceptionExample]] = {
     "event": event_task,
     "page": page_task,
     "copy": copy_task,
+    "tcot": tcot_task,
+    "judge": judge_task,
 }
+# Generation budget of the held-out score: T-CoTs are long, every other answer is short.
+EVAL_NEW_TOKENS = {"tcot": 256}  # the teacher's scene descriptions run to ~250 tokens
 
 
 def step_examples(cfg: BackbonePretrainConfig, step: int, geo: Geometry) -> list[PerceptionExample]:
@@ -163,9 +258,9 @@ def step_examples(cfg: BackbonePretrainConfig, step: int, geo: Geometry) -> list
 
 
 def evaluate_perception(
-    reasoner: Reasoner, geo: Geometry, tasks: list[str], per_task: int, seed: int, max_new_tokens: int = 96
+    reasoner: Reasoner, geo: Geometry, tasks: list[str], per_task: int, seed: int
 ) -> dict[str, float]:
-    """Greedy exact-match accuracy per task on ``per_task`` held-out examples."""
+    """Greedy accuracy per task on ``per_task`` held-out examples (:meth:`PerceptionExample.correct`)."""
     model = reasoner.model
     was_training = model.training
     model.eval()
@@ -178,9 +273,9 @@ def evaluate_perception(
             chunk = examples[start : start + 16]
             inputs = reasoner.chat_inputs([ex.sft().prompt for ex in chunk])
             with torch.no_grad():
-                out = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+                out = model.generate(**inputs, do_sample=False, max_new_tokens=EVAL_NEW_TOKENS.get(task, 96))
             texts = reasoner.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
-            hits += sum(text.strip() == ex.answer for ex, text in zip(chunk, texts, strict=True))
+            hits += sum(ex.correct(text) for ex, text in zip(chunk, texts, strict=True))
         scores[task] = round(hits / per_task, 4)
     model.train(was_training)
     return scores

@@ -52,21 +52,23 @@ def tcot_examples(data: str | Path, compact: bool) -> list[SFTExample]:
 
 def discrimination_examples(path: str | Path) -> list[SFTExample]:
     """Listwise selection: the prompt lists candidate T-CoTs, the answer is the 1-based number of the right one."""
-    examples = []
-    for rec in read_jsonl(path):
-        anchor, candidates = rec["anchor"], rec["candidates"]
-        inputs = None
-        if rec["direction"] == "target_to_query":
-            inputs = [join_task_text(c.get("instruction", ""), c.get("text", "")) for c in candidates]
-        text = render_discriminator(
-            join_task_text(anchor.get("instruction", ""), anchor.get("text", "")),
-            anchor["tcot"],
-            [c["tcot"] for c in candidates],
-            inputs,
-        )
-        prompt = ReasonerPrompt([{"role": "user", "content": [{"type": "text", "text": text}]}], [], None, 0)
-        examples.append(SFTExample(prompt, str(rec["label"] + 1), "discrimination"))
-    return examples
+    return [discrimination_sft(rec) for rec in read_jsonl(path)]
+
+
+def discrimination_sft(rec: dict[str, Any]) -> SFTExample:
+    """One discrimination record (``embedrl.data.teacher.discrimination_example``) as a supervised example."""
+    anchor, candidates = rec["anchor"], rec["candidates"]
+    inputs = None
+    if rec["direction"] == "target_to_query":
+        inputs = [join_task_text(c.get("instruction", ""), c.get("text", "")) for c in candidates]
+    text = render_discriminator(
+        join_task_text(anchor.get("instruction", ""), anchor.get("text", "")),
+        anchor["tcot"],
+        [c["tcot"] for c in candidates],
+        inputs,
+    )
+    prompt = ReasonerPrompt([{"role": "user", "content": [{"type": "text", "text": text}]}], [], None, 0)
+    return SFTExample(prompt, str(rec["label"] + 1), "discrimination")
 
 
 def sft_batch(reasoner: Reasoner, batch: list[SFTExample], max_length: int) -> dict[str, torch.Tensor]:
