@@ -40,6 +40,8 @@ DEMO_MODES = ("raw", "teacher", "pre_rl", "egrl", "answer_only", "no_evidence")
 REWARD_PLOT, MODES_PLOT = "rewards.png", "modes.png"
 # The claims the demo exists to show (issue 7 §4): (better, worse) on the overall score.
 CLAIMS = (("egrl", "pre_rl"), ("pre_rl", "raw"), ("egrl", "no_evidence"))
+# The RL log's reward columns; a term with weight 0 is not logged.
+REWARD_KEYS = ("reward/total", "reward/format", "reward/process", "reward/outcome")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +67,7 @@ SIZES = {
 DEMO_TEMPERATURE = 0.7
 # Share of the Embedder's training items whose T-CoT is cut to its evidence cue. The world's teacher T-CoTs spell out
 # the answer, so an Embedder trained on them alone matches words and ignores pixels (teacher T-CoTs score the same
-# with and without their crops); cut views make it read the crops and key frames (docs/rl.md).
+# with and without their crops); cut views make it read the crops and key frames (docs/embedder.md).
 EVIDENCE_ONLY_RATE = 0.3
 
 
@@ -260,8 +262,8 @@ def rl_curve(path: Path, parts: int = 4) -> dict[str, Any]:
     size = max(1, len(records) // parts)
     chunks = [records[i : i + size] for i in range(0, len(records), size)][:parts]
     out: dict[str, Any] = {"steps": len(records), "chunk_steps": size}
-    for key in ("reward/total", "reward/format", "reward/process", "reward/outcome"):
-        if key in records[0]:  # a term with weight 0 is not logged
+    for key in REWARD_KEYS:
+        if key in records[0]:
             out[key] = [round(sum(r[key] for r in c) / len(c), 4) for c in chunks]
     # Each step draws one dataset, and datasets differ in reward level, so the step-order curve mostly shows which
     # dataset came up. Within a dataset: the mean total reward of its first and second half of visits.
@@ -291,8 +293,8 @@ def plot_rewards(metrics: Path, png: Path) -> Path | None:
         return None
     steps = [r["step"] for r in records]
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
-    for ax, key in zip(axes, ("reward/total", "reward/format", "reward/process", "reward/outcome"), strict=True):
-        if key not in records[0]:  # a term with weight 0 is not logged
+    for ax, key in zip(axes, REWARD_KEYS, strict=True):
+        if key not in records[0]:
             ax.set_title(f"{key} (weight 0)")
             continue
         values = [r[key] for r in records]

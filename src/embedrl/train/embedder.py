@@ -182,7 +182,7 @@ def sub_batch_loss(embedder: Any, queries: list[Item], targets: list[Item], cfg:
 
 def evidence_only(item: Item) -> Item:
     """The item with its T-CoT cut to the evidence cue: ``<thinking>{cue}</thinking><rethink></rethink><answer>
-    </answer>`` (no cue, no T-CoT text at all)."""
+    </answer>``. An item without a T-CoT is returned as it is."""
     if item.tcot is None:
         return item
     tcot = parse_tcot(item.tcot)
