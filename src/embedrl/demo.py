@@ -56,14 +56,17 @@ class DemoSize:
     rl_pairs: int  # B
     rl_generations: int  # G
     rl_max_new_tokens: int
+    rl_lr: float
+    rl_lora: int  # LoRA rank of the policy during EG-RL (merged into the saved Reasoner)
 
 
 SIZES = {
-    "quick": DemoSize("tiny", 60, 8, 30, 8, 3e-4, 4, 2, 2, 64),
-    "default": DemoSize("small", 250, 16, 40, 16, 3e-4, 80, 4, 4, 256),
+    "quick": DemoSize("tiny", 60, 8, 30, 8, 3e-4, 4, 2, 2, 64, 1e-3, 8),
+    "default": DemoSize("small", 250, 16, 40, 16, 3e-4, 80, 4, 4, 256, 1e-3, 8),
 }
-# Sampling temperature of RL rollouts and of the Reasoner rows at evaluation (pre_rl and egrl alike). The paper
-# samples at 1.0; a tiny cold-started Reasoner at 1.0 garbles most T-CoTs (format pass rate ~0.3 vs ~0.8 at 0.7).
+# Sampling temperature of the RL rollouts. The paper samples at 1.0; a tiny cold-started Reasoner at 1.0 garbles
+# most T-CoTs (format pass rate ~0.3 vs ~0.8 at 0.7). At evaluation the demo's Reasoners decode greedily: sampled
+# T-CoTs moved one checkpoint's overall score by up to 5.7 points (docs/rl.md), more than any effect measured.
 DEMO_TEMPERATURE = 0.7
 # Share of the Embedder's training items whose T-CoT is cut to its evidence cue. The world's teacher T-CoTs spell out
 # the answer, so an Embedder trained on them alone matches words and ignores pixels (teacher T-CoTs score the same
@@ -84,9 +87,10 @@ def rl_config(reasoner: Path, embedder: Path, world: Path, out: Path, seed: int,
     """EG-RL settings of the demo (tiny cold-started models on CPU).
 
     The ``paper`` preset with documented changes for tiny models: the fractional Acc (the all-in-top-G gate is
-    almost never met by a tiny Embedder, so the outcome term would be 0); weights 1.0 format, 0.2 process, 1.0
-    outcome (the tiny Discriminator is barely above chance, so the paper's 0.8 on its verdicts is mostly noise, and
-    the format pass rate is the signal a tiny policy can move); rollouts at ``DEMO_TEMPERATURE``.
+    almost never met by a tiny Embedder, so the outcome term would be 0); weights 1.0 format, 0 process, 1.0
+    outcome (the tiny Discriminator is at chance, so its verdicts are noise: the "w/o process" ablation, which also
+    saves its generation time); rollouts at ``DEMO_TEMPERATURE``; LoRA rank ``size.rl_lora`` at ``size.rl_lr``
+    (full fine-tuning with Adam moved every weight on a near-flat reward, docs/rl.md).
     """
     return GRPOTrainConfig(
         engine="trl",
@@ -98,12 +102,13 @@ def rl_config(reasoner: Path, embedder: Path, world: Path, out: Path, seed: int,
         preset="paper",
         acc_mode="fraction",
         w_format=1.0,
-        w_process=0.2,
+        w_process=0.0,
         w_outcome=1.0,
         num_generations=size.rl_generations,
         pairs_per_step=size.rl_pairs,
         max_steps=size.rl_steps,
-        lr=1e-4,
+        lr=size.rl_lr,
+        lora=size.rl_lora,
         temperature=DEMO_TEMPERATURE,
         beta=0.0,
         max_new_tokens=size.rl_max_new_tokens,
@@ -167,7 +172,7 @@ def run_demo(
     egrl = _timed(stage_s, "EG-RL", train_rl_trl, rl_cfg)
 
     base = EvalConfig(world=str(world), embedder=str(embedder), out=str(out / "eval"), seed=seed,
-                      temperature=DEMO_TEMPERATURE, max_new_tokens=size.rl_max_new_tokens,
+                      greedy=True, max_new_tokens=size.rl_max_new_tokens,
                       reasoner_batch_size=64, show_progress_bar=False)  # fmt: skip
     reasoner_of = {"pre_rl": str(cold), "egrl": str(egrl), "answer_only": str(egrl), "no_evidence": str(egrl)}
     reports = {}
