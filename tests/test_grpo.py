@@ -346,3 +346,15 @@ def test_endpoint_discriminator_keeps_prompt_order_and_raises_on_failure() -> No
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_step_line_shows_the_logged_terms_only() -> None:
+    from embedrl.train.grpo import step_line
+
+    record = {"reward/total": 1.25, "reward/format": 1.0, "reward/outcome": 0.25, "completion/length": 91.6,
+              "time/step": 1.94}  # fmt: skip
+    assert step_line(3, 80, "world_vqa", record) == (
+        "step 3/80 world_vqa: reward 1.250 (format 1.000, outcome 0.250), len 92, 1.9s"
+    )
+    with_process = step_line(3, 80, "world_vqa", {**record, "reward/process": 0.5})
+    assert "(format 1.000, process 0.500, outcome 0.250)" in with_process

@@ -790,6 +790,16 @@ def evidence_metrics(batch: RolloutBatch, by_side: Mapping[str, Sequence[int]]) 
     return out
 
 
+def step_line(step: int, total: int, dataset: str, record: dict[str, Any]) -> str:
+    """One progress line per RL step: the total reward, each logged component (a weight-0 term is not logged, so
+    it is left out rather than shown as nan), the mean response length and the step time."""
+    terms = ", ".join(f"{name} {record[f'reward/{name}']:.3f}" for name in COMPONENTS if f"reward/{name}" in record)
+    return (
+        f"step {step}/{total} {dataset}: reward {record.get('reward/total', math.nan):.3f} ({terms}), "
+        f"len {record.get('completion/length', math.nan):.0f}, {record['time/step']:.1f}s"
+    )
+
+
 def step_metrics(
     batch: RolloutBatch,
     components: Mapping[str, Sequence[float | None]],
@@ -919,12 +929,7 @@ def train_rl(cfg: GRPOTrainConfig, models: RLModels | None = None, on_step: Step
             if step % cfg.log_every == 0:
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
-                logger.info(
-                    "step %d/%d %s: reward %.3f (fmt %.2f proc %.2f out %.3f), len %.0f, %.1fs", step, total, dataset,
-                    record.get("reward/total", math.nan), record.get("reward/format", math.nan),
-                    record.get("reward/process", math.nan), record.get("reward/outcome", math.nan),
-                    record.get("completion/length", math.nan), record["time/step"],
-                )  # fmt: skip
+                logger.info(step_line(step, total, dataset, record))
             if components and cfg.sample_table_every and step % cfg.sample_table_every == 0:
                 table = sample_table(batch, components, totals, adv)
                 with (out / SAMPLES_FILE).open("a") as fh:

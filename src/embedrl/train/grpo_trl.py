@@ -64,6 +64,7 @@ from embedrl.train.grpo import (
     lora_config,
     reward_embedder,
     sample_table,
+    step_line,
     step_metrics,
 )
 from embedrl.train.grpo_math import group_advantages
@@ -342,12 +343,7 @@ def _callback(clock: StepClock, out: Path, total: int, steps_per_rl_step: int) -
             record.update({f"trl/{k}": v for k, v in logs.items() if isinstance(v, int | float)})
             with (out / METRICS_FILE).open("a") as fh:
                 fh.write(json.dumps(record) + "\n")
-            logger.info(
-                "step %d/%d %s: reward %.3f (fmt %.2f proc %.2f out %.3f), len %.0f, %.1fs", record["step"], total,
-                record["dataset"], record.get("reward/total", math.nan), record.get("reward/format", math.nan),
-                record.get("reward/process", math.nan), record.get("reward/outcome", math.nan),
-                record.get("completion/length", math.nan), record["time/step"],
-            )  # fmt: skip
+            logger.info(step_line(record["step"], total, record["dataset"], record))
             clock.record = {}
 
     return EGRLLogger()
