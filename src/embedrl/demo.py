@@ -3,9 +3,9 @@
 Stages, each timed and printed: generate the world → copy the tiny Qwen3-VL backbone (shipped after perception
 pre-training and an instruct stage, ``embedrl backbone pretrain``; the analogue of an instruct MLLM) → train the
 Embedder on teacher T-CoTs (with evidence; a share of them cut to their evidence cue) → cold-start the Reasoner
-(SFT on teacher T-CoTs) → EG-RL (GRPO through TRL's
-``GRPOTrainer``, the frozen Embedder and Discriminator as reward models) → evaluate every inference mode on the
-world's held-out tasks:
+(SFT on teacher T-CoTs) → EG-RL (GRPO through TRL's ``GRPOTrainer`` on LoRA adapters, the frozen Embedder as
+reward model; the process term is off, see :func:`rl_config`) → evaluate every inference mode on the world's
+held-out tasks, with greedy T-CoTs:
 
 - ``raw``: no T-CoT; ``teacher``: the world's teacher T-CoTs (an upper reference, not a method row);
 - ``pre_rl``: T-CoTs of the cold-started Reasoner; ``egrl``: T-CoTs of the EG-RL Reasoner;
@@ -33,6 +33,7 @@ from embedrl.config import (
     ReasonerTrainConfig,
     WorldConfig,
 )
+from embedrl.train.grpo import COMPONENTS
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ REWARD_PLOT, MODES_PLOT = "rewards.png", "modes.png"
 # The claims the demo exists to show (issue 7 §4): (better, worse) on the overall score.
 CLAIMS = (("egrl", "pre_rl"), ("pre_rl", "raw"), ("egrl", "no_evidence"))
 # The RL log's reward columns; a term with weight 0 is not logged.
-REWARD_KEYS = ("reward/total", "reward/format", "reward/process", "reward/outcome")
+REWARD_KEYS = ("reward/total", *(f"reward/{name}" for name in COMPONENTS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +62,15 @@ class DemoSize:
 
 
 SIZES = {
-    "quick": DemoSize("tiny", 60, 8, 30, 8, 3e-4, 4, 2, 2, 64, 1e-3, 8),
-    "default": DemoSize("small", 250, 16, 40, 16, 3e-4, 80, 4, 4, 256, 1e-3, 8),
-}
+    "quick": DemoSize(
+        world="tiny", embedder_steps=60, sub_batch_size=8, reasoner_steps=30, reasoner_batch_size=8, reasoner_lr=3e-4,
+        rl_steps=4, rl_pairs=2, rl_generations=2, rl_max_new_tokens=64, rl_lr=1e-3, rl_lora=8,
+    ),
+    "default": DemoSize(
+        world="small", embedder_steps=250, sub_batch_size=16, reasoner_steps=40, reasoner_batch_size=16,
+        reasoner_lr=3e-4, rl_steps=80, rl_pairs=4, rl_generations=4, rl_max_new_tokens=256, rl_lr=1e-3, rl_lora=8,
+    ),
+}  # fmt: skip
 # Sampling temperature of the RL rollouts. The paper samples at 1.0; a tiny cold-started Reasoner at 1.0 garbles
 # most T-CoTs (format pass rate ~0.3 vs ~0.8 at 0.7). At evaluation the demo's Reasoners decode greedily: sampled
 # T-CoTs moved one checkpoint's overall score by up to 5.7 points (docs/rl.md), more than any effect measured.
