@@ -284,6 +284,13 @@ def test_config_resolves_preset_group_size() -> None:
     assert GRPOTrainConfig(**base, w_process=0.0).reward_config().weights["process"] == 0.0
 
 
+def test_no_discriminator_is_loaded_when_the_process_weight_is_zero(make_cfg, tmp_path: Path) -> None:
+    models = load_models(make_cfg(tmp_path, w_process=0.0))
+    assert models.discriminator_model is None and len(models.frozen_modules()) == 2  # reference and Embedder
+    with pytest.raises(RuntimeError, match="w_process is 0"):
+        models.discriminator(["a prompt"])
+
+
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vLLM is installed here")
 def test_use_vllm_without_vllm_says_how_to_fix() -> None:
     cfg = GRPOTrainConfig(reasoner="r", embedder="e", data="d", out="o", use_vllm=True)

@@ -401,8 +401,16 @@ def _add_lora(model: PreTrainedModel, rank: int) -> torch.nn.Module:
     return get_peft_model(model, lora_config(model, rank))
 
 
+def _no_discriminator(prompts: list[str]) -> list[str]:
+    raise RuntimeError(
+        "the Discriminator was not loaded because w_process is 0; a process reward was asked for "
+        f"{len(prompts)} prompt(s) anyway"
+    )
+
+
 def load_models(cfg: GRPOTrainConfig, *, reference: bool = True, lora: bool = True) -> RLModels:
-    """Load the policy (``cfg.reasoner``), the frozen reference (beta > 0), Embedder and Discriminator.
+    """Load the policy (``cfg.reasoner``), the frozen reference (beta > 0), Embedder and Discriminator (not when
+    ``w_process`` is 0: the process term is then never computed).
 
     ``reference=False`` / ``lora=False`` leave the reference model and the LoRA adapters to the caller (TRL's
     ``GRPOTrainer`` builds its own from ``peft_config`` and the policy's checkpoint path).
@@ -437,6 +445,8 @@ def load_models(cfg: GRPOTrainConfig, *, reference: bool = True, lora: bool = Tr
     if not cfg.embedder_url:
         embedder = Embedder.load(cfg.embedder, dtype=dtype, device=cfg.device)
         _freeze(embedder.model)
+    if cfg.reward_config().w_process == 0:  # the process term is not computed: no Discriminator to load or call
+        return RLModels(policy, ref_model, embedder, _no_discriminator, None)
     if cfg.discriminator_url:
         endpoint = EndpointDiscriminator(
             cfg.discriminator_url,
