@@ -8,7 +8,16 @@ from pathlib import Path
 import pytest
 
 from embedrl.cli import main
-from embedrl.demo import CLAIMS, DEMO_MODES, MODES_PLOT, REWARD_PLOT, answer_agreement, check_claims, rl_curve
+from embedrl.demo import (
+    CLAIMS,
+    DEMO_MODES,
+    MODES_PLOT,
+    REWARD_PLOT,
+    answer_agreement,
+    check_claims,
+    format_results,
+    rl_curve,
+)
 
 
 def test_quick_demo_writes_every_mode(tmp_path: Path) -> None:
@@ -23,6 +32,10 @@ def test_quick_demo_writes_every_mode(tmp_path: Path) -> None:
         assert 0.0 <= scores["overall"] <= 100.0
         assert scores["overall"] == pytest.approx(sum(scores["tasks"].values()) / len(tasks), abs=0.01)
     assert [c["claim"] for c in results["claims"]] == [f"{a} > {b}" for a, b in CLAIMS]
+    for claim in results["claims"]:  # the interval brackets the margin (a paired bootstrap over the same queries)
+        low, high = claim["ci95"]
+        assert low - 0.01 <= claim["margin"] <= high + 0.01 and claim["clear"] == (low > 0)
+    assert (tmp_path / "eval" / "egrl" / "predictions").is_dir()
     assert results["rl"]["steps"] >= 1 and len(results["rl"]["reward/total"]) >= 1
     assert set(results["answer_agreement"]) == {"pre_rl", "egrl"}
     for agreement in results["answer_agreement"].values():
@@ -43,6 +56,28 @@ def test_claims_report_margins() -> None:
     assert claims["egrl > pre_rl"] == {"claim": "egrl > pre_rl", "margin": 5.5, "holds": True}
     assert claims["pre_rl > raw"]["margin"] == 20.0 and claims["pre_rl > raw"]["holds"]
     assert claims["egrl > no_evidence"] == {"claim": "egrl > no_evidence", "margin": -0.5, "holds": False}
+
+
+def test_claims_carry_a_paired_interval_when_per_query_values_are_given() -> None:
+    """Two tasks: egrl gains 1 on every query of task a over pre_rl (a sure +50 points overall), pre_rl and raw
+    differ by one flipped query out of 20 in task b (noise), egrl and no_evidence are equal."""
+    b_pre = [float(i % 2) for i in range(20)]
+    b_raw = [1.0 - b_pre[0], *b_pre[1:]]
+    values = {"raw": {"a": [0.0] * 10, "b": b_raw}, "pre_rl": {"a": [0.0] * 10, "b": b_pre},
+              "egrl": {"a": [1.0] * 10, "b": b_pre}, "no_evidence": {"a": [1.0] * 10, "b": b_pre}}  # fmt: skip
+    overall = {m: 100 * (sum(v["a"]) / 10 + sum(v["b"]) / 20) / 2 for m, v in values.items()}
+    results = {"seed": 0, "modes": {m: {"overall": o} for m, o in overall.items()}}
+    claims = {c["claim"]: c for c in check_claims(results, values)}
+    assert claims["egrl > pre_rl"]["ci95"] == [50.0, 50.0] and claims["egrl > pre_rl"]["clear"]
+    low, high = claims["pre_rl > raw"]["ci95"]
+    assert claims["pre_rl > raw"]["margin"] == -2.5 and low < 0 <= high and not claims["pre_rl > raw"]["clear"]
+    assert claims["egrl > no_evidence"] == {"claim": "egrl > no_evidence", "margin": 0.0, "holds": False,
+                                                 "ci95": [0.0, 0.0], "clear": False}  # fmt: skip
+    results |= {"claims": list(claims.values()), "n_queries": {"a": 10, "b": 20}, "wall_s": 1.0, "stage_s": {}}
+    results["modes"] = {m: {"overall": o, "tasks": {"a": 0.0, "b": 0.0}} for m, o in overall.items()}
+    report = format_results(results)
+    assert "egrl > pre_rl: holds (+50.00, 95 % CI [+50.00, +50.00])" in report
+    assert "pre_rl > raw: FAILS (-2.50, 95 % CI [" in report and "not clear of noise" in report
 
 
 def test_rl_curve_means_over_stretches(tmp_path: Path) -> None:

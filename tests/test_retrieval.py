@@ -23,6 +23,7 @@ from embedrl.eval.retrieval import (
     MissingTCoTError,
     WorldEvaluator,
     preset_config,
+    read_query_values,
 )
 from embedrl.eval.scores import SCORE_KEYS, read_task_scores
 
@@ -232,6 +233,20 @@ def test_score_files_and_aggregates(world: Path, embedder, tmp_path: Path, mode:
     summary = json.loads((tmp_path / "summary.json").read_text())["summary"]
     assert summary["overall"] == pytest.approx(100 * (main[LOCAL] + main[GLOBAL]) / 2)
     assert summary["partial"] and len(summary["missing"]) == 9
+
+    # Per-query values of the main metric: their mean is the score file's value; records follow the task's queries.
+    values = read_query_values(tmp_path)
+    assert sorted(values) == sorted(main) and all(values[t].mean() == pytest.approx(main[t]) for t in main)
+    for task in main:
+        records = [json.loads(line) for line in (tmp_path / "predictions" / f"{task}.jsonl").read_text().splitlines()]
+        loaded = load_eval_task(world, task)
+        assert [r["query"] for r in records] == [q.id for q in loaded.queries]
+        assert [r["labels"] for r in records] == [[c for c, g in q.items() if g > 0] for q in loaded.qrels]
+        assert {r["metric"] for r in records} == {"hit@1" if task == LOCAL else "ndcg_linear@5"}
+        assert all(len(r["top"]) == len(r["scores"]) == 10 and r["scores"] == sorted(r["scores"], reverse=True)
+                   for r in records)  # fmt: skip
+        if task == LOCAL:  # hit@1: the top candidate is a relevant one exactly when the value is 1
+            assert [r["value"] for r in records] == [float(r["top"][0] in r["labels"]) for r in records]
 
     board = json.loads((tmp_path / "leaderboard.json").read_text())
     meta = board["metadata"]

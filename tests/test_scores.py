@@ -4,6 +4,7 @@ writers, the generic aggregator over a world manifest, and `embedrl eval summari
 from __future__ import annotations
 
 import copy
+import doctest
 import json
 import math
 from pathlib import Path
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 import yaml
 
+import embedrl.eval.scores as scores_module
 from embedrl.cli import main
 from embedrl.eval.metrics import compute_metrics
 from embedrl.eval.scores import (
@@ -25,6 +27,7 @@ from embedrl.eval.scores import (
     canonical_key,
     format_summary,
     mmeb_v2_task_info,
+    overall_difference_interval,
     read_leaderboard,
     read_task_scores,
     select_mmeb_v2,
@@ -599,3 +602,60 @@ def test_cli_eval_summarize_markdown(capsys) -> None:
 def test_cli_eval_summarize_bad_file(tmp_path: Path, capsys) -> None:
     assert main(["eval", "summarize", str(tmp_path / "absent.json")]) == 2
     assert "no such score file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paired bootstrap interval of an overall difference
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_scores_doctests() -> None:
+    result = doctest.testmod(scores_module)
+    assert result.attempted >= 2 and result.failed == 0
+
+
+def test_difference_interval_of_equal_and_of_shifted_systems_is_a_point() -> None:
+    worse = {"a": [0.0, 1.0, 0.5], "b": [1.0, 0.0]}
+    assert overall_difference_interval(worse, worse) == (0.0, 0.0)
+    shifted = {t: [v + 0.1 for v in values] for t, values in worse.items()}
+    low, high = overall_difference_interval(shifted, worse)
+    assert low == pytest.approx(0.1) and high == pytest.approx(0.1)
+
+
+def test_difference_interval_weights_tasks_not_queries() -> None:
+    """Task a (2 queries) gains 1 on each, task b (1000 queries) gains nothing: the overall (a mean over tasks)
+    gains exactly 0.5 on every draw; pooling the queries would give about 0.002."""
+    better = {"a": [1.0, 1.0], "b": [0.0] * 1000}
+    worse = {"a": [0.0, 0.0], "b": [0.0] * 1000}
+    assert overall_difference_interval(better, worse) == (0.5, 0.5)
+
+
+def test_difference_interval_matches_the_hand_computed_bootstrap() -> None:
+    """One task, differences [1, 0]: a draw's mean is 0, 0.5 or 1 with probabilities 1/4, 1/2, 1/4, so the 95 %
+    interval is (0, 1) and the 40 % one (0.5, 0.5)."""
+    assert overall_difference_interval({"t": [1.0, 0.0]}, {"t": [0.0, 0.0]}) == (0.0, 1.0)
+    assert overall_difference_interval({"t": [1.0, 0.0]}, {"t": [0.0, 0.0]}, level=0.4) == (0.5, 0.5)
+
+
+def test_difference_interval_of_noise_contains_zero_and_of_a_clear_gain_does_not() -> None:
+    rng = np.random.default_rng(1)
+    worse = {f"t{i}": rng.integers(0, 2, 50).astype(float).tolist() for i in range(4)}
+    one_flip = {t: [1.0 - v if j == 0 else v for j, v in enumerate(values)] for t, values in worse.items()}
+    low, high = overall_difference_interval(one_flip, worse)
+    assert low < 0 < high
+    gain = {t: [max(v, float(j % 2)) for j, v in enumerate(values)] for t, values in worse.items()}
+    low, high = overall_difference_interval(gain, worse)
+    assert 0 < low < high
+
+
+@pytest.mark.parametrize(
+    ("better", "worse", "match"),
+    [
+        ({"a": [1.0]}, {"b": [1.0]}, "same non-empty tasks"),
+        ({"a": [1.0, 0.0]}, {"a": [1.0]}, "task 'a': 2 vs 1"),
+        ({"a": []}, {"a": []}, "task 'a': 0 vs 0"),
+    ],
+)
+def test_difference_interval_names_a_bad_input(better, worse, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        overall_difference_interval(better, worse)

@@ -12,7 +12,8 @@ held-out tasks, with greedy T-CoTs:
 - ``answer_only`` / ``no_evidence``: the EG-RL T-CoTs without reasoning / without crops and key frames.
 
 Writes ``DIR/results.json`` (``{"seed", "wall_s", "n_queries", "stage_s", "modes": {mode: {"overall", "tasks"}},
-"claims", "rl"}``), ``DIR/report.md`` and two PNG plots (reward components over RL steps; per-task bars per mode).
+"claims", "answer_agreement", "rl"}``; each claim with its margin and the paired bootstrap 95 % interval of it over
+the query set), ``DIR/report.md`` and two PNG plots (reward components over RL steps; per-task bars per mode).
 Deterministic by seed.
 """
 
@@ -148,7 +149,7 @@ def run_demo(
     """
     from embedrl.backbones import instruct_backbone
     from embedrl.data.world import generate_world
-    from embedrl.eval.retrieval import evaluate_world, preset_config
+    from embedrl.eval.retrieval import evaluate_world, preset_config, read_query_values
     from embedrl.train.embedder import train_embedder
     from embedrl.train.grpo_trl import train_rl_trl
     from embedrl.train.reasoner import train_reasoner
@@ -196,7 +197,7 @@ def run_demo(
         "stage_s": stage_s,
         "modes": {mode: _mode_scores(report, metrics) for mode, report in reports.items()},
     }
-    results["claims"] = check_claims(results)
+    results["claims"] = check_claims(results, {mode: read_query_values(out / "eval" / mode) for mode in reports})
     results["answer_agreement"] = {
         mode: answer_agreement(world, out / "eval" / "cache", reports[mode]["metadata"]["reasoner"]["id"])
         for mode in ("pre_rl", "egrl")
@@ -249,15 +250,29 @@ def _mode_scores(report: dict[str, Any], metrics: dict[str, str]) -> dict[str, A
     return {"overall": round(sum(tasks.values()) / len(tasks), 2), "tasks": tasks}
 
 
-def check_claims(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each claim ``better > worse`` on the overall score, with its margin in points."""
+def check_claims(
+    results: dict[str, Any], query_values: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
+    """Each claim ``better > worse`` on the overall score, with its margin in points.
+
+    With ``query_values`` (mode -> task -> per-query values of the main metric) each claim also gets ``ci95``, the
+    paired bootstrap 95 % interval of the margin over the query set (:func:`overall_difference_interval`, points), and
+    ``clear``: whether that interval lies above 0 (the margin is more than the query set's sampling noise).
+    """
+    from embedrl.eval.scores import overall_difference_interval
+
     modes = results["modes"]
-    return [
-        {"claim": f"{a} > {b}", "margin": round(modes[a]["overall"] - modes[b]["overall"], 2),
-         "holds": modes[a]["overall"] > modes[b]["overall"]}
-        for a, b in CLAIMS
-        if a in modes and b in modes
-    ]  # fmt: skip
+    claims = []
+    for a, b in CLAIMS:
+        if a not in modes or b not in modes:
+            continue
+        claim = {"claim": f"{a} > {b}", "margin": round(modes[a]["overall"] - modes[b]["overall"], 2),
+                 "holds": modes[a]["overall"] > modes[b]["overall"]}  # fmt: skip
+        if query_values is not None:
+            low, high = overall_difference_interval(query_values[a], query_values[b], seed=results.get("seed", 0))
+            claim |= {"ci95": [round(100 * low, 2), round(100 * high, 2)], "clear": low > 0}
+        claims.append(claim)
+    return claims
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -353,6 +368,13 @@ def _mean_side(agreement: dict[str, dict[str, float]], side: str) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def _interval(claim: dict[str, Any]) -> str:
+    if "ci95" not in claim:
+        return ""
+    low, high = claim["ci95"]
+    return f", 95 % CI [{low:+.2f}, {high:+.2f}]" + ("" if claim["clear"] else ", not clear of noise")
+
+
 def format_results(results: dict[str, Any]) -> str:
     """The per-task and overall comparison table, the claims, the RL curve and the stage times."""
     modes = list(results["modes"])
@@ -370,8 +392,15 @@ def format_results(results: dict[str, Any]) -> str:
     lines += [f"| **overall** | {sum(results['n_queries'].values())} | {overall} |", ""]
     if results.get("claims"):
         lines.append("Claims (overall score, margin in points): " + "; ".join(
-            f"{c['claim']}: {'holds' if c['holds'] else 'FAILS'} ({c['margin']:+.2f})" for c in results["claims"]
+            f"{c['claim']}: {'holds' if c['holds'] else 'FAILS'} ({c['margin']:+.2f}{_interval(c)})"
+            for c in results["claims"]
         ) + ".")  # fmt: skip
+        if any("ci95" in c for c in results["claims"]):
+            lines.append(
+                "Brackets: paired bootstrap 95 % interval of the margin over this query set (queries redrawn within "
+                "each task); an interval that reaches 0 or below means the margin is within the query set's "
+                "sampling noise. It does not include the spread between training or decoding seeds."
+            )
         lines.append("")
     agreement = results.get("answer_agreement") or {}
     if agreement:

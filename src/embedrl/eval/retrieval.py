@@ -56,7 +56,7 @@ from embedrl.eval.cache import (
     embedding_key,
     weights_fingerprint,
 )
-from embedrl.eval.metrics import DEFAULT_KS, compute_metrics
+from embedrl.eval.metrics import DEFAULT_KS, compute_metrics, per_query_metrics, rank_candidates
 from embedrl.eval.scores import (
     aggregate,
     format_summary,
@@ -84,6 +84,7 @@ __all__ = [
     "embedder_fingerprint",
     "evaluate_world",
     "preset_config",
+    "read_query_values",
     "reasoner_fingerprint",
     "score_task",
 ]
@@ -96,7 +97,8 @@ EMBED_MODES: tuple[str, ...] = ("full", "answer_only", "no_evidence", "raw")
 ON_MISSING: tuple[str, ...] = ("error", "raw")
 BENCHMARK = "embedrl-world"
 PRIMARY_METRIC = "eval/overall"
-SCORES_DIR = "scores"
+SCORES_DIR, PREDICTIONS_DIR = "scores", "predictions"
+PREDICTION_DEPTH = 10  # candidates kept per query in predictions/<task>.jsonl
 SUMMARY_MD, SUMMARY_JSON, LEADERBOARD_JSON = "summary.md", "summary.json", "leaderboard.json"
 
 
@@ -652,6 +654,28 @@ class WorldEvaluator(TaskEvaluator):
             self._loaded[name] = load_eval_task(self.world_dir, name)
         return self._loaded[name]
 
+    def _task_scored(
+        self, name: str, task: EvalTask, candidate_ids: Sequence[str], scores: np.ndarray, relevance: list[dict]
+    ) -> None:
+        """Write ``predictions/<task>.jsonl``: per query its id, the task's main metric and its value for that query
+        (their mean is the score file's value), the top-10 candidate ids with scores, and the relevant ids."""
+        if self.out_dir is None:
+            return
+        metric = task.info["metric"]
+        values = per_query_metrics(scores, relevance, ks=self.metric_ks)[metric]  # [n_q]
+        top = rank_candidates(scores, PREDICTION_DEPTH)
+        lines = []
+        for i, query in enumerate(task.queries):
+            ids = candidate_ids if task.candidates is None else task.candidates[i]
+            ranked = [int(j) for j in top[i] if np.isfinite(scores[i, j])]
+            record = {
+                "query": query.id, "metric": metric, "value": float(values[i]),
+                "top": [ids[j] for j in ranked], "scores": [round(float(scores[i, j]), 6) for j in ranked],
+                "labels": [cid for cid, grade in task.qrels[i].items() if grade > 0],
+            }  # fmt: skip
+            lines.append(json.dumps(record, ensure_ascii=False))
+        _write_text(self.out_dir / PREDICTIONS_DIR / f"{name}.jsonl", "\n".join(lines) + "\n")
+
     def __call__(
         self,
         embedder: Embedder | Encoder,
@@ -738,10 +762,23 @@ class WorldEvaluator(TaskEvaluator):
         }
 
 
+def read_query_values(out_dir: str | Path) -> dict[str, np.ndarray]:
+    """task -> ``[n_queries]`` per-query values of its main metric, from ``out_dir/predictions/<task>.jsonl`` (an
+    evaluation output directory), in query order."""
+    folder = Path(out_dir) / PREDICTIONS_DIR
+    files = sorted(folder.glob("*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no {PREDICTIONS_DIR}/<task>.jsonl in {out_dir}: evaluate with out_dir set first")
+    return {
+        f.stem: np.array([json.loads(line)["value"] for line in f.read_text().splitlines() if line]) for f in files
+    }
+
+
 def evaluate_world(cfg: EvalConfig) -> dict[str, Any]:
     """The ``embedrl eval world`` stage: load the Embedder (and Reasoner), evaluate, write the result files.
 
-    Writes into ``cfg.out``: ``config.json`` (the resolved config), ``scores/<task>_score.json``, ``summary.md``,
+    Writes into ``cfg.out``: ``config.json`` (the resolved config), ``scores/<task>_score.json``,
+    ``predictions/<task>.jsonl`` (per query: its main-metric value and top candidates), ``summary.md``,
     ``summary.json`` and ``leaderboard.json``; caches go to ``cfg.cache_dir`` (default ``<out>/cache``).
 
     Returns:
@@ -795,7 +832,7 @@ def evaluate_world(cfg: EvalConfig) -> dict[str, Any]:
             "eval_config": config_to_dict(cfg),
         },
     )
-    files = {"scores": str(out / SCORES_DIR)} | {
+    files = {"scores": str(out / SCORES_DIR), "predictions": str(out / PREDICTIONS_DIR)} | {
         k: str(out / f) for k, f in (("summary_md", SUMMARY_MD), ("summary_json", SUMMARY_JSON),
                                      ("leaderboard", LEADERBOARD_JSON), ("config", "config.json"))
     }  # fmt: skip

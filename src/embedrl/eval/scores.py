@@ -39,6 +39,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from embedrl.eval.metrics import metric_names
 
 logger = logging.getLogger(__name__)
@@ -515,6 +517,49 @@ def aggregate(
     out["counts"] = counts
     out["missing"] = missing
     return out
+
+
+def overall_difference_interval(
+    better: Mapping[str, Sequence[float]],
+    worse: Mapping[str, Sequence[float]],
+    *,
+    level: float = 0.95,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float]:
+    """Paired bootstrap interval of ``overall(better) - overall(worse)``, overall being the plain mean over tasks of
+    each task's mean per-query score (as :func:`aggregate`).
+
+    Args:
+        better, worse: task -> per-query values of the task's main metric, the same tasks and the same queries in the
+            same order (two systems on one query set).
+        level: the interval's coverage; the bounds are the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles.
+        resamples: bootstrap draws; each redraws every task's queries with replacement (stratified by task, so each
+            task keeps its weight) and scores both systems on the same draw.
+        seed: the draws' seed.
+
+    It measures sampling noise of the query set only, not the spread between training or decoding seeds.
+
+    Example:
+        >>> overall_difference_interval({"a": [1, 1, 0], "b": [1, 0]}, {"a": [0, 1, 0], "b": [1, 0]})
+        (0.0, 0.5)
+    """
+    if set(better) != set(worse) or not better:
+        raise ValueError(f"better has tasks {sorted(better)}, worse {sorted(worse)}; give the same non-empty tasks")
+    if not 0 < level < 1 or resamples < 1:
+        raise ValueError(f"level must be in (0, 1) and resamples >= 1; got level={level}, resamples={resamples}")
+    rng = np.random.default_rng(seed)
+    total = np.zeros(resamples)  # [R] summed per-task mean differences
+    for task in sorted(better):
+        diff = np.asarray(better[task], dtype=np.float64) - np.asarray(worse[task], dtype=np.float64)  # [n]
+        if diff.ndim != 1 or diff.size == 0 or len(better[task]) != len(worse[task]):
+            raise ValueError(
+                f"task {task!r}: {len(better[task])} vs {len(worse[task])} per-query values; give one per query, "
+                "the same queries for both"
+            )
+        total += diff[rng.integers(0, diff.size, size=(resamples, diff.size))].mean(axis=1)
+    low, high = np.quantile(total / len(better), [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
 
 
 def main_scores(
