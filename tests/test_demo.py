@@ -38,6 +38,13 @@ def test_quick_demo_writes_every_mode(tmp_path: Path) -> None:
     assert (tmp_path / "eval" / "egrl" / "predictions").is_dir()
     assert results["rl"]["steps"] >= 1 and len(results["rl"]["reward/total"]) >= 1
     assert set(results["answer_agreement"]) == {"pre_rl", "egrl"}
+    assert set(results["evidence_agreement"]) == {"teacher", "pre_rl", "egrl"}
+    teacher = results["evidence_agreement"]["teacher"]
+    assert 0.5 < teacher["box_exact_rate"] < 1.0 and teacher["boxes"] > 0  # the noisy teacher: mostly right
+    for evidence in results["evidence_agreement"].values():
+        assert all(
+            v is None or 0.0 <= v <= 1.0 for k, v in evidence.items() if k.endswith(("rate", "precision", "recall"))
+        )
     for agreement in results["answer_agreement"].values():
         assert set(agreement) == tasks
         assert all(0.0 <= v <= 1.0 for sides in agreement.values() for v in sides.values())
@@ -78,6 +85,9 @@ def test_claims_carry_a_paired_interval_when_per_query_values_are_given() -> Non
     report = format_results(results)
     assert "egrl > pre_rl: holds (+50.00, 95 % CI [+50.00, +50.00])" in report
     assert "pre_rl > raw: FAILS (-2.50, 95 % CI [" in report and "not clear of noise" in report
+    results["evidence_agreement"] = {"teacher": {"box_exact_rate": 0.875, "key_frame_precision": 0.8,
+                                                 "key_frame_recall": None}}  # fmt: skip
+    assert "teacher 0.88; 0.80 / n/a." in format_results(results)
 
 
 def test_rl_curve_means_over_stretches(tmp_path: Path) -> None:

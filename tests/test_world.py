@@ -21,7 +21,7 @@ from embedrl.config import ConfigError, TeacherNoiseConfig, WorldConfig
 from embedrl.data.scenes import BACKGROUND, COLOURS, FLASH_RGB, page_region_has_ink
 from embedrl.data.schema import read_jsonl, read_pairs
 from embedrl.data.teacher import FILLER_SENTENCES, NOISE_KINDS, TeacherView, write_tcot
-from embedrl.data.world import SIZES, generate_world, load_eval_task, world_stats
+from embedrl.data.world import SIZES, evidence_accuracy, generate_world, load_eval_task, world_stats
 from embedrl.data.world_tasks import (
     EVAL_LEVEL,
     TASKS,
@@ -423,6 +423,25 @@ def test_clean_world_stats_show_a_perfect_teacher(clean_world: Path) -> None:
     for part in teacher.values():
         assert part["box_exact_rate"] == part["key_frame_precision"] == part["key_frame_recall"] == 1.0
         assert all(r["applied"] == 0 for r in part["imperfections"].values())
+
+
+def test_evidence_accuracy_by_hand() -> None:
+    """Boxes: 3 given on box items, 2 equal a true box (the loose one does not). Frames: 4 distinct given (the
+    repeated 2 counts once), 2 of them decisive, of 3 decisive frames. A keyword item's boxes are not counted."""
+    gt_a = {"boxes": [[0, 0, 250, 250], [250, 0, 500, 250]]}
+    gt_v = {"frames": [1, 2, 6]}
+    cues = [
+        ("bbox_2d", [[0, 0, 250, 250], [250, 0, 500, 500]], [], gt_a),
+        ("bbox_2d", [[250, 0, 500, 250]], [], gt_a),
+        ("key_frames", [], [0, 2, 2, 6, 7], gt_v),
+        ("text_keywords", [[0, 0, 250, 250]], [1], {"boxes": [[9, 9, 9, 9]], "frames": [3]}),
+    ]
+    assert evidence_accuracy(cues) == {
+        "box_exact_rate": 2 / 3, "key_frame_precision": 2 / 4, "key_frame_recall": 2 / 3,
+        "boxes": 3, "frames_given": 4, "frames_decisive": 3,
+    }  # fmt: skip
+    empty = evidence_accuracy([])
+    assert empty["box_exact_rate"] is empty["key_frame_precision"] is empty["key_frame_recall"] is None
 
 
 @pytest.mark.parametrize(

@@ -12,9 +12,9 @@ held-out tasks, with greedy T-CoTs:
 - ``answer_only`` / ``no_evidence``: the EG-RL T-CoTs without reasoning / without crops and key frames.
 
 Writes ``DIR/results.json`` (``{"seed", "wall_s", "n_queries", "stage_s", "modes": {mode: {"overall", "tasks"}},
-"claims", "answer_agreement", "rl"}``; each claim with its margin and the paired bootstrap 95 % interval of it over
-the query set), ``DIR/report.md`` and two PNG plots (reward components over RL steps; per-task bars per mode).
-Deterministic by seed.
+"claims", "answer_agreement", "evidence_agreement", "rl"}``; each claim with its margin and the paired bootstrap
+95 % interval of it over the query set), ``DIR/report.md`` and two PNG plots (reward components over RL steps;
+per-task bars per mode). Deterministic by seed.
 """
 
 from __future__ import annotations
@@ -202,6 +202,10 @@ def run_demo(
         mode: answer_agreement(world, out / "eval" / "cache", reports[mode]["metadata"]["reasoner"]["id"])
         for mode in ("pre_rl", "egrl")
     }
+    results["evidence_agreement"] = {"teacher": evidence_agreement(world, out / "eval" / "cache", None)} | {
+        mode: evidence_agreement(world, out / "eval" / "cache", reports[mode]["metadata"]["reasoner"]["id"])
+        for mode in ("pre_rl", "egrl")
+    }
     results["rl"] = rl_curve(out / "rl" / "metrics.jsonl")
     plot_rewards(out / "rl" / "metrics.jsonl", out / REWARD_PLOT)
     plot_modes(results, out / MODES_PLOT)
@@ -238,6 +242,30 @@ def answer_agreement(world: Path, cache_dir: Path, reasoner_id: str) -> dict[str
                 hits.setdefault(key.side, []).append(parse_tcot(text).answer.casefold() == teacher[key.item_id])
         out[name] = {side: round(sum(v) / len(v), 3) for side, v in sorted(hits.items())}
     return out
+
+
+def evidence_agreement(world: Path, cache_dir: Path, reasoner_id: str | None) -> dict[str, Any]:
+    """The evidence cues of the Reasoner's T-CoTs (``reasoner_id``, read from the evaluation's T-CoT cache; None:
+    the teacher's) against the world's ground truth, over every query and candidate of the held-out tasks:
+    :func:`embedrl.data.world.evidence_accuracy` (boxes equal to a true box, key-frame precision and recall)."""
+    from embedrl.data.world import EVAL_DIR, MANIFEST_FILE, evidence_accuracy, load_eval_task
+    from embedrl.eval.cache import TCoTCache
+    from embedrl.tcot import parse_tcot
+
+    cues = []
+    for name in sorted(json.loads((world / EVAL_DIR / MANIFEST_FILE).read_text())["tasks"]):
+        task = load_eval_task(world, name)
+        items = {it.id: it for it in [*task.queries, *task.pool.values()] if "tcot_provenance" in it.meta}
+        if reasoner_id is None:
+            texts = [(it, it.tcot) for it in items.values() if it.tcot]
+        else:
+            cache = cache_dir / "tcots" / f"{name}.jsonl"
+            pairs = TCoTCache(cache).items() if cache.is_file() else []
+            texts = [(items[k.item_id], t) for k, t in pairs if k.reasoner == reasoner_id and k.item_id in items]
+        for item, text in texts:
+            tcot = parse_tcot(text)
+            cues.append((item.meta["tcot_provenance"]["cue_key"], tcot.boxes, tcot.frames, item.meta["gt"]))
+    return evidence_accuracy(cues)
 
 
 def _n_queries(report: dict[str, Any]) -> dict[str, int]:
@@ -368,6 +396,10 @@ def _mean_side(agreement: dict[str, dict[str, float]], side: str) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
 def _interval(claim: dict[str, Any]) -> str:
     if "ci95" not in claim:
         return ""
@@ -408,6 +440,18 @@ def format_results(results: dict[str, Any]) -> str:
             "Reasoner answers equal to the teacher's (mean over tasks, query / target side): "
             + "; ".join(
                 f"{mode} {_mean_side(a, 'query'):.2f} / {_mean_side(a, 'target'):.2f}" for mode, a in agreement.items()
+            )
+            + "."
+        )
+        lines.append("")
+    evidence = results.get("evidence_agreement") or {}
+    if evidence:
+        lines.append(
+            "Evidence cues against the ground truth (boxes equal to a true box; key-frame precision / recall): "
+            + "; ".join(
+                f"{who} {_rate(e['box_exact_rate'])}; {_rate(e['key_frame_precision'])} / "
+                f"{_rate(e['key_frame_recall'])}"
+                for who, e in evidence.items()
             )
             + "."
         )

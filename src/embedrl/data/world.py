@@ -23,6 +23,7 @@ import random
 import shutil
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -452,25 +453,47 @@ def _eval_records(root: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     return records
 
 
+def evidence_accuracy(
+    cues: Iterable[tuple[str | None, Sequence[Sequence[int]], Sequence[int], Mapping[str, Any]]],
+) -> dict[str, Any]:
+    """How well evidence cues match the ground truth, over ``(cue_key, boxes, frames, gt)`` of many T-CoTs.
+
+    ``cue_key`` is the cue the item asks for (``bbox_2d``, ``key_frames`` or another); ``boxes`` and ``frames``
+    (0-based) are what a T-CoT gave; ``gt`` is the item's ``meta.gt``. Returns ``box_exact_rate`` (share of given
+    boxes equal to a ground-truth box), ``key_frame_precision`` (share of given frames that are decisive) and
+    ``key_frame_recall`` (share of decisive frames given), each None without a case, and the counts behind them.
+    """
+    boxes = box_hits = picked = picked_hits = decisive = 0
+    for cue_key, given_boxes, given_frames, gt in cues:
+        if cue_key == "bbox_2d":
+            truth = {tuple(b) for b in gt.get("boxes", [])}
+            boxes += len(given_boxes)
+            box_hits += sum(tuple(b) in truth for b in given_boxes)
+        elif cue_key == "key_frames":
+            truth_frames = set(gt.get("frames", []))
+            picked += len(set(given_frames))
+            picked_hits += len(truth_frames & set(given_frames))
+            decisive += len(truth_frames)
+    return {
+        "box_exact_rate": box_hits / boxes if boxes else None,
+        "key_frame_precision": picked_hits / picked if picked else None,
+        "key_frame_recall": picked_hits / decisive if decisive else None,
+        "boxes": boxes,
+        "frames_given": picked,
+        "frames_decisive": decisive,
+    }
+
+
 def teacher_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Measured imperfection rates (applied / applicable) and evidence accuracy of the teacher's T-CoTs."""
     applicable: Counter[str] = Counter()
     applied: Counter[str] = Counter()
-    boxes = box_hits = picked = picked_hits = decisive = decisive_found = 0
     for rec in records:
-        prov, gt = rec["meta"]["tcot_provenance"], rec["meta"]["gt"]
+        prov = rec["meta"]["tcot_provenance"]
         applicable.update(prov["noise_applicable"])
         applied.update(prov["noise_applied"])
-        if "boxes" in prov:
-            truth = {tuple(b) for b in gt.get("boxes", [])}
-            boxes += len(prov["boxes"])
-            box_hits += sum(tuple(b) in truth for b in prov["boxes"])
-        if "frames" in prov:
-            truth_frames = set(gt.get("frames", []))
-            picked += len(prov["frames"])
-            picked_hits += len(truth_frames & set(prov["frames"]))
-            decisive += len(truth_frames)
-            decisive_found += len(truth_frames & set(prov["frames"]))
+    provenance = [(rec["meta"]["tcot_provenance"], rec["meta"]["gt"]) for rec in records]
+    evidence = evidence_accuracy((p["cue_key"], p.get("boxes", []), p.get("frames", []), gt) for p, gt in provenance)
     rates = {
         kind: {
             "applicable": applicable[kind],
@@ -482,9 +505,9 @@ def teacher_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "tcots": len(records),
         "imperfections": rates,
-        "box_exact_rate": box_hits / boxes if boxes else None,
-        "key_frame_precision": picked_hits / picked if picked else None,
-        "key_frame_recall": decisive_found / decisive if decisive else None,
+        "box_exact_rate": evidence["box_exact_rate"],
+        "key_frame_precision": evidence["key_frame_precision"],
+        "key_frame_recall": evidence["key_frame_recall"],
     }
 
 
