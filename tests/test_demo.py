@@ -85,9 +85,10 @@ def test_claims_carry_a_paired_interval_when_per_query_values_are_given() -> Non
     report = format_results(results)
     assert "egrl > pre_rl: holds (+50.00, 95 % CI [+50.00, +50.00])" in report
     assert "pre_rl > raw: FAILS (-2.50, 95 % CI [" in report and "not clear of noise" in report
-    results["evidence_agreement"] = {"teacher": {"box_exact_rate": 0.875, "key_frame_precision": 0.8,
-                                                 "key_frame_recall": None}}  # fmt: skip
-    assert "teacher 0.88; 0.80 / n/a." in format_results(results)
+    teacher = {"keyword_precision": 0.9, "keyword_recall": 1.0, "box_exact_rate": 0.875, "key_frame_precision": 0.8,
+               "key_frame_recall": None}  # fmt: skip
+    results["evidence_agreement"] = {"teacher": teacher}
+    assert "teacher 0.90 / 1.00; 0.88; 0.80 / n/a." in format_results(results)
 
 
 def test_rl_curve_means_over_stretches(tmp_path: Path) -> None:

@@ -415,6 +415,7 @@ def test_world_stats_counts_and_measures(world: Path) -> None:
     rates = stats["teacher"]["train_rl"]["imperfections"]
     assert set(rates) == set(NOISE_KINDS) and all(r["applicable"] > 0 for r in rates.values())
     assert 0.5 < stats["teacher"]["train_rl"]["box_exact_rate"] < 1.0
+    assert 0.5 < stats["teacher"]["train_rl"]["keyword_precision"] < 1.0  # distractor keywords
     assert stats["media"]["files"] == json.loads((world / "world.json").read_text())["counts"]["media_files"]
 
 
@@ -422,26 +423,29 @@ def test_clean_world_stats_show_a_perfect_teacher(clean_world: Path) -> None:
     teacher = world_stats(clean_world, contact_sheet=False)["teacher"]
     for part in teacher.values():
         assert part["box_exact_rate"] == part["key_frame_precision"] == part["key_frame_recall"] == 1.0
+        assert part["keyword_precision"] == 1.0
         assert all(r["applied"] == 0 for r in part["imperfections"].values())
 
 
 def test_evidence_accuracy_by_hand() -> None:
-    """Boxes: 3 given on box items, 2 equal a true box (the loose one does not). Frames: 4 distinct given (the
-    repeated 2 counts once), 2 of them decisive, of 3 decisive frames. A keyword item's boxes are not counted."""
+    """Keywords: 3 distinct given (case-folded, the repeat counts once), 2 true, of 3 true ones. Boxes: 3 given on
+    box items, 2 equal a true box (the loose one does not). Frames: 4 distinct given (the repeated 2 counts once),
+    2 of them decisive, of 3 decisive. A cue of another kind than the item asks for is not counted."""
+    gt_t = {"keywords": ["red square", "jumps", "then"]}
     gt_a = {"boxes": [[0, 0, 250, 250], [250, 0, 500, 250]]}
     gt_v = {"frames": [1, 2, 6]}
     cues = [
-        ("bbox_2d", [[0, 0, 250, 250], [250, 0, 500, 500]], [], gt_a),
-        ("bbox_2d", [[250, 0, 500, 250]], [], gt_a),
-        ("key_frames", [], [0, 2, 2, 6, 7], gt_v),
-        ("text_keywords", [[0, 0, 250, 250]], [1], {"boxes": [[9, 9, 9, 9]], "frames": [3]}),
+        ("text_keywords", ["Red Square", "red square", "jumps", "blue circle"], [[0, 0, 250, 250]], [1], gt_t),
+        ("bbox_2d", ["red square"], [[0, 0, 250, 250], [250, 0, 500, 500]], [], gt_a),
+        ("bbox_2d", [], [[250, 0, 500, 250]], [], gt_a),
+        ("key_frames", [], [], [0, 2, 2, 6, 7], gt_v),
     ]
     assert evidence_accuracy(cues) == {
-        "box_exact_rate": 2 / 3, "key_frame_precision": 2 / 4, "key_frame_recall": 2 / 3,
-        "boxes": 3, "frames_given": 4, "frames_decisive": 3,
+        "keyword_precision": 2 / 3, "keyword_recall": 2 / 3, "box_exact_rate": 2 / 3, "key_frame_precision": 2 / 4,
+        "key_frame_recall": 2 / 3, "keywords": 3, "boxes": 3, "frames_given": 4, "frames_decisive": 3,
     }  # fmt: skip
     empty = evidence_accuracy([])
-    assert empty["box_exact_rate"] is empty["key_frame_precision"] is empty["key_frame_recall"] is None
+    assert all(empty[k] is None for k in empty if not k.startswith(("keywords", "boxes", "frames")))
 
 
 @pytest.mark.parametrize(

@@ -264,7 +264,8 @@ def evidence_agreement(world: Path, cache_dir: Path, reasoner_id: str | None) ->
             texts = [(items[k.item_id], t) for k, t in pairs if k.reasoner == reasoner_id and k.item_id in items]
         for item, text in texts:
             tcot = parse_tcot(text)
-            cues.append((item.meta["tcot_provenance"]["cue_key"], tcot.boxes, tcot.frames, item.meta["gt"]))
+            cue_key = item.meta["tcot_provenance"]["cue_key"]
+            cues.append((cue_key, tcot.keywords, tcot.boxes, tcot.frames, item.meta["gt"]))
     return evidence_accuracy(cues)
 
 
@@ -447,10 +448,11 @@ def format_results(results: dict[str, Any]) -> str:
     evidence = results.get("evidence_agreement") or {}
     if evidence:
         lines.append(
-            "Evidence cues against the ground truth (boxes equal to a true box; key-frame precision / recall): "
+            "Evidence cues against the ground truth (keyword precision / recall; boxes equal to a true box; key-frame "
+            "precision / recall): "
             + "; ".join(
-                f"{who} {_rate(e['box_exact_rate'])}; {_rate(e['key_frame_precision'])} / "
-                f"{_rate(e['key_frame_recall'])}"
+                f"{who} {_rate(e.get('keyword_precision'))} / {_rate(e.get('keyword_recall'))}; "
+                f"{_rate(e['box_exact_rate'])}; {_rate(e['key_frame_precision'])} / {_rate(e['key_frame_recall'])}"
                 for who, e in evidence.items()
             )
             + "."

@@ -454,18 +454,27 @@ def _eval_records(root: Path, manifest: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def evidence_accuracy(
-    cues: Iterable[tuple[str | None, Sequence[Sequence[int]], Sequence[int], Mapping[str, Any]]],
+    cues: Iterable[tuple[str | None, Sequence[str], Sequence[Sequence[int]], Sequence[int], Mapping[str, Any]]],
 ) -> dict[str, Any]:
-    """How well evidence cues match the ground truth, over ``(cue_key, boxes, frames, gt)`` of many T-CoTs.
+    """How well evidence cues match the ground truth, over ``(cue_key, keywords, boxes, frames, gt)`` of many T-CoTs.
 
-    ``cue_key`` is the cue the item asks for (``bbox_2d``, ``key_frames`` or another); ``boxes`` and ``frames``
-    (0-based) are what a T-CoT gave; ``gt`` is the item's ``meta.gt``. Returns ``box_exact_rate`` (share of given
-    boxes equal to a ground-truth box), ``key_frame_precision`` (share of given frames that are decisive) and
-    ``key_frame_recall`` (share of decisive frames given), each None without a case, and the counts behind them.
+    ``cue_key`` is the cue the item asks for (``text_keywords``, ``bbox_2d`` or ``key_frames``); ``keywords``,
+    ``boxes`` and ``frames`` (0-based) are what a T-CoT gave; ``gt`` is the item's ``meta.gt``. Returns
+    ``keyword_precision`` / ``keyword_recall`` (given keywords that are true ones, case-folded; true ones given),
+    ``box_exact_rate`` (share of given boxes equal to a ground-truth box), ``key_frame_precision`` (share of given
+    frames that are decisive) and ``key_frame_recall`` (share of decisive frames given), each None without a case,
+    and the counts behind them. Keywords come from text, boxes and frames from pixels: the first pair measures what a
+    Reasoner copies or drops, the others what it perceives.
     """
-    boxes = box_hits = picked = picked_hits = decisive = 0
-    for cue_key, given_boxes, given_frames, gt in cues:
-        if cue_key == "bbox_2d":
+    keywords = keyword_hits = true_keywords = boxes = box_hits = picked = picked_hits = decisive = 0
+    for cue_key, given_keywords, given_boxes, given_frames, gt in cues:
+        if cue_key == "text_keywords":
+            truth_words = {w.casefold() for w in gt.get("keywords", [])}
+            given_words = {w.casefold() for w in given_keywords}
+            keywords += len(given_words)
+            keyword_hits += len(truth_words & given_words)
+            true_keywords += len(truth_words)
+        elif cue_key == "bbox_2d":
             truth = {tuple(b) for b in gt.get("boxes", [])}
             boxes += len(given_boxes)
             box_hits += sum(tuple(b) in truth for b in given_boxes)
@@ -475,9 +484,12 @@ def evidence_accuracy(
             picked_hits += len(truth_frames & set(given_frames))
             decisive += len(truth_frames)
     return {
+        "keyword_precision": keyword_hits / keywords if keywords else None,
+        "keyword_recall": keyword_hits / true_keywords if true_keywords else None,
         "box_exact_rate": box_hits / boxes if boxes else None,
         "key_frame_precision": picked_hits / picked if picked else None,
         "key_frame_recall": picked_hits / decisive if decisive else None,
+        "keywords": keywords,
         "boxes": boxes,
         "frames_given": picked,
         "frames_decisive": decisive,
@@ -493,7 +505,9 @@ def teacher_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
         applicable.update(prov["noise_applicable"])
         applied.update(prov["noise_applied"])
     provenance = [(rec["meta"]["tcot_provenance"], rec["meta"]["gt"]) for rec in records]
-    evidence = evidence_accuracy((p["cue_key"], p.get("boxes", []), p.get("frames", []), gt) for p, gt in provenance)
+    evidence = evidence_accuracy(
+        (p["cue_key"], p.get("keywords", []), p.get("boxes", []), p.get("frames", []), gt) for p, gt in provenance
+    )
     rates = {
         kind: {
             "applicable": applicable[kind],
@@ -505,6 +519,7 @@ def teacher_stats(records: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "tcots": len(records),
         "imperfections": rates,
+        "keyword_precision": evidence["keyword_precision"],
         "box_exact_rate": evidence["box_exact_rate"],
         "key_frame_precision": evidence["key_frame_precision"],
         "key_frame_recall": evidence["key_frame_recall"],
@@ -580,7 +595,8 @@ def format_world_stats(stats: dict[str, Any]) -> str:
     ]
     for part, t in stats["teacher"].items():
         lines.append(
-            f"teacher ({part}, {t['tcots']} T-CoTs): box exact {_rate(t['box_exact_rate'])}, key-frame "
+            f"teacher ({part}, {t['tcots']} T-CoTs): keyword precision {_rate(t['keyword_precision'])}, box exact "
+            f"{_rate(t['box_exact_rate'])}, key-frame "
             f"precision {_rate(t['key_frame_precision'])}, recall {_rate(t['key_frame_recall'])}"
         )
         for kind, r in t["imperfections"].items():
