@@ -24,6 +24,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -217,28 +218,42 @@ def run_demo(
     return results
 
 
+def _eval_items(world: Path) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(task, {item id: item})`` over the world's held-out tasks (queries and candidates), in name order."""
+    from embedrl.data.world import EVAL_DIR, MANIFEST_FILE, load_eval_task
+
+    for name in sorted(json.loads((world / EVAL_DIR / MANIFEST_FILE).read_text())["tasks"]):
+        task = load_eval_task(world, name)
+        yield name, {it.id: it for it in [*task.queries, *task.pool.values()]}
+
+
+def _cached_tcots(cache_dir: Path, task: str, reasoner_id: str) -> list[tuple[Any, str]] | None:
+    """``(key, text)`` of the evaluation's T-CoT cache for ``task`` written by ``reasoner_id``; None: no cache."""
+    from embedrl.eval.cache import TCoTCache
+
+    cache = cache_dir / "tcots" / f"{task}.jsonl"
+    if not cache.is_file():
+        return None
+    return [(key, text) for key, text in TCoTCache(cache).items() if key.reasoner == reasoner_id]
+
+
 def answer_agreement(world: Path, cache_dir: Path, reasoner_id: str) -> dict[str, dict[str, float]]:
     """Per task and side: the share of the Reasoner's T-CoTs whose ``<answer>`` equals the teacher's (case-folded).
 
     A diagnostic of what the Reasoner perceives and restates, read from the evaluation's T-CoT cache: the teacher's
     answers are ground truth (its noise touches the cue and the prose, not the answer).
     """
-    from embedrl.data.world import EVAL_DIR, MANIFEST_FILE, load_eval_task
-    from embedrl.eval.cache import TCoTCache
     from embedrl.tcot import parse_tcot
 
     out: dict[str, dict[str, float]] = {}
-    for name in sorted(json.loads((world / EVAL_DIR / MANIFEST_FILE).read_text())["tasks"]):
-        task = load_eval_task(world, name)
-        teacher = {
-            it.id: parse_tcot(it.tcot).answer.casefold() for it in [*task.queries, *task.pool.values()] if it.tcot
-        }
-        cache = cache_dir / "tcots" / f"{name}.jsonl"
-        if not cache.is_file():
+    for name, items in _eval_items(world):
+        teacher = {i: parse_tcot(it.tcot).answer.casefold() for i, it in items.items() if it.tcot}
+        cached = _cached_tcots(cache_dir, name, reasoner_id)
+        if cached is None:
             continue
         hits: dict[str, list[bool]] = {}
-        for key, text in TCoTCache(cache).items():
-            if key.reasoner == reasoner_id and key.item_id in teacher:
+        for key, text in cached:
+            if key.item_id in teacher:
                 hits.setdefault(key.side, []).append(parse_tcot(text).answer.casefold() == teacher[key.item_id])
         out[name] = {side: round(sum(v) / len(v), 3) for side, v in sorted(hits.items())}
     return out
@@ -247,21 +262,19 @@ def answer_agreement(world: Path, cache_dir: Path, reasoner_id: str) -> dict[str
 def evidence_agreement(world: Path, cache_dir: Path, reasoner_id: str | None) -> dict[str, Any]:
     """The evidence cues of the Reasoner's T-CoTs (``reasoner_id``, read from the evaluation's T-CoT cache; None:
     the teacher's) against the world's ground truth, over every query and candidate of the held-out tasks:
-    :func:`embedrl.data.world.evidence_accuracy` (boxes equal to a true box, key-frame precision and recall)."""
-    from embedrl.data.world import EVAL_DIR, MANIFEST_FILE, evidence_accuracy, load_eval_task
-    from embedrl.eval.cache import TCoTCache
+    :func:`embedrl.data.world.evidence_accuracy` (keywords, boxes equal to a true box, key-frame precision and
+    recall)."""
+    from embedrl.data.world import evidence_accuracy
     from embedrl.tcot import parse_tcot
 
     cues = []
-    for name in sorted(json.loads((world / EVAL_DIR / MANIFEST_FILE).read_text())["tasks"]):
-        task = load_eval_task(world, name)
-        items = {it.id: it for it in [*task.queries, *task.pool.values()] if "tcot_provenance" in it.meta}
+    for name, all_items in _eval_items(world):
+        items = {i: it for i, it in all_items.items() if "tcot_provenance" in it.meta}
         if reasoner_id is None:
             texts = [(it, it.tcot) for it in items.values() if it.tcot]
         else:
-            cache = cache_dir / "tcots" / f"{name}.jsonl"
-            pairs = TCoTCache(cache).items() if cache.is_file() else []
-            texts = [(items[k.item_id], t) for k, t in pairs if k.reasoner == reasoner_id and k.item_id in items]
+            cached = _cached_tcots(cache_dir, name, reasoner_id) or []
+            texts = [(items[key.item_id], text) for key, text in cached if key.item_id in items]
         for item, text in texts:
             tcot = parse_tcot(text)
             cue_key = item.meta["tcot_provenance"]["cue_key"]
@@ -451,7 +464,7 @@ def format_results(results: dict[str, Any]) -> str:
             "Evidence cues against the ground truth (keyword precision / recall; boxes equal to a true box; key-frame "
             "precision / recall): "
             + "; ".join(
-                f"{who} {_rate(e.get('keyword_precision'))} / {_rate(e.get('keyword_recall'))}; "
+                f"{who} {_rate(e['keyword_precision'])} / {_rate(e['keyword_recall'])}; "
                 f"{_rate(e['box_exact_rate'])}; {_rate(e['key_frame_precision'])} / {_rate(e['key_frame_recall'])}"
                 for who, e in evidence.items()
             )
