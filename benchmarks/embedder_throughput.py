@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         "--budget",
         default="method",
         choices=["method", "checkpoint"],
-        help="pixel budget: method.md's (>= 128 tokens per image) or the tiny checkpoint's (4 tokens per 64 px image)",
+        help="pixel budget: docs/method.md's (>= 128 tokens per image) or the tiny checkpoint's "
+        "(4 tokens per 64 px image)",
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weight dtype")
     args = parser.parse_args(argv)

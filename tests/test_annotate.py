@@ -13,7 +13,9 @@ from PIL import Image
 
 from embedrl.cli import main
 from embedrl.config import AnnotateConfig, FilterConfig, TeacherSettings
-from embedrl.data.annotate import (
+from embedrl.data.rows import RowError
+from embedrl.data.schema import Item, Pair, read_jsonl, read_pairs, write_pairs
+from embedrl.prep.annotate import (
     AnnotationError,
     ChatRequest,
     Journal,
@@ -23,8 +25,6 @@ from embedrl.data.annotate import (
     equidistant,
     filter_pairs,
 )
-from embedrl.data.rows import RowError
-from embedrl.data.schema import Item, Pair, read_jsonl, read_pairs, write_pairs
 
 TCOT = (
     '<thinking>It shows a kite. {"text_keywords": ["kite"]}</thinking><rethink>Yes.</rethink><answer>A kite.</answer>'
@@ -228,7 +228,7 @@ def test_filter_judges_and_splits(pairs_file: Path, tmp_path: Path) -> None:
 def test_http_teacher_against_the_project_server(pairs_file: Path, tiny_backbone_dir, tmp_path: Path) -> None:
     pytest.importorskip("fastapi")
     from embedrl.config import ServeConfig
-    from embedrl.serve.chat import ChatModel
+    from embedrl.models.chat import ChatModel
     from embedrl.serve.server import create_app, serve_in_background
 
     app = create_app(ServeConfig(), chat_model=ChatModel.load(tiny_backbone_dir("qwen3-vl")))

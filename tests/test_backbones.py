@@ -31,7 +31,7 @@ from embedrl.backbones import (
     load_backbone,
 )
 from embedrl.backbones.tiny import BACKBONE_CONFIG_FILENAME
-from embedrl.config import FAMILIES, TinyBackboneConfig, read_saved_config
+from embedrl.config import MODEL_FAMILIES, TinyBackboneConfig, read_saved_config
 
 CHECKPOINT_FILES = {
     "config.json",
@@ -114,7 +114,7 @@ def test_tiny_tokenizer_rejects_bad_sizes():
 
 
 def test_adapters_cover_every_family():
-    assert tuple(ADAPTERS) == FAMILIES
+    assert tuple(ADAPTERS) == MODEL_FAMILIES
     for family, adapter in ADAPTERS.items():
         assert adapter.family == family
         assert detect_family(adapter.config_class()) == family
@@ -131,9 +131,9 @@ def test_detect_family_rejects_unknown_model_type(tmp_path):
         get_adapter({"model_type": "qwen3_vl"})
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODEL_FAMILIES)
 def test_default_pixel_budget_gives_method_token_counts(family, tiny_backbone_dir):
-    """method.md §3.2: 128-768 visual tokens per image, 128-300 per video frame, for every family."""
+    """docs/method.md §3.2: 128-768 visual tokens per image, 128-300 per video frame, for every family."""
     _, processor = load_backbone(tiny_backbone_dir(family))
     adapter = ADAPTERS[family]
     frames = [_image(i) for i in range(prompts.VIDEO_NUM_FRAMES)]
@@ -157,7 +157,7 @@ def test_default_pixel_budget_gives_method_token_counts(family, tiny_backbone_di
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODEL_FAMILIES)
 def test_tiny_checkpoint_files_and_ids(family, tiny_backbone_dir):
     path = tiny_backbone_dir(family)
     assert {p.name for p in path.iterdir()} >= CHECKPOINT_FILES
@@ -198,7 +198,7 @@ def test_token_id_mismatches_fail_loudly(tiny_backbone_dir):
     assert len(processor.tokenizer) == vocab  # nothing added
 
 
-@pytest.mark.parametrize("loaded", FAMILIES, indirect=True)
+@pytest.mark.parametrize("loaded", MODEL_FAMILIES, indirect=True)
 def test_forward_with_image_and_generate(loaded, torch_device):
     model, processor = loaded
     inputs = processor(
@@ -214,7 +214,7 @@ def test_forward_with_image_and_generate(loaded, torch_device):
     assert torch.equal(generated[:, :n], inputs["input_ids"])
 
 
-@pytest.mark.parametrize("loaded", FAMILIES, indirect=True)
+@pytest.mark.parametrize("loaded", MODEL_FAMILIES, indirect=True)
 def test_forward_with_video_frames(loaded, torch_device):
     model, processor = loaded
     frames = [_image(seed) for seed in range(4)]
@@ -228,7 +228,7 @@ def test_forward_with_video_frames(loaded, torch_device):
     assert torch.isfinite(hidden).all()
 
 
-@pytest.mark.parametrize("loaded", FAMILIES, indirect=True)
+@pytest.mark.parametrize("loaded", MODEL_FAMILIES, indirect=True)
 def test_add_emb_token_once_and_survives_save_load(loaded, tmp_path, torch_device, torch_dtype):
     model, processor = loaded
     vocab = len(processor.tokenizer)
@@ -258,7 +258,7 @@ def test_add_emb_token_once_and_survives_save_load(loaded, tmp_path, torch_devic
     assert torch.isfinite(hidden).all()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MODEL_FAMILIES)
 def test_tiny_build_is_deterministic(family, tiny_backbone_dir, tmp_path):
     first = tiny_backbone_dir(family)
     rng_state = torch.random.get_rng_state()

@@ -17,7 +17,6 @@ from embedrl.config import (
     WorldConfig,
     config_from_dict,
     config_to_dict,
-    dump_yaml,
     load_config,
     read_saved_config,
     save_config,
@@ -30,10 +29,9 @@ def test_yaml_round_trip(tmp_path: Path) -> None:
     cfg = load_config(WorldConfig, None, {"out": "w", "seed": "7", "teacher.wrong_box": "0.35", "size": "tiny"})
     assert cfg.seed == 7 and cfg.teacher.wrong_box == 0.35 and cfg.size == "tiny"
     path = tmp_path / "world.yaml"
-    path.write_text(dump_yaml(cfg))
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
     again = load_config(WorldConfig, path)
     assert again == cfg
-    assert dump_yaml(again) == dump_yaml(cfg)
 
 
 def test_saved_config_reads_back(tmp_path: Path) -> None:

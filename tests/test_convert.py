@@ -13,9 +13,9 @@ from PIL import Image
 
 from embedrl.cli import main
 from embedrl.config import ConvertConfig, ConvertDataset
-from embedrl.data.convert import convert
 from embedrl.data.rows import RowError
 from embedrl.data.schema import read_pairs
+from embedrl.prep.convert import convert
 
 
 def _png(path: Path, seed: int = 0) -> None:

@@ -1,4 +1,5 @@
-"""The Embedder (method.md §3.1–3.3): <emb> pooling, the encode path, save/load, LoRA merge, modes and evidence."""
+"""The Embedder (docs/method.md §3.1–3.3): <emb> pooling, the encode path, save/load, LoRA merge, modes and
+evidence."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from embedrl.data.schema import Item
 from embedrl.models import Embedder, pool_last_emb, truncate_text
 from embedrl.models.embedder import EMBEDDER_CONFIG_FILENAME
 
-FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+PROMPT_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 # Small pixel budget: 1-4 visual tokens per image and per frame, whatever the tiny checkpoint records.
 SMALL = PixelBudget(32 * 32, 64 * 64, 32 * 32, 64 * 64, num_frames=4)
 
@@ -268,7 +269,7 @@ def test_lora_model_encodes_and_merged_save_matches(embedder: Embedder, tmp_path
 # ---------------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", PROMPT_FAMILIES)
 def test_every_family_encodes_text_image_and_video(tiny_backbone_dir, family, torch_device, torch_dtype) -> None:
     embedder = Embedder.from_backbone(tiny_backbone_dir(family), device=torch_device, dtype=torch_dtype, budget=SMALL)
     vectors = embedder.encode(mixed_items(), batch_size=6)
@@ -278,7 +279,7 @@ def test_every_family_encodes_text_image_and_video(tiny_backbone_dir, family, to
 
 
 def test_method_budget_and_frames_as_images(tiny_backbone_dir, torch_device, torch_dtype) -> None:
-    """method.md's pixel budget (>= 128 visual tokens per image) and video_as="frames" (one image per frame)."""
+    """docs/method.md's pixel budget (>= 128 visual tokens per image) and video_as="frames" (one image per frame)."""
     path = tiny_backbone_dir("qwen3-vl")
     budget = ADAPTERS["qwen3-vl"].default_budget()
     embedder = Embedder.from_backbone(path, device=torch_device, dtype=torch_dtype, video_as="frames", budget=budget)
@@ -292,7 +293,7 @@ def test_method_budget_and_frames_as_images(tiny_backbone_dir, torch_device, tor
 
 
 def test_default_budget_is_the_checkpoints(tiny_backbone_dir) -> None:
-    """A tiny checkpoint's recorded budget by default; method.md's for a checkpoint that records none."""
+    """A tiny checkpoint's recorded budget by default; docs/method.md's for a checkpoint that records none."""
     model, processor = load_backbone(tiny_backbone_dir("qwen3-vl"))
     add_emb_token(model, processor)
     recorded = getattr(model.config, BUDGET_CONFIG_KEY)

@@ -1,4 +1,5 @@
-"""Evidence crops and key frames, and golden Embedder sequences for every modality and mode (method.md §2.5, §3.2)."""
+"""Evidence crops and key frames, and golden Embedder sequences for every modality and mode (docs/method.md §2.5,
+§3.2)."""
 
 from __future__ import annotations
 

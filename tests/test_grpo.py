@@ -18,15 +18,13 @@ import torch
 from embedrl.backbones import load_backbone
 from embedrl.config import ConfigError, GRPOTrainConfig, WorldConfig
 from embedrl.data.schema import Item, Pair
-from embedrl.data.world import generate_world
-from embedrl.rewards import RolloutKey
+from embedrl.rewards.judges import EmbedderReward, EndpointDiscriminator
+from embedrl.rewards.terms import RolloutKey
 from embedrl.train.embedder import latest_checkpoint
 from embedrl.train.grpo import (
     METRICS_FILE,
     RL_META_FILE,
     SAMPLES_FILE,
-    EmbedderReward,
-    EndpointDiscriminator,
     RLData,
     RolloutBatch,
     check_step_batch,
@@ -34,6 +32,7 @@ from embedrl.train.grpo import (
     step_batches,
     train_rl,
 )
+from embedrl.world.generate import generate_world
 
 G, B = 2, 2
 

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import embedrl.train.grpo_math as grpo_math
-from embedrl.rewards import RolloutKey
-from embedrl.train.grpo_math import Rollout, group_advantages, group_stats, grpo_loss
+from embedrl.rewards.terms import RolloutKey
+from embedrl.train.grpo_math import group_advantages, group_stats, grpo_loss
 
 EPS = 1e-6
 
@@ -164,22 +164,3 @@ def test_loss_validation():
         grpo_loss(z, z, None, torch.zeros(2), torch.ones(2, 2))
     with pytest.raises(ValueError, match="ref_logp must be"):
         grpo_loss(z, z, torch.zeros(2, 2), torch.zeros(2), torch.ones(2, 3))
-
-
-def test_rollout_fields_chain():
-    keys = [RolloutKey("a", "query", 0), RolloutKey("a", "target", 0)]
-    rewards = torch.tensor([1.0, math.nan])
-    ro = Rollout(
-        keys=keys,
-        prompt_ids=torch.zeros(2, 4, dtype=torch.long),
-        prompt_mask=torch.ones(2, 4, dtype=torch.long),
-        completion_ids=torch.zeros(2, 3, dtype=torch.long),
-        completion_mask=torch.ones(2, 3, dtype=torch.long),
-        old_logp=torch.zeros(2, 3),
-        ref_logp=None,
-        rewards=rewards,
-        advantages=group_advantages(rewards, [k[:2] for k in keys]),
-    )
-    assert ro.advantages.tolist() == [0.0, 0.0]
-    loss, _ = grpo_loss(ro.old_logp, ro.old_logp, ro.ref_logp, ro.advantages, ro.completion_mask)
-    assert loss.item() == 0.0

@@ -13,7 +13,6 @@ from PIL import Image
 
 from embedrl.config import GRPOTrainConfig, WorldConfig
 from embedrl.data.schema import read_pairs
-from embedrl.data.world import generate_world
 from embedrl.train.grpo import METRICS_FILE, RL_META_FILE, SAMPLES_FILE, RLData, Timed, load_models
 from embedrl.train.grpo_trl import (
     StepClock,
@@ -23,6 +22,7 @@ from embedrl.train.grpo_trl import (
     rl_step_geometry,
     train_rl_trl,
 )
+from embedrl.world.generate import generate_world
 
 G, B = 2, 2
 
@@ -141,7 +141,7 @@ def test_dataset_blocks_are_whole_pairs_of_one_dataset(world: Path) -> None:
 
 
 def _rewards(clock: StepClock, tmp_path: Path) -> TRLRewards:
-    from embedrl.rewards import RewardConfig
+    from embedrl.config import RewardConfig
 
     def embed(side, texts, columns):
         return torch.nn.functional.normalize(torch.randn(len(texts), 4), dim=-1)
@@ -222,8 +222,8 @@ def test_rewards_can_use_the_project_server_as_embedder_and_discriminator(
     from embedrl.config import ServeConfig
     from embedrl.models.embedder import Embedder
     from embedrl.models.reasoner import Reasoner
+    from embedrl.rewards.judges import ChatDiscriminator, EmbedderReward, EndpointDiscriminator, EndpointEmbedderReward
     from embedrl.serve.server import create_app, serve_in_background
-    from embedrl.train.grpo import ChatDiscriminator, EmbedderReward, EndpointDiscriminator, EndpointEmbedderReward
 
     pairs = [p for p in read_pairs(world / "rl.jsonl") if p.target.images][:3]
     items = [p.target for p in pairs]
@@ -261,7 +261,7 @@ def test_trl_grpo_moves_the_policy_toward_higher_reward(
     """End to end through the EG-RL wiring (step blocks, reward keys, weights, TRL's advantages and update): with a
     reward that pays for reply tokens from a fixed half of the vocabulary, a few GRPO steps must raise the policy's
     probability of those tokens. A reward scattered to the wrong trajectories, or a flipped sign, fails this."""
-    import embedrl.rewards as rewards_module
+    import embedrl.rewards.terms as rewards_module
     from embedrl.models.reasoner import Reasoner
 
     cfg = make_cfg(tmp_path / "rl", w_format=1.0, w_process=0.0, w_outcome=0.0, temperature=1.0, max_steps=12,

@@ -1,5 +1,5 @@
 """MMEB-V2 on real data: registry vs the published eval configs, every loader on a tiny copy of the distributed
-layout, candidate construction, bad-row policy, summary vs the benchmarks.md §1.6 test vectors, and the CLI."""
+layout, candidate construction, bad-row policy, summary vs the docs/benchmarks.md §1.6 test vectors, and the CLI."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ SMALL = PixelBudget(32 * 32, 64 * 64, 32 * 32, 64 * 64, num_frames=4)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# A tiny MMEB-V2 data root in the distributed layout (benchmarks.md §2.1, §2.2)
+# A tiny MMEB-V2 data root in the distributed layout (docs/benchmarks.md §2.1, §2.2)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -479,7 +479,7 @@ FILES = {
     "VLM2Vec-V2": "VLM2Vec-V2.0-Qwen2VL-2B.v2.0.1.json",
     "GME-7B": "gme-Qwen2-VL-7B-Instruct.v2.0.1.json",
 }
-# benchmarks.md §1.6 (×100, ±0.01): All, Image, Video, VisDoc, then the 13 sub-groups.
+# docs/benchmarks.md §1.6 (×100, ±0.01): All, Image, Video, VisDoc, then the 13 sub-groups.
 EXPECTED = {
     "2B": (
         66.78,

@@ -11,8 +11,8 @@ from embedrl.prompts import (
     CUE_BOXES,
     CUE_FRAMES,
     CUE_KEYWORDS,
-    FAMILIES,
     JUDGE,
+    PROMPT_FAMILIES,
     SUFFIX,
     PromptTemplate,
     choose_family,
@@ -289,16 +289,16 @@ GOLDEN = {
 
 
 def _fields(name: str) -> dict[str, object]:
-    return {k: SAMPLE[k] for k in FAMILIES[name].fields}
+    return {k: SAMPLE[k] for k in PROMPT_FAMILIES[name].fields}
 
 
 @pytest.mark.parametrize(("name", "compact"), list(GOLDEN))
 def test_family_golden(name: str, compact: bool) -> None:
-    assert FAMILIES[name].render(compact=compact, **_fields(name)) == GOLDEN[name, compact]
+    assert PROMPT_FAMILIES[name].render(compact=compact, **_fields(name)) == GOLDEN[name, compact]
 
 
 def test_golden_covers_every_family_and_variant() -> None:
-    assert set(GOLDEN) == {(name, c) for name in FAMILIES for c in (False, True)}
+    assert set(GOLDEN) == {(name, c) for name in PROMPT_FAMILIES for c in (False, True)}
 
 
 def test_suffix_golden() -> None:
@@ -380,20 +380,20 @@ def test_seven_families_with_their_sides_and_cues() -> None:
         "positive_image": ("target", CUE_BOXES, "image"),
         "positive_video": ("target", CUE_FRAMES, "video"),
     }
-    assert {n: (f.side, f.cue_key, f.media) for n, f in FAMILIES.items()} == expected
-    assert all(name == f.name for name, f in FAMILIES.items())
+    assert {n: (f.side, f.cue_key, f.media) for n, f in PROMPT_FAMILIES.items()} == expected
+    assert all(name == f.name for name, f in PROMPT_FAMILIES.items())
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", list(PROMPT_FAMILIES))
 def test_family_fields(name: str) -> None:
-    family = FAMILIES[name]
+    family = PROMPT_FAMILIES[name]
     assert family.fields == (("n_frames", "text") if family.media == "video" else ("text",))
     assert family.compact.fields == family.full.fields
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", list(PROMPT_FAMILIES))
 def test_worked_examples_parse_cleanly(name: str) -> None:
-    family = FAMILIES[name]
+    family = PROMPT_FAMILIES[name]
     rendered = family.render(**_fields(name))
     assert len(family.examples) == 2
     for example in family.examples:
@@ -409,18 +409,18 @@ def test_worked_examples_parse_cleanly(name: str) -> None:
         assert f'{{"{family.cue_key}": ' in text  # the cue's exact key and format are stated
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", list(PROMPT_FAMILIES))
 def test_compact_is_short(name: str) -> None:
-    family = FAMILIES[name]
+    family = PROMPT_FAMILIES[name]
     assert len(family.render(compact=True, **_fields(name))) < len(family.render(**_fields(name))) / 3
 
 
 def test_render_rejects_missing_and_extra_fields() -> None:
-    family = FAMILIES["video_sequence"]
+    family = PROMPT_FAMILIES["video_sequence"]
     with pytest.raises(ValueError, match=r"missing \['n_frames'\]"):
         family.render(text="x")
     with pytest.raises(ValueError, match=r"unexpected \['query'\]"):
-        FAMILIES["positive_text"].render(text="x", query="leak")
+        PROMPT_FAMILIES["positive_text"].render(text="x", query="leak")
     with pytest.raises(ValueError, match="missing"):
         JUDGE.render(task="t", query_tcot="q")
 
@@ -430,7 +430,7 @@ def test_field_values_are_not_re_substituted() -> None:
 
 
 def test_target_families_never_take_the_query() -> None:
-    for family in FAMILIES.values():
+    for family in PROMPT_FAMILIES.values():
         if family.side == "target":
             assert set(family.fields) <= {"text", "n_frames"}
             assert "query" not in family.full.text.lower()
@@ -445,9 +445,9 @@ def test_prompt_hash() -> None:
     h = prompt_hash("abc")
     assert re.fullmatch(r"[0-9a-f]{12}", h) and h == prompt_hash("abc") != prompt_hash("abd")
     assert prompt_hash(JUDGE) == prompt_hash(JUDGE.text) == JUDGE.hash
-    for family in FAMILIES.values():
+    for family in PROMPT_FAMILIES.values():
         assert family.hash() == prompt_hash(family.full.text) != family.hash(compact=True)
-    assert len({f.hash() for f in FAMILIES.values()}) == len(FAMILIES)
+    assert len({f.hash() for f in PROMPT_FAMILIES.values()}) == len(PROMPT_FAMILIES)
 
 
 @pytest.mark.parametrize(
@@ -467,7 +467,7 @@ def test_prompt_hash() -> None:
 )
 def test_choose_family(side: str, modality: str, target: str | None, family: str) -> None:
     assert choose_family(side, modality, target) == family  # type: ignore[arg-type]
-    assert family in FAMILIES
+    assert family in PROMPT_FAMILIES
 
 
 def test_choose_family_rejects_unknown_values() -> None:
@@ -481,8 +481,8 @@ def test_choose_family_rejects_unknown_values() -> None:
 
 def test_cue_for_modality_matches_families() -> None:
     for modality, cue in prompts.CUE_FOR_MODALITY.items():
-        assert FAMILIES[choose_family("target", modality)].cue_key == cue
-        assert FAMILIES[choose_family("query", modality)].cue_key == cue
+        assert PROMPT_FAMILIES[choose_family("target", modality)].cue_key == cue
+        assert PROMPT_FAMILIES[choose_family("query", modality)].cue_key == cue
 
 
 @pytest.mark.parametrize(

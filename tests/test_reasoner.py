@@ -10,10 +10,10 @@ import torch
 
 from embedrl.config import ReasonerTrainConfig, WorldConfig
 from embedrl.data.schema import Item, read_pairs
-from embedrl.data.world import generate_world
 from embedrl.models.reasoner import Decoding, Reasoner, build_reasoner_prompt
 from embedrl.prompts import CUE_BOXES, CUE_FRAMES, CUE_KEYWORDS, IM_END
 from embedrl.train.reasoner import discrimination_examples, sft_batch, tcot_examples, train_reasoner
+from embedrl.world.generate import generate_world
 
 
 @pytest.fixture(scope="module")

@@ -13,12 +13,11 @@ from collections import Counter
 import pytest
 import torch
 
-import embedrl.rewards as rewards_module
-from embedrl.rewards import (
-    PRESETS,
+import embedrl.rewards.terms as rewards_module
+from embedrl.config import PRESETS, RewardConfig
+from embedrl.rewards.terms import (
     OutcomeReward,
     ProcessReward,
-    RewardConfig,
     RolloutKey,
     RolloutScorer,
     SimilarityBatch,

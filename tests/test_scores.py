@@ -1,4 +1,4 @@
-"""Score files and aggregation: the MMEB-V2 registry, the published aggregates (benchmarks.md §1.6), readers,
+"""Score files and aggregation: the MMEB-V2 registry, the published aggregates (docs/benchmarks.md §1.6), readers,
 writers, the generic aggregator over a world manifest, and `embedrl eval summarize`."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ FILES = {
 }
 COLUMNS = list(FILES)
 
-# benchmarks.md §1.6: main metric ×100, ±0.01. Row: (#datasets, 2B, 4B, VLM2Vec-V2, GME-7B).
+# docs/benchmarks.md §1.6: main metric ×100, ±0.01. Row: (#datasets, 2B, 4B, VLM2Vec-V2, GME-7B).
 EXPECTED = {
     "All": (78, 66.78, 68.08, 57.89, 57.79),
     "Image": (36, 69.24, 71.19, 64.92, 55.93),
@@ -240,7 +240,7 @@ def test_published_aggregates_high_precision(summaries, column: str, name: str, 
     assert lookup(summaries[column], name)[0] == pytest.approx(value, abs=1e-4)
 
 
-# method.md §7.1: the Embed-RL rows of paper Table 1, one decimal (4B Image as corrected to 71.2). (2B, 4B)
+# docs/method.md §7.1: the Embed-RL rows of paper Table 1, one decimal (4B Image as corrected to 71.2). (2B, 4B)
 PAPER_TABLE_1 = {
     "I-CLS": (62.8, 63.7),
     "I-QA": (67.9, 70.5),
@@ -269,7 +269,7 @@ def test_paper_table_values_to_one_decimal(summaries, name: str) -> None:
         assert abs(lookup(summaries[column], name)[0] - value) <= 0.05 + 1e-9, column
 
 
-# benchmarks.md §1.6, "common mistakes": the aggregator must not return these.
+# docs/benchmarks.md §1.6, "common mistakes": the aggregator must not return these.
 MISTAKES = {
     "Image": (72.45, 74.21, 66.52, 55.70),  # mean of the 4 sub-group means
     "All": (65.14, 66.31, 54.78, 56.49),  # mean of the 3 modality means
@@ -555,7 +555,7 @@ def test_aggregate_rejects_unknown_missing_and_bad_scores() -> None:
 @pytest.fixture(scope="module")
 def world_manifest(tmp_path_factory) -> dict:
     from embedrl.config import WorldConfig
-    from embedrl.data.world import generate_world
+    from embedrl.world.generate import generate_world
 
     out = generate_world(WorldConfig(out=str(tmp_path_factory.mktemp("world")), seed=0, size="tiny"))
     return json.loads((Path(out) / "eval" / "manifest.json").read_text())

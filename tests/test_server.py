@@ -21,9 +21,9 @@ from embedrl.backbones import PixelBudget
 from embedrl.cli import main
 from embedrl.config import IndexConfig, ServeConfig
 from embedrl.data.schema import Item, write_jsonl
+from embedrl.models.chat import ChatModel, ChatParams, Conversation
 from embedrl.models.reasoner import Decoding
 from embedrl.serve.batching import MicroBatcher
-from embedrl.serve.chat import ChatModel, ChatParams, Conversation
 from embedrl.serve.index import Searcher, build_index
 from embedrl.serve.server import create_app, serve_in_background
 

@@ -1,4 +1,4 @@
-"""parse_tcot on every row of method.md §2.4, format_ok (§4.5), the render/parse round trip, and fuzzing."""
+"""parse_tcot on every row of docs/method.md §2.4, format_ok (§4.5), the render/parse round trip, and fuzzing."""
 
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def test_clean_text_example() -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# method.md §2.4, row by row
+# docs/method.md §2.4, row by row
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -12,7 +12,6 @@ import torch
 import torch.multiprocessing as mp
 
 from embedrl.config import ConfigError, EmbedderTrainConfig, LoraSettings, WorldConfig
-from embedrl.data.world import generate_world
 from embedrl.train.embedder import (
     METRICS_FILE,
     build_sampler,
@@ -25,6 +24,7 @@ from embedrl.train.embedder import (
     train_embedder,
     train_step,
 )
+from embedrl.world.generate import generate_world
 
 
 @pytest.fixture(scope="module")

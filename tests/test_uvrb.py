@@ -1,5 +1,5 @@
 """UVRB: registry vs the published configs, strict config reading, the loader on a tiny extracted layout, the
-aggregates against the benchmarks.md §3.5 test vectors, and `embedrl eval uvrb` end to end."""
+aggregates against the docs/benchmarks.md §3.5 test vectors, and `embedrl eval uvrb` end to end."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ UVRB_DIR = SHARED / "fixtures" / "uvrb"
 needs_shared = pytest.mark.skipif(not UVRB_DIR.is_dir(), reason=f"shared fixtures not found under {SHARED}")
 SMALL = PixelBudget(32 * 32, 64 * 64, 32 * 32, 64 * 64, num_frames=4)
 
-# benchmarks.md §3.5: per-dataset headline scores (×100) in registry order, then the expected aggregates
+# docs/benchmarks.md §3.5: per-dataset headline scores (×100) in registry order, then the expected aggregates
 # (UVRB-16, UVRB-6, TXT, CMP, VIS, CG, FG, LC, S, T, PR).
 PER_DATASET = {
     "Embed-RL-2B": (43.7, 42.2, 91.4, 89.7, 84.6, 49.4, 36.5, 31.8, 56.5, 33.6, 80.0, 93.8, 19.3, 21.0, 89.1, 51.4),

@@ -18,11 +18,12 @@ from PIL import Image
 
 from embedrl.cli import main
 from embedrl.config import ConfigError, TeacherNoiseConfig, WorldConfig
-from embedrl.data.scenes import BACKGROUND, COLOURS, FLASH_RGB, page_region_has_ink
 from embedrl.data.schema import read_jsonl, read_pairs
-from embedrl.data.teacher import FILLER_SENTENCES, NOISE_KINDS, TeacherView, write_tcot
-from embedrl.data.world import SIZES, evidence_accuracy, generate_world, load_eval_task, world_stats
-from embedrl.data.world_tasks import (
+from embedrl.prompts import CUE_BOXES, CUE_FRAMES, CUE_KEYWORDS, PROMPT_FAMILIES
+from embedrl.tcot import format_ok, parse_tcot
+from embedrl.world.generate import SIZES, evidence_accuracy, generate_world, load_eval_task, world_stats
+from embedrl.world.scenes import BACKGROUND, COLOURS, FLASH_RGB, page_region_has_ink
+from embedrl.world.tasks import (
     EVAL_LEVEL,
     TASKS,
     Geometry,
@@ -30,8 +31,7 @@ from embedrl.data.world_tasks import (
     doc_grade,
     video_caption_holds,
 )
-from embedrl.prompts import CUE_BOXES, CUE_FRAMES, CUE_KEYWORDS, FAMILIES
-from embedrl.tcot import format_ok, parse_tcot
+from embedrl.world.teacher import FILLER_SENTENCES, NOISE_KINDS, TeacherView, write_tcot
 
 META_TASKS = {"I-CLS", "I-QA", "I-RET", "I-GD", "V-CLS", "V-QA", "V-RET", "V-MRET", "VisDoc"}
 ZERO_NOISE = dict.fromkeys(NOISE_KINDS, 0.0)
@@ -88,7 +88,7 @@ def _load(base: Path, rel: str) -> np.ndarray:
 
 def test_same_seed_gives_identical_files_even_in_another_process(world: Path, tmp_path: Path) -> None:
     script = (
-        "from embedrl.config import WorldConfig; from embedrl.data.world import generate_world; "
+        "from embedrl.config import WorldConfig; from embedrl.world.generate import generate_world; "
         f"generate_world(WorldConfig(out={str(tmp_path / 'again')!r}, seed=0, size='tiny'))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
@@ -132,11 +132,11 @@ def test_training_pairs_cover_every_dataset_with_teacher_provenance(world: Path)
     for p in pairs:
         for item in (p.query, p.target):
             prov = item.meta["tcot_provenance"]
-            assert item.tcot and prov["generator"] == "world-teacher" and prov["family"] in FAMILIES
+            assert item.tcot and prov["generator"] == "world-teacher" and prov["family"] in PROMPT_FAMILIES
             assert set(prov["noise_applied"]) <= set(prov["noise_applicable"]) <= set(NOISE_KINDS)
             assert item.meta["split"] == "train" and item.meta["task"] == p.dataset
-        assert FAMILIES[p.query.meta["tcot_provenance"]["family"]].side == "query"
-        assert FAMILIES[p.target.meta["tcot_provenance"]["family"]].side == "target"
+        assert PROMPT_FAMILIES[p.query.meta["tcot_provenance"]["family"]].side == "query"
+        assert PROMPT_FAMILIES[p.target.meta["tcot_provenance"]["family"]].side == "target"
 
 
 def _content(rec: dict[str, Any]) -> tuple:
@@ -279,7 +279,7 @@ def test_key_frames_are_the_only_frames_that_change(world: Path) -> None:
 
 
 def _parse(rec: dict[str, Any]) -> Any:
-    family = FAMILIES[rec["meta"]["tcot_provenance"]["family"]]
+    family = PROMPT_FAMILIES[rec["meta"]["tcot_provenance"]["family"]]
     n_frames = len(rec["frames"]) or None
     return family.cue_key, parse_tcot(rec["tcot"], cue_key=family.cue_key, n_frames=n_frames), n_frames
 

@@ -73,7 +73,7 @@ def cmd_backbone_tiny(args: argparse.Namespace) -> int:
 
 
 def cmd_backbone_pretrain(args: argparse.Namespace) -> int:
-    from embedrl.train.pretrain import PERCEPTION_FILE, pretrain_backbone
+    from embedrl.world.pretrain import PERCEPTION_FILE, pretrain_backbone
 
     cfg = config_from_args(BackbonePretrainConfig, args)
     out = pretrain_backbone(cfg)
@@ -84,7 +84,7 @@ def cmd_backbone_pretrain(args: argparse.Namespace) -> int:
 
 
 def cmd_world_generate(args: argparse.Namespace) -> int:
-    from embedrl.data.world import generate_world
+    from embedrl.world.generate import generate_world
 
     cfg = config_from_args(WorldConfig, args)
     out = generate_world(cfg)
@@ -93,13 +93,13 @@ def cmd_world_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_world_stats(args: argparse.Namespace) -> int:
-    from embedrl.data.world import world_stats
+    from embedrl.world.generate import world_stats
 
     stats = world_stats(args.dir, contact_sheet=not args.no_contact_sheet)
     if args.json:
         print(json.dumps(stats, indent=2, sort_keys=True))
     else:
-        from embedrl.data.world import format_world_stats
+        from embedrl.world.generate import format_world_stats
 
         print(format_world_stats(stats))
     return 0
@@ -129,7 +129,8 @@ def cmd_eval_summarize(args: argparse.Namespace) -> int:
 
 def cmd_eval_world(args: argparse.Namespace) -> int:
     """Evaluate an Embedder on the synthetic world's suite: score files, summary table, leaderboard JSON."""
-    from embedrl.eval.retrieval import EvalError, evaluate_world
+    from embedrl.eval.evaluator import EvalError
+    from embedrl.world.evaluate import evaluate_world
 
     cfg = config_from_args(EvalConfig, args)
     try:
@@ -245,8 +246,8 @@ def _list_override(args: argparse.Namespace, key: str) -> None:
 def cmd_eval_mmeb(args: argparse.Namespace) -> int:
     """Evaluate on MMEB-V2 from the distributed layout: score files, predictions, summary, leaderboard JSON."""
     from embedrl.data.rows import RowError
+    from embedrl.eval.evaluator import EvalError
     from embedrl.eval.mmeb import evaluate_mmeb
-    from embedrl.eval.retrieval import EvalError
     from embedrl.eval.scores import ScoreFileError
 
     _list_override(args, "tasks")
@@ -265,7 +266,7 @@ def cmd_eval_mmeb(args: argparse.Namespace) -> int:
 def cmd_eval_uvrb(args: argparse.Namespace) -> int:
     """Evaluate on UVRB from the extracted layout: score files, predictions, UVRB-16 and UVRB-6."""
     from embedrl.data.rows import RowError
-    from embedrl.eval.retrieval import EvalError
+    from embedrl.eval.evaluator import EvalError
     from embedrl.eval.uvrb import evaluate_uvrb
 
     _list_override(args, "tasks")
@@ -283,8 +284,8 @@ def cmd_eval_uvrb(args: argparse.Namespace) -> int:
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert MMEB-train, LLaVA-Hound, ViDoRe and VisRAG rows into pairs JSONL (one file per dataset)."""
-    from embedrl.data.convert import convert
     from embedrl.data.rows import RowError
+    from embedrl.prep.convert import convert
 
     _list_override(args, "only")
     cfg = config_from_args(ConvertConfig, args)
@@ -300,8 +301,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def cmd_annotate(args: argparse.Namespace) -> int:
     """Teacher T-CoTs for the queries and positives of pairs files (resumable; local model or OpenAI endpoint)."""
-    from embedrl.data.annotate import AnnotationError, annotate
     from embedrl.data.rows import RowError
+    from embedrl.prep.annotate import AnnotationError, annotate
 
     cfg = config_from_args(AnnotateConfig, args)
     try:
@@ -317,8 +318,8 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     """Relevance judge over annotated pairs, then the contrastive set and the RL set."""
-    from embedrl.data.annotate import AnnotationError, filter_pairs
     from embedrl.data.rows import RowError
+    from embedrl.prep.annotate import AnnotationError, filter_pairs
 
     cfg = config_from_args(FilterConfig, args)
     try:

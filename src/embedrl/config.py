@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
@@ -47,7 +49,6 @@ __all__ = [
     "config_fields",
     "config_from_dict",
     "config_to_dict",
-    "dump_yaml",
     "load_config",
     "save_config",
 ]
@@ -69,7 +70,7 @@ def _help(text: str) -> dict[str, str]:
 # Stage configs
 # ----------------------------------------------------------------------------------------------------------------
 
-FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+MODEL_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 Family = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 
 
@@ -250,7 +251,8 @@ class LoraSettings:
         metadata=_help("leaf names of the language model's Linear layers to adapt"),
     )
     vision_tower: bool = field(
-        default=True, metadata=_help("also adapt every Linear layer of the vision tower and merger (method.md §3.8)")
+        default=True,
+        metadata=_help("also adapt every Linear layer of the vision tower and merger (docs/method.md §3.8)"),
     )
 
     def __post_init__(self) -> None:
@@ -273,7 +275,7 @@ class EmbedderTrainConfig:
     out: str = field(default="", metadata=_help("output directory: checkpoints, metrics.jsonl, final/ (required)"))
     seed: int = field(default=42, metadata=_help("seed of the sampler, dropout and initialisation"))
     mode: Literal["full", "answer_only", "no_evidence", "raw"] = field(
-        default="full", metadata=_help("T-CoT/evidence mode on both sides (method.md §6.4)")
+        default="full", metadata=_help("T-CoT/evidence mode on both sides (docs/method.md §6.4)")
     )
     video_as: Literal["video", "frames"] = field(
         default="video", metadata=_help("one video item, or frames as images")
@@ -332,7 +334,7 @@ class EmbedderTrainConfig:
 
 @dataclass
 class ReasonerTrainConfig:
-    """`embedrl train-reasoner`: cold-start SFT of a from-scratch Reasoner on teacher T-CoTs (method.md §1.2)."""
+    """`embedrl train-reasoner`: cold-start SFT of a from-scratch Reasoner on teacher T-CoTs (docs/method.md §1.2)."""
 
     backbone: str = field(default="", metadata=_help("checkpoint directory of the from-scratch backbone (required)"))
     data: str = field(default="", metadata=_help("pairs JSONL whose items carry teacher T-CoTs (required)"))
@@ -360,11 +362,151 @@ class ReasonerTrainConfig:
             raise ConfigError(f"lr={self.lr} must be > 0")
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# EG-RL reward settings and presets (docs/method.md §4.8)
+# ----------------------------------------------------------------------------------------------------------------
+
+# The §4.8 table. Each knob of RewardConfig left at None takes its preset's value.
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "w_format": 0.05,
+        "w_process": 0.8,
+        "w_outcome": 0.2,
+        "outcome_factor": 1.0,
+        "acc_mode": "all_in_topk",
+        "process_value": "binary",
+        "shuffle_candidates": True,
+        "format_requires_cue": True,
+        "tau_neg": 0.5,
+        "m_neg": 4,
+        "negative_weighting": "softmax",
+    },
+    "reference": {
+        "w_format": 0.05,
+        "w_process": 0.2,
+        "w_outcome": 0.8,
+        "outcome_factor": 0.5,
+        "acc_mode": "fraction",
+        "process_value": "margin",
+        "shuffle_candidates": False,
+        "format_requires_cue": False,
+        "tau_neg": 0.5,
+        "m_neg": 4,
+        "negative_weighting": "softmax",
+    },
+}
+# The group size G of each preset. It belongs to the GRPO config (num_generations), not to the rewards.
+PRESET_NUM_GENERATIONS: dict[str, int] = {"paper": 8, "reference": 4}
+
+_LITERALS = {
+    "acc_mode": ("all_in_topk", "fraction"),
+    "process_value": ("binary", "margin"),
+    "negative_weighting": ("softmax", "mean"),
+}
+
+
+@dataclass
+class RewardConfig:
+    """EG-RL reward settings (docs/method.md §4.5–4.8). Knobs left at None take the preset's value; all are
+    overridable.
+
+    ``R = w_format·R_fmt + w_process·R_proc + w_outcome·R_out``, weights not renormalised (0 = ablation).
+    ``RewardConfig()`` is the ``paper`` preset; ``RewardConfig.from_preset("reference", w_process=0.0)`` is the
+    reference preset without the process term. Log the resolved config (``dataclasses.asdict``) at start-up and save
+    it with every checkpoint (docs/method.md §8 item 1).
+    """
+
+    preset: Literal["paper", "reference"] = field(
+        default="paper", metadata=_help("bundle of defaults: paper (default) or reference (the authors' code)")
+    )
+    w_format: float | None = field(default=None, metadata=_help("weight of the format reward R_fmt"))
+    w_process: float | None = field(default=None, metadata=_help("weight of the Discriminator reward R_proc"))
+    w_outcome: float | None = field(default=None, metadata=_help("weight of the embedding reward R_out"))
+    outcome_factor: float | None = field(
+        default=None, metadata=_help("inner factor of R_out = factor * Acc * margin (paper 1.0, reference 0.5)")
+    )
+    acc_mode: Literal["all_in_topk", "fraction"] | None = field(
+        default=None,
+        metadata=_help("Acc gate: all_in_topk (1 iff all G positives in the top-K) or fraction (|TopK ∩ P| / G)"),
+    )
+    acc_k: int | None = field(default=None, metadata=_help("K of the top-K in Acc; None = G"))
+    process_value: Literal["binary", "margin"] | None = field(
+        default=None, metadata=_help("R_proc when the Discriminator is right: binary 1, or the outcome margin m")
+    )
+    shuffle_candidates: bool | None = field(
+        default=None,
+        metadata=_help("shuffle Discriminator candidates with a seeded RNG; false puts positives first (warns)"),
+    )
+    format_requires_cue: bool | None = field(
+        default=None, metadata=_help("R_fmt also needs a valid cue of the prompt family's cue key")
+    )
+    format_strict_outside_tags: bool = field(
+        default=False, metadata=_help("R_fmt also rejects non-whitespace text outside the three tag pairs")
+    )
+    tau_neg: float | None = field(default=None, metadata=_help("temperature of the softmax over negatives (0.5)"))
+    m_neg: int | None = field(
+        default=None, metadata=_help("hardest negative pairs shown to the Discriminator, one rollout each (4)")
+    )
+    negative_weighting: Literal["softmax", "mean"] | None = field(
+        default=None, metadata=_help("s⁻ as softmax(s/tau_neg)-weighted mean (default) or plain mean (ablation)")
+    )
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"reward preset {self.preset!r} is unknown; use one of {sorted(PRESETS)}")
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        for name, allowed in _LITERALS.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; use one of {allowed}")
+        for name in ("w_format", "w_process", "w_outcome"):
+            w = getattr(self, name)
+            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
+                raise ValueError(f"{name}={w!r} must be a finite number >= 0 (0 switches the term off)")
+        if not math.isfinite(self.outcome_factor):
+            raise ValueError(f"outcome_factor={self.outcome_factor} must be finite")
+        if not (math.isfinite(self.tau_neg) and self.tau_neg > 0):
+            raise ValueError(f"tau_neg={self.tau_neg} must be a positive temperature (default 0.5)")
+        if isinstance(self.m_neg, bool) or not isinstance(self.m_neg, int) or self.m_neg < 1:
+            raise ValueError(f"m_neg={self.m_neg!r} must be an integer >= 1 (default 4)")
+        if self.acc_k is not None and (isinstance(self.acc_k, bool) or self.acc_k < 1):
+            raise ValueError(f"acc_k={self.acc_k!r} must be >= 1, or None for K = G")
+        for name in ("shuffle_candidates", "format_requires_cue", "format_strict_outside_tags"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+        if not self.shuffle_candidates:
+            warnings.warn(
+                "shuffle_candidates=False: the Discriminator sees the positives first, so answering '1' is always "
+                "right (the reference code's behaviour, kept for fidelity; docs/method.md §4.7). Set "
+                "shuffle_candidates=True for a meaningful process reward.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> RewardConfig:
+        """The preset ``name`` (``paper`` or ``reference``) with some knobs overridden."""
+        if name not in PRESETS:
+            raise ValueError(f"reward preset {name!r} is unknown; use one of {sorted(PRESETS)}")
+        return cls(preset=name, **overrides)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """``{"format": w_format, "process": w_process, "outcome": w_outcome}``."""
+        return {"format": self.w_format, "process": self.w_process, "outcome": self.w_outcome}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain values, for the start-up log and checkpoint metadata."""
+        return dataclasses.asdict(self)
+
+
 @dataclass
 class GRPOTrainConfig:
-    """`embedrl rl`: EG-RL, GRPO on the Reasoner with the frozen Embedder and Discriminator as rewards (method.md §4).
+    """`embedrl rl`: EG-RL, GRPO on the Reasoner with the frozen Embedder and Discriminator as rewards (docs/method.md
+    §4).
 
-    Defaults are the project defaults of method.md §4.3 (preset ``paper``) except ``beta`` (0.0 here, so tiny CPU
+    Defaults are the project defaults of docs/method.md §4.3 (preset ``paper``) except ``beta`` (0.0 here, so tiny CPU
     runs need no reference model; ``configs/rl.yaml`` sets the paper's 0.01).
     """
 
@@ -403,7 +545,7 @@ class GRPOTrainConfig:
     out: str = field(default="", metadata=_help("output directory: checkpoints/, metrics.jsonl, final/ (required)"))
     seed: int = field(default=42, metadata=_help("seed of step batches, rollout sampling, Discriminator shuffles"))
     preset: Literal["paper", "reference"] = field(
-        default="paper", metadata=_help("reward preset (method.md §4.8): paper (default) or reference")
+        default="paper", metadata=_help("reward preset (docs/method.md §4.8): paper (default) or reference")
     )
     w_format: float | None = field(default=None, metadata=_help("weight of R_fmt; null = the preset's (0.05)"))
     w_process: float | None = field(
@@ -417,7 +559,7 @@ class GRPOTrainConfig:
     )
     reward_overrides: dict[str, Any] = field(
         default_factory=dict,
-        metadata=_help("any other embedrl.rewards.RewardConfig knob, e.g. {m_neg: 4, tau_neg: 0.5}"),
+        metadata=_help("any other RewardConfig knob, e.g. {m_neg: 4, tau_neg: 0.5}"),
     )
     num_generations: int | None = field(
         default=None, metadata=_help("G, rollouts per (pair, side) prompt; null = the preset's (paper 8, reference 4)")
@@ -435,7 +577,8 @@ class GRPOTrainConfig:
     scale_advantages: bool = field(
         default=True,
         metadata=_help(
-            "divide each group's advantages by its reward std (method.md §4.2); false = r - mean only (Dr. GRPO), "
+            "divide each group's advantages by its reward std (docs/method.md §4.2); "
+            "false = r - mean only (Dr. GRPO), "
             "which does not blow reward noise up to unit scale when the reward models are weak (tiny runs)"
         ),
     )
@@ -467,7 +610,7 @@ class GRPOTrainConfig:
         default="trl",
         metadata=_help(
             "GRPO engine: 'trl' (TRL's GRPOTrainer through its public arguments; LoRA, vLLM, accelerate) or "
-            "'native' (embedrl's own loop: exact method.md §4.2 objective and bit-exact resume; single process)"
+            "'native' (embedrl's own loop: exact docs/method.md §4.2 objective and bit-exact resume; single process)"
         ),
     )
     use_vllm: bool = field(
@@ -533,9 +676,7 @@ class GRPOTrainConfig:
         self.reward_config()  # validates the reward knobs now, with RewardConfig's messages
 
     def reward_config(self) -> Any:
-        """The resolved :class:`embedrl.rewards.RewardConfig` (preset + overrides)."""
-        from embedrl.rewards import RewardConfig  # lazy: keeps torch out of the CLI's argument parsing
-
+        """The resolved :class:`RewardConfig` (preset + overrides)."""
         knobs = {"w_format": self.w_format, "w_process": self.w_process, "w_outcome": self.w_outcome,
                  "acc_mode": self.acc_mode}  # fmt: skip
         clash = sorted(set(knobs) & set(self.reward_overrides))
@@ -554,14 +695,12 @@ class GRPOTrainConfig:
     @property
     def group_size(self) -> int:
         """Rollouts per prompt: ``num_generations`` or the preset's."""
-        from embedrl.rewards import PRESET_NUM_GENERATIONS
-
         return self.num_generations or PRESET_NUM_GENERATIONS[self.preset]
 
 
 @dataclass
 class EvalConfig:
-    """`embedrl eval world`: retrieval evaluation of an Embedder on the synthetic world's suite (method.md §6).
+    """`embedrl eval world`: retrieval evaluation of an Embedder on the synthetic world's suite (docs/method.md §6).
 
     T-CoTs come from ``tcot_source``: the world's stored teacher T-CoTs, a Reasoner checkpoint (query side with the
     query family, every unique candidate once with its target family), or none (``mode: raw``). Generated T-CoTs and
@@ -578,7 +717,7 @@ class EvalConfig:
     )
     tasks: list[str] = field(default_factory=list, metadata=_help("evaluate these manifest tasks only; [] = all"))
     mode: Literal["full", "answer_only", "no_evidence", "raw"] = field(
-        default="full", metadata=_help("Embedder mode on both sides (method.md §6.4); raw needs tcot_source none")
+        default="full", metadata=_help("Embedder mode on both sides (docs/method.md §6.4); raw needs tcot_source none")
     )
     tcot_source: Literal["teacher", "reasoner", "none"] = field(
         default="teacher", metadata=_help("T-CoTs: the world's teacher T-CoTs, a Reasoner checkpoint, or none (raw)")
@@ -588,7 +727,7 @@ class EvalConfig:
         default=True, metadata=_help("the families' compact prompts (tiny cold-started Reasoners); false for instruct")
     )
     greedy: bool = field(default=False, metadata=_help("greedy decoding instead of sampling (default: T=1 + seed)"))
-    temperature: float = field(default=1.0, metadata=_help("Reasoner sampling temperature (method.md §6.2: 1.0)"))
+    temperature: float = field(default=1.0, metadata=_help("Reasoner sampling temperature (docs/method.md §6.2: 1.0)"))
     top_p: float = field(default=1.0, metadata=_help("Reasoner nucleus sampling top_p"))
     max_new_tokens: int = field(default=256, metadata=_help("longest generated T-CoT, in tokens"))
     seed: int = field(default=0, metadata=_help("decoding seed: torch is seeded before each generation batch"))
@@ -644,7 +783,8 @@ class IndexConfig:
     )
     out: str = field(default="", metadata=_help("index directory to write (required)"))
     mode: Literal["full", "answer_only", "no_evidence", "raw"] = field(
-        default="full", metadata=_help("Embedder mode of candidates and queries (method.md §6.4); raw needs tcot none")
+        default="full",
+        metadata=_help("Embedder mode of candidates and queries (docs/method.md §6.4); raw needs tcot none"),
     )
     tcot_source: Literal["reasoner", "corpus", "none"] = field(
         default="reasoner",
@@ -797,13 +937,13 @@ class BenchmarkEvalConfig:
     tasks: list[str] = field(default_factory=list, metadata=_help("dataset keys to evaluate; [] = all scored ones"))
     reasoner: str = field(default="", metadata=_help("Reasoner checkpoint for T-CoTs on both sides ('' = raw mode)"))
     mode: Literal["auto", "full", "answer_only", "no_evidence", "raw"] = field(
-        default="auto", metadata=_help("Embedder mode (method.md §6.4); auto = full with a Reasoner, raw without")
+        default="auto", metadata=_help("Embedder mode (docs/method.md §6.4); auto = full with a Reasoner, raw without")
     )
     compact_prompts: bool = field(
         default=False, metadata=_help("the families' compact prompts (tiny cold-started Reasoners)")
     )
     greedy: bool = field(default=False, metadata=_help("greedy decoding instead of sampling (default: T=1 + seed)"))
-    temperature: float = field(default=1.0, metadata=_help("Reasoner sampling temperature (method.md §6.2: 1.0)"))
+    temperature: float = field(default=1.0, metadata=_help("Reasoner sampling temperature (docs/method.md §6.2: 1.0)"))
     top_p: float = field(default=1.0, metadata=_help("Reasoner nucleus sampling top_p"))
     max_new_tokens: int = field(default=1024, metadata=_help("longest generated T-CoT, in tokens"))
     seed: int = field(default=0, metadata=_help("decoding seed: torch is seeded before each generation batch"))
@@ -877,7 +1017,7 @@ class UVRBEvalConfig(BenchmarkEvalConfig):
 
 @dataclass
 class ConvertDataset:
-    """One training dataset of `embedrl convert` (method.md §5.1, §5.7)."""
+    """One training dataset of `embedrl convert` (docs/method.md §5.1, §5.7)."""
 
     source: Literal["mmeb_train", "llava_hound", "vidore", "visrag"] = field(
         default="mmeb_train", metadata=_help("source collection: mmeb_train, llava_hound, vidore or visrag")
@@ -897,7 +1037,7 @@ class ConvertDataset:
 
 
 def _default_convert_datasets() -> dict[str, ConvertDataset]:
-    """method.md §5.1 and §5.7 (paper Table 5): caps, weights and the three classification sets kept out."""
+    """docs/method.md §5.1 and §5.7 (paper Table 5): caps, weights and the three classification sets kept out."""
     mmeb = {
         "A-OKVQA": ("A-OKVQA", 0.26, True), "CIRR": ("CIRR", 0.43, True), "ChartQA": ("ChartQA", 0.35, True),
         "DocVQA": ("DocVQA", 0.84, True), "HatefulMemes": ("HatefulMemes", 0.30, False),
@@ -953,7 +1093,8 @@ class ConvertConfig:
 
 @dataclass
 class TeacherSettings:
-    """The teacher chat model: a local transformers checkpoint or any OpenAI-compatible endpoint (method.md §5.2)."""
+    """The teacher chat model: a local transformers checkpoint or any OpenAI-compatible endpoint (docs/method.md
+    §5.2)."""
 
     backend: Literal["local", "openai"] = field(
         default="local", metadata=_help("local (transformers checkpoint) or openai (an OpenAI-compatible server)")
@@ -964,7 +1105,7 @@ class TeacherSettings:
         default="OPENAI_API_KEY", metadata=_help("environment variable with the endpoint's API key (may be unset)")
     )
     compact_prompts: bool = field(default=False, metadata=_help("the families' compact prompts (tiny models only)"))
-    temperature: float = field(default=0.0, metadata=_help("sampling temperature; 0 = greedy (method.md §5.2)"))
+    temperature: float = field(default=0.0, metadata=_help("sampling temperature; 0 = greedy (docs/method.md §5.2)"))
     top_p: float = field(default=1.0, metadata=_help("nucleus sampling top_p"))
     max_new_tokens: int = field(default=4096, metadata=_help("longest reply, in tokens"))
     seed: int = field(default=0, metadata=_help("request seed (endpoints that support it)"))
@@ -993,7 +1134,7 @@ class TeacherSettings:
 
 @dataclass
 class AnnotateConfig:
-    """`embedrl annotate`: teacher T-CoTs for the query and the positive of every pair (method.md §5.2–§5.4)."""
+    """`embedrl annotate`: teacher T-CoTs for the query and the positive of every pair (docs/method.md §5.2–§5.4)."""
 
     input: str = field(default="", metadata=_help("pairs JSONL file, or a folder of them (from embedrl convert)"))
     out: str = field(default="", metadata=_help("output folder: <name>.jsonl annotated pairs + resumable journals"))
@@ -1026,7 +1167,7 @@ class AnnotateConfig:
 
 
 def _default_rl_counts() -> dict[str, int]:
-    """method.md §5.8 (paper Table 6): 19,000 RL pairs from 13 datasets."""
+    """docs/method.md §5.8 (paper Table 6): 19,000 RL pairs from 13 datasets."""
     counts = dict.fromkeys(
         ("A-OKVQA", "ChartQA", "OK-VQA", "Visual7W", "VisualNews_i2t", "VisualNews_t2i", "N24News"), 1000
     )
@@ -1039,14 +1180,14 @@ def _default_rl_counts() -> dict[str, int]:
 
 @dataclass
 class FilterConfig:
-    """`embedrl filter`: relevance judge, then the contrastive set and the RL set (method.md §5.5, §5.6)."""
+    """`embedrl filter`: relevance judge, then the contrastive set and the RL set (docs/method.md §5.5, §5.6)."""
 
     input: str = field(default="", metadata=_help("annotated pairs JSONL file or folder (from embedrl annotate)"))
     out: str = field(default="", metadata=_help("output folder: contrastive/, rl.jsonl, filter.json, journals"))
     judge: TeacherSettings = field(default_factory=TeacherSettings, metadata=_help("the judge (the teacher, T=0)"))
     exclude_from_contrastive: list[str] = field(
         default_factory=lambda: ["HatefulMemes", "N24News", "VOC2007"],
-        metadata=_help("datasets kept out of the contrastive set (method.md §3.6)"),
+        metadata=_help("datasets kept out of the contrastive set (docs/method.md §3.6)"),
     )
     rl_pool: Literal["rejected", "kept"] = field(
         default="rejected", metadata=_help("RL pairs come from the judge-rejected pairs or from the kept ones")
@@ -1235,11 +1376,6 @@ def read_saved_config(cls: type[C], out_dir: str | Path, filename: str = CONFIG_
     if payload.get("stage") != cls.__name__:
         raise ConfigError(f"{out_dir}/{filename} holds a {payload.get('stage')} config, not {cls.__name__}")
     return config_from_dict(cls, payload["config"])
-
-
-def dump_yaml(cfg: Any) -> str:
-    """The config as YAML text; ``load_config`` of it gives back an equal config."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
 def config_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:

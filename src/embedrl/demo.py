@@ -149,11 +149,11 @@ def run_demo(
     (:func:`embedrl.backbones.instruct_backbone`).
     """
     from embedrl.backbones import instruct_backbone
-    from embedrl.data.world import generate_world
-    from embedrl.eval.retrieval import evaluate_world, preset_config, read_query_values
     from embedrl.train.embedder import train_embedder
     from embedrl.train.grpo_trl import train_rl_trl
     from embedrl.train.reasoner import train_reasoner
+    from embedrl.world.evaluate import evaluate_world, preset_config, read_query_values
+    from embedrl.world.generate import generate_world
 
     out = Path(out)
     size = SIZES["quick" if quick else "default"]
@@ -220,7 +220,7 @@ def run_demo(
 
 def _eval_items(world: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(task, {item id: item})`` over the world's held-out tasks (queries and candidates), in name order."""
-    from embedrl.data.world import EVAL_DIR, MANIFEST_FILE, load_eval_task
+    from embedrl.world.generate import EVAL_DIR, MANIFEST_FILE, load_eval_task
 
     for name in sorted(json.loads((world / EVAL_DIR / MANIFEST_FILE).read_text())["tasks"]):
         task = load_eval_task(world, name)
@@ -262,10 +262,10 @@ def answer_agreement(world: Path, cache_dir: Path, reasoner_id: str) -> dict[str
 def evidence_agreement(world: Path, cache_dir: Path, reasoner_id: str | None) -> dict[str, Any]:
     """The evidence cues of the Reasoner's T-CoTs (``reasoner_id``, read from the evaluation's T-CoT cache; None:
     the teacher's) against the world's ground truth, over every query and candidate of the held-out tasks:
-    :func:`embedrl.data.world.evidence_accuracy` (keywords, boxes equal to a true box, key-frame precision and
+    :func:`embedrl.world.generate.evidence_accuracy` (keywords, boxes equal to a true box, key-frame precision and
     recall)."""
-    from embedrl.data.world import evidence_accuracy
     from embedrl.tcot import parse_tcot
+    from embedrl.world.generate import evidence_accuracy
 
     cues = []
     for name, all_items in _eval_items(world):

@@ -1,8 +1,8 @@
-"""Evidence and the Embedder's input (method.md §2.5, §3.2).
+"""Evidence and the Embedder's input (docs/method.md §2.5, §3.2).
 
 Evidence is what a T-CoT's cue points at: crops of the original image for ``bbox_2d`` boxes (0-1000 scale) and the
 selected frames for ``key_frames``. :func:`build_embedder_messages` is the **one** builder of an Embedder input,
-shared by contrastive training, the RL reward and inference (method.md §1.3 invariant 2)::
+shared by contrastive training, the RL reward and inference (docs/method.md §1.3 invariant 2)::
 
     user:      [images] [text] [video] <thinking>...</thinking> [evidence images] <rethink>...</rethink><answer>...
                </answer> SUFFIX
@@ -11,6 +11,8 @@ shared by contrastive training, the RL reward and inference (method.md §1.3 inv
 
 from __future__ import annotations
 
+import base64
+import io
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +47,13 @@ def load_image(image: ImageLike) -> Image.Image:
         return image if image.mode == "RGB" else image.convert("RGB")
     with Image.open(Path(image)) as im:
         return im.convert("RGB")
+
+
+def image_data_url(image: ImageLike) -> str:
+    """``data:image/png;base64,...`` of an image (a path or PIL image), as OpenAI-compatible endpoints take it."""
+    buffer = io.BytesIO()
+    load_image(image).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def box_to_pixels(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
@@ -146,13 +155,13 @@ def _evidence(item: Item, tcot: TCoT, images: list[Image.Image], frames: list[Im
 
 
 def build_embedder_messages(item: Item, mode: Mode = "full", *, video_as: VideoAs = "video") -> EmbedderInput:
-    """The Embedder input of one item (method.md §3.2): the single builder for training, reward and inference.
+    """The Embedder input of one item (docs/method.md §3.2): the single builder for training, reward and inference.
 
     User turn, in order: the item's images; its text (instruction + text, placeholders removed, whitespace
     normalised); its video (one ``video`` part, or one ``image`` part per frame with ``video_as="frames"``); then the
     T-CoT by ``mode``; then ``SUFFIX``. Assistant turn: ``<emb>``.
 
-    Modes (method.md §6.4): ``full`` = raw T-CoT text cut after ``</thinking>``, evidence images in the cut;
+    Modes (docs/method.md §6.4): ``full`` = raw T-CoT text cut after ``</thinking>``, evidence images in the cut;
     ``no_evidence`` = the same text without evidence; ``answer_only`` = only the raw ``<answer>…</answer>`` segment;
     ``raw`` = no T-CoT. A T-CoT without a thinking span is the plain-text fallback: one text part, no evidence.
     The cue is read by the item's modality: ``bbox_2d`` for image, ``key_frames`` for video (1-based over the item's

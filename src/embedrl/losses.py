@@ -32,7 +32,7 @@ def info_nce(q: Tensor, t: Tensor, temperature: float = 0.02, gather: bool = Tru
 
     ``S = Q Tᵀ / τ`` (logit scale ``1 / τ``, fixed), ``L = ½ [CE(S, y) + CE(Sᵀ, y)]`` with ``y`` the diagonal.
     Across processes each rank scores its local rows against all gathered columns (labels offset by
-    ``rank * n_local``), so averaging the per-rank losses gives the global-batch loss (method.md §3.4).
+    ``rank * n_local``), so averaging the per-rank losses gives the global-batch loss (docs/method.md §3.4).
 
     Args:
         q: query embeddings [n_local, D], unit-norm.

@@ -62,14 +62,14 @@ VIDEO_PAD = "<|video_pad|>"
 EMB_TOKEN = "<emb>"
 EMB_CONFIG_KEY = "emb_token_ids"
 
-# T-CoT grammar tags (method.md §2.1). Tiny tokenizers carry them as single added tokens so a tiny Reasoner emits
+# T-CoT grammar tags (docs/method.md §2.1). Tiny tokenizers carry them as single added tokens so a tiny Reasoner emits
 # each in one step; real Qwen tokenizers split them into ordinary BPE pieces, which changes nothing else.
 THINKING_OPEN, THINKING_CLOSE = "<thinking>", "</thinking>"
 RETHINK_OPEN, RETHINK_CLOSE = "<rethink>", "</rethink>"
 ANSWER_OPEN, ANSWER_CLOSE = "<answer>", "</answer>"
 TCOT_TAGS: tuple[str, ...] = (THINKING_OPEN, THINKING_CLOSE, RETHINK_OPEN, RETHINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE)
 
-# Cue keys of the JSON object inside <thinking> (method.md §2.2).
+# Cue keys of the JSON object inside <thinking> (docs/method.md §2.2).
 CUE_KEYWORDS = "text_keywords"
 CUE_BOXES = "bbox_2d"
 CUE_FRAMES = "key_frames"
@@ -101,7 +101,7 @@ CHAT_TEMPLATE = (
 )
 
 # ----------------------------------------------------------------------------------------------------------------
-# Pixel budgets (method.md §3.2). Real Qwen3-VL budgets, in pixels; tiny backbones use their own processor sizes.
+# Pixel budgets (docs/method.md §3.2). Real Qwen3-VL budgets, in pixels; tiny backbones use their own processor sizes.
 # ----------------------------------------------------------------------------------------------------------------
 
 IMAGE_MIN_PIXELS = 128 * 32 * 32
@@ -110,13 +110,13 @@ FRAME_MIN_PIXELS = 128 * 32 * 32
 FRAME_MAX_PIXELS = 300 * 32 * 32
 VIDEO_NUM_FRAMES = 8
 
-# Evidence crop limits (method.md §2.4).
+# Evidence crop limits (docs/method.md §2.4).
 MIN_CROP_SIDE_PX = 10
 MAX_CROP_ASPECT = 50.0
 MAX_CROPS = 8
 
 # ----------------------------------------------------------------------------------------------------------------
-# Embedder closing instruction (method.md §3.2)
+# Embedder closing instruction (docs/method.md §3.2)
 # ----------------------------------------------------------------------------------------------------------------
 
 # Ends every Embedder user turn, in every mode and code path; the assistant turn that follows holds only EMB_TOKEN.
@@ -125,7 +125,7 @@ MAX_CROPS = 8
 SUFFIX = "\nSummarise all of the content above in one word:"
 
 # ----------------------------------------------------------------------------------------------------------------
-# Text cleaning shared by the Embedder input and the Reasoner's task slot (method.md §3.2, §6.3)
+# Text cleaning shared by the Embedder input and the Reasoner's task slot (docs/method.md §3.2, §6.3)
 # ----------------------------------------------------------------------------------------------------------------
 
 # Dataset image/video placeholders (<image>, <|image_1|>, ...) and stray Qwen vision tokens: the media are passed as
@@ -150,7 +150,7 @@ def join_task_text(instruction: str, text: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 # Templates use ``string.Template`` fields (``$text``, ``$n_frames``): JSON braces in rules and worked examples stay
-# literal, so a rendered prompt never shows doubled ``{{ }}`` template escapes (method.md §2.4, §5.3).
+# literal, so a rendered prompt never shows doubled ``{{ }}`` template escapes (docs/method.md §2.4, §5.3).
 
 
 def prompt_hash(template: str | PromptTemplate) -> str:
@@ -191,10 +191,10 @@ Side = Literal["query", "target"]
 
 @dataclass(frozen=True)
 class PromptFamily:
-    """A Reasoner prompt family (method.md §5.3): which side and input it serves and which cue it requires.
+    """A Reasoner prompt family (docs/method.md §5.3): which side and input it serves and which cue it requires.
 
     Attributes:
-        name: key in :data:`FAMILIES`, stored with every T-CoT.
+        name: key in :data:`PROMPT_FAMILIES`, stored with every T-CoT.
         side: ``query`` or ``target``.
         cue_key: the cue the T-CoT must carry (``text_keywords``, ``bbox_2d`` or ``key_frames``).
         media: the media the caller puts in the user turn **before** the prompt text: ``image``, ``video`` or None.
@@ -251,7 +251,7 @@ def _family(
     input_lines: tuple[str, ...],
     closing: str,
 ) -> PromptFamily:
-    """Assemble a family's full and compact templates from its parts (method.md §5.3)."""
+    """Assemble a family's full and compact templates from its parts (docs/method.md §5.3)."""
     goal = "what should be retrieved" if side == "query" else "a compact description of this output"
     rules = (
         "Rules:",
@@ -470,20 +470,20 @@ POSITIVE_VIDEO = _family(
     "Follow the format exactly and analyse the frames themselves, not file names or metadata.",
 )
 
-# The seven Reasoner families (method.md §5.3), by name. Target-side families never see the query (§8 item 24).
-FAMILIES: dict[str, PromptFamily] = {
+# The seven Reasoner families (docs/method.md §5.3), by name. Target-side families never see the query (§8 item 24).
+PROMPT_FAMILIES: dict[str, PromptFamily] = {
     f.name: f
     for f in (TEXT_TO_IMAGE, IMAGE_QUERY, VIDEO_QUERY, TEXT_TO_VIDEO, POSITIVE_TEXT, POSITIVE_IMAGE, POSITIVE_VIDEO)
 }
 
-# The cue an item's own modality calls for (method.md §2.2); also what the Embedder reads evidence from.
+# The cue an item's own modality calls for (docs/method.md §2.2); also what the Embedder reads evidence from.
 CUE_FOR_MODALITY: dict[str, str] = {"text": CUE_KEYWORDS, "image": CUE_BOXES, "video": CUE_FRAMES}
 
 _MODALITIES = ("text", "image", "video")
 
 
 def choose_family(side: Side, item_modality: str, target_modality: str | None = None) -> str:
-    """The family name for one side of a pair (method.md §5.3, §6.3).
+    """The family name for one side of a pair (docs/method.md §5.3, §6.3).
 
     Query side: an image query gets ``image_based``, a video query ``video_sequence``, a text query
     ``text_to_video_retrieval`` when the targets are videos and ``text_to_image_retrieval`` otherwise (image,
@@ -510,7 +510,7 @@ def choose_family(side: Side, item_modality: str, target_modality: str | None = 
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Discriminator (method.md §4.7) and relevance judge (method.md §5.5) prompts
+# Discriminator (docs/method.md §4.7) and relevance judge (docs/method.md §5.5) prompts
 # ----------------------------------------------------------------------------------------------------------------
 
 DISCRIMINATOR = PromptTemplate(
@@ -567,12 +567,13 @@ JUDGE = PromptTemplate(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Benchmark instructions (benchmarks.md §1.2, §3.1) and the answer-conditioned hint (method.md §5.4); our wording
+# Benchmark instructions (docs/benchmarks.md §1.2, §3.1) and the answer-conditioned hint (docs/method.md §5.4); our
+# wording
 # ----------------------------------------------------------------------------------------------------------------
 
 # MMEB-V2 image rows carry their own instructions (``qry_inst`` / ``tgt_inst``). Video and VisDoc rows do not, so the
 # harness uses these (query instruction, candidate instruction) pairs, keyed by score key; the V-CLS query texts
-# double as the per-dataset task-slot override of method.md §6.3.
+# double as the per-dataset task-slot override of docs/method.md §6.3.
 _VIDEO_TARGET = "Represent this video for retrieval:"
 _LABEL_TARGET = "Represent this category name:"
 _ANSWER_TARGET = "Represent this answer:"
@@ -601,7 +602,7 @@ VISDOC_INSTRUCTIONS: tuple[str, str] = (
     "Represent this document page for retrieval:",
 )
 
-# UVRB query instructions by display name (benchmarks.md §3.1); candidates get none. VDC-O has none, as in the
+# UVRB query instructions by display name (docs/benchmarks.md §3.1); candidates get none. VDC-O has none, as in the
 # reference loader.
 UVRB_QUERY_INSTRUCTIONS: dict[str, str] = {
     "MSRVTT": "Find the video clip that shows the scene described here:",
@@ -622,7 +623,7 @@ UVRB_QUERY_INSTRUCTIONS: dict[str, str] = {
 }
 
 # Instructions of the converted training sets whose rows carry none (LLaVA-Hound video, ViDoRe and VisRAG pages;
-# MMEB-train rows keep their own): embedrl.data.convert.
+# MMEB-train rows keep their own): embedrl.prep.convert.
 TRAIN_INSTRUCTIONS: dict[str, str] = {
     "video_caption_query": "Describe this video for retrieving its caption.",
     "caption_target": "Represent this video caption:",
@@ -634,7 +635,7 @@ TRAIN_INSTRUCTIONS: dict[str, str] = {
     "document_target": "Represent this document page for retrieval:",
 }
 
-# Answer-conditioned annotation (method.md §5.4, off by default): appended to a query-side family prompt. It shows
+# Answer-conditioned annotation (docs/method.md §5.4, off by default): appended to a query-side family prompt. It shows
 # the ground-truth positive (its text, and for media positives only a reference, never pixels) and tells the
 # teacher to keep its reasoning grounded in the query input.
 ANSWER_HINT = PromptTemplate(

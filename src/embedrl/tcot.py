@@ -1,4 +1,4 @@
-"""T-CoT: the Reasoner's traceable chain of thought (method.md §2).
+"""T-CoT: the Reasoner's traceable chain of thought (docs/method.md §2).
 
     <thinking>short steps ... {"bbox_2d": [x1, y1, x2, y2]}</thinking><rethink>...</rethink><answer>...</answer>
 
@@ -7,11 +7,11 @@ string back, repairing what it can and naming every repair in ``TCoT.problems``;
 check behind the format reward. :func:`split_tcot` and :func:`answer_segment` cut the raw text for the Embedder,
 which always sees the text as generated: the parser never rewrites it.
 
-Which cue wins (method.md §2.4 and issue 3):
+Which cue wins (docs/method.md §2.4 and issue 3):
 
 - With ``cue_key`` (the prompt family's cue), only that key is read; other cue keys are ignored and recorded.
 - Without it, the first cue key (in text order) that yields a valid entry wins; if none does, the first key found.
-- Values of the winning key are **merged in order** over every cue object and every duplicate key (method.md:
+- Values of the winning key are **merged in order** over every cue object and every duplicate key (docs/method.md:
   union, not "last key wins" and not "first object wins"); repeated boxes and frames keep their first occurrence.
 """
 
@@ -641,7 +641,7 @@ def _outside_text(text: str, spans: list[_Span]) -> bool:
 
 
 def parse_tcot(text: str, *, cue_key: str | None = None, n_frames: int | None = None, frame_base: int = 1) -> TCoT:
-    """Read any string as a T-CoT, repairing what method.md §2.4 allows and naming each repair in ``problems``.
+    """Read any string as a T-CoT, repairing what docs/method.md §2.4 allows and naming each repair in ``problems``.
 
     Never raises on a string. Without a ``<thinking>…</thinking>`` span the result is the plain-text fallback
     (``fallback=True``, no cue). Tags are matched in any case and with inner spaces (``< /Answer >``); the first
@@ -652,7 +652,7 @@ def parse_tcot(text: str, *, cue_key: str | None = None, n_frames: int | None = 
         text: the generated text.
         cue_key: the cue the prompt family requires. Other cue keys are then ignored (and recorded).
         n_frames: frames shown to the Reasoner; key frames outside ``1..n_frames`` are dropped. None: no upper bound.
-        frame_base: index of the first frame in the text (1, method.md §2.2).
+        frame_base: index of the first frame in the text (1, docs/method.md §2.2).
 
     Returns:
         The :class:`TCoT`, with ``frames`` 0-based and boxes as clamped, ordered, non-empty int boxes.
@@ -719,7 +719,7 @@ _STRICT_RE = re.compile(
 
 
 def format_ok(text: str, cue_key: str | None, n_frames: int | None = None, strict_outside_tags: bool = False) -> bool:
-    """The format check behind the format reward (method.md §4.5).
+    """The format check behind the format reward (docs/method.md §4.5).
 
     True iff (1) exact-case ``<thinking>``, ``<rethink>``, ``<answer>`` segments follow each other (whitespace
     between them only), each non-empty, starting at the text's first thinking tag; and (2) the parser finds at least

@@ -8,7 +8,7 @@ Example:
     >>> adapter = get_adapter(Qwen3VLConfig())
     >>> adapter.family, adapter.patch_size, adapter.factor
     ('qwen3-vl', 16, 32)
-    >>> adapter.default_budget().image_min_pixels  # method.md §3.2: 128 visual tokens of 32 x 32 px
+    >>> adapter.default_budget().image_min_pixels  # docs/method.md §3.2: 128 visual tokens of 32 x 32 px
     131072
 """
 
@@ -90,7 +90,7 @@ class FamilyAdapter:
         return self.patch_size * self.merge_size
 
     def default_budget(self) -> PixelBudget:
-        """The real-checkpoint budgets of method.md §3.2 (``prompts.py``), kept as token counts for this family.
+        """The real-checkpoint budgets of docs/method.md §3.2 (``prompts.py``), kept as token counts for this family.
 
         prompts.py gives pixels for Qwen3-VL's 32 px tokens; Qwen2/2.5-VL tokens cover 28 px, so their pixel budgets
         are scaled to give the same number of visual tokens.
@@ -109,7 +109,7 @@ class FamilyAdapter:
 
     def checkpoint_budget(self, config: PreTrainedConfig) -> PixelBudget:
         """The budget a checkpoint records in ``config.embedrl_pixel_budget`` (tiny backbones), else the
-        method.md §3.2 budget of :meth:`default_budget` (real checkpoints)."""
+        docs/method.md §3.2 budget of :meth:`default_budget` (real checkpoints)."""
         recorded = getattr(config, BUDGET_CONFIG_KEY, None)
         return PixelBudget(**recorded) if recorded else self.default_budget()
 

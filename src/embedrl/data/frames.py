@@ -1,4 +1,4 @@
-"""Video frames on disk: natural ordering and uniform sampling (benchmarks.md §2.1, §3.4; method.md §6.2).
+"""Video frames on disk: natural ordering and uniform sampling (docs/benchmarks.md §2.1, §3.4; docs/method.md §6.2).
 
 Benchmarks ship videos as folders of pre-extracted frames. A frame list is the folder's image files in **natural**
 order (numeric parts compare as numbers, so ``frame_10`` follows ``frame_9``), and the frames used are at indices

@@ -1,4 +1,4 @@
-"""Same-dataset sub-batches for contrastive training (method.md §3.5).
+"""Same-dataset sub-batches for contrastive training (docs/method.md §3.5).
 
 Each global batch is ``num_sub_batches`` sub-batches; each sub-batch holds ``sub_batch_size`` pairs of one dataset,
 so its in-batch negatives are in-domain. A dataset is drawn with probability ∝ weight × size, and a global batch
@@ -21,7 +21,7 @@ class DatasetInfo:
     """One training dataset as the sampler sees it."""
 
     size: int  # number of pairs
-    weight: float = 1.0  # sampling weight (method.md §5.7)
+    weight: float = 1.0  # sampling weight (docs/method.md §5.7)
     is_video: bool = False
 
 

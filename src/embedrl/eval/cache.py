@@ -1,4 +1,5 @@
-"""On-disk caches of resumable evaluation: T-CoTs and embeddings, joined by stable item ids (method.md §6.1, §8.23).
+"""On-disk caches of resumable evaluation: T-CoTs and embeddings, joined by stable item ids (docs/method.md §6.1,
+§8.23).
 
 - :class:`TCoTCache`: one JSONL file; a record per generated T-CoT, keyed by
   ``(item id, side, reasoner id, prompt hash, decoding)``. Each finished batch is appended with one write and an
@@ -108,7 +109,7 @@ def weights_fingerprint(model: Any, extra: Mapping[str, Any] | None = None) -> s
 
 @dataclasses.dataclass(frozen=True)
 class TCoTKey:
-    """Join key of one generated T-CoT (method.md §8.23): never text or paths, always the stable item id."""
+    """Join key of one generated T-CoT (docs/method.md §8.23): never text or paths, always the stable item id."""
 
     item_id: str
     side: str

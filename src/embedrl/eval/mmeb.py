@@ -8,7 +8,7 @@ files), in the shared folder; docs/eval.md §5 documents the local layout this m
   hub source, and query and candidate instructions. Modality, meta-task, VisDoc group, metric and expected query
   count come from :data:`embedrl.eval.scores.MMEB_V2_DATASETS`, the one registry every aggregate uses.
 - **Local layout.** ``DATA/image-tasks/``, ``DATA/video-tasks/frames/…`` and ``DATA/visdoc-tasks/…`` as distributed
-  (benchmarks.md §2.1), plus the per-dataset annotation rows exported from the hub datasets::
+  (docs/benchmarks.md §2.1), plus the per-dataset annotation rows exported from the hub datasets::
 
       DATA/annotations/<key>/test.jsonl|.json|.parquet     image and video rows (the fields of §2.2)
       DATA/annotations/<key>/labels.txt                     optional label vocabulary of a global V-CLS set
@@ -50,9 +50,8 @@ from embedrl import __version__
 from embedrl.data.frames import sample_frames
 from embedrl.data.rows import BadRowPolicy, BadRows, RowError, find_rows_file, read_rows, require
 from embedrl.data.schema import Item
-from embedrl.data.world import EvalTask
+from embedrl.eval.evaluator import EvalError, TaskEvaluator, TaskStats
 from embedrl.eval.metrics import rank_candidates
-from embedrl.eval.retrieval import EvalError, TaskEvaluator, TaskStats
 from embedrl.eval.scores import (
     MAIN_METRICS,
     MMEB_V2_BY_KEY,
@@ -68,6 +67,7 @@ from embedrl.eval.scores import (
     write_leaderboard,
     write_task_scores,
 )
+from embedrl.eval.task import EvalTask
 from embedrl.prompts import MMEB_INSTRUCTIONS, VISDOC_INSTRUCTIONS
 
 if TYPE_CHECKING:
@@ -167,7 +167,7 @@ class MMEBTask:
         return info
 
 
-# Image parsers (benchmarks.md §1.2): by meta-task, except the retrieval sets, which name theirs.
+# Image parsers (docs/benchmarks.md §1.2): by meta-task, except the retrieval sets, which name theirs.
 _IMAGE_PARSER_BY_META_TASK = {"I-CLS": "image_cls", "I-QA": "image_qa", "I-VG": "image_i2i_vg"}
 _IMAGE_RET_PARSERS: dict[str, str] = {
     **dict.fromkeys(("MSCOCO_i2t", "VisualNews_i2t"), "image_i2t"),
@@ -197,7 +197,7 @@ Charades-STA   moment_retrieval     local  video_mret/Charades_STA Charades-STA 
 MomentSeeker   momentseeker         local  video_mret/MomentSeeker MomentSeeker  VLM2Vec/MomentSeeker  -       test
 """
 # key -> (parser, eval type, frame folder under video-tasks/frames, source dataset name, hub id, hub config or "-",
-# hub split); hub sources as in benchmarks.md §2.1.
+# hub split); hub sources as in docs/benchmarks.md §2.1.
 _VIDEO: dict[str, list[str]] = {row.split()[0]: row.split()[1:] for row in _VIDEO_TABLE.strip().splitlines()}
 
 # VisDoc media folders under visdoc-tasks/ that differ from the key (the ViDoRe-v2 sets drop the prefix).
@@ -269,7 +269,7 @@ def resolve_tasks(names: Sequence[str] | None) -> list[str]:
     wanted = {n.removesuffix("-fixed") if n.removesuffix("-fixed") in PAGE_SETS else n for n in names}
     unknown = sorted(wanted - set(MMEB_BY_KEY))
     if unknown:
-        raise EvalError(f"unknown MMEB-V2 task(s) {unknown}; valid keys are the score keys of benchmarks.md §1.1")
+        raise EvalError(f"unknown MMEB-V2 task(s) {unknown}; valid keys are the score keys of docs/benchmarks.md §1.1")
     return [t.key for t in MMEB_TASKS if t.key in wanted]
 
 
@@ -458,7 +458,7 @@ def _parse_image_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: 
 
 # --- video -------------------------------------------------------------------------------------------------------
 
-# Row field naming each video's frame folder under the dataset's frame root (benchmarks.md §2.2 and the hub sets).
+# Row field naming each video's frame folder under the dataset's frame root (docs/benchmarks.md §2.2 and the hub sets).
 _VIDEO_ID_FIELD: dict[str, str] = {
     "video_classification": "video_id",
     "ssv2": "video_id",
@@ -871,7 +871,7 @@ def split_versions(results: Mapping[str, Mapping[str, Any]], page_labels: PageLa
 
 def mmeb_summary(results: Mapping[str, Mapping[str, Any]], page_labels: PageLabels) -> dict[str, Any]:
     """The harness's summary of scored results: main metric ×100 per dataset, the 13 sub-groups, the 3 modalities
-    and All, each a plain mean over datasets (benchmarks.md §1.5); partial results are flagged, never padded."""
+    and All, each a plain mean over datasets (docs/benchmarks.md §1.5); partial results are flagged, never padded."""
     summary = summarize_tasks(
         results, mmeb_v2_task_info(), group_keys=MMEB_V2_GROUP_KEYS, partial=True, benchmark="MMEB-V2"
     )

@@ -53,7 +53,7 @@ class ScoreFileError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Registry (benchmarks.md §1.1, §1.2, §1.4)
+# Registry (docs/benchmarks.md §1.1, §1.2, §1.4)
 # ----------------------------------------------------------------------------------------------------------------
 
 # The 26 keys of a per-dataset score object, in file order.
@@ -101,7 +101,7 @@ class MMEBDataset:
         return MAIN_METRICS[self.modality]
 
 
-# In score-file order (benchmarks.md §1.1); query counts from §1.2.
+# In score-file order (docs/benchmarks.md §1.1); query counts from §1.2.
 MMEB_V2_DATASETS: tuple[MMEBDataset, ...] = (
     MMEBDataset("ImageNet-1K", "image", "I-CLS", None, 1000),
     MMEBDataset("N24News", "image", "I-CLS", None, 1000),
@@ -266,7 +266,7 @@ def read_task_scores(path: str | Path) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Leaderboard files (benchmarks.md §2.3)
+# Leaderboard files (docs/benchmarks.md §2.3)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -319,7 +319,7 @@ def read_leaderboard(path: str | Path) -> Leaderboard:
 
 
 def select_mmeb_v2(board: Leaderboard, *, check_counts: bool = True) -> MMEBSelection:
-    """Map a leaderboard's entries onto the 78 registry datasets (benchmarks.md §1.5, §1.7).
+    """Map a leaderboard's entries onto the 78 registry datasets (docs/benchmarks.md §1.5, §1.7).
 
     Accepts ``X-page`` and ``X-page-fixed``; ignores the known extras of :data:`MMEB_V2_UNSCORED`; raises on unknown
     keys, on a dataset in the wrong modality block or present under both spellings, on ``num_pred != num_data``
@@ -403,7 +403,7 @@ def write_leaderboard(
     *,
     partial: bool = False,
 ) -> Path:
-    """Write a leaderboard file for MMEB-V2 (benchmarks.md §2.3) with the version metadata of §1.7.
+    """Write a leaderboard file for MMEB-V2 (docs/benchmarks.md §2.3) with the version metadata of §1.7.
 
     Args:
         path: output file.
@@ -461,7 +461,7 @@ def write_leaderboard(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Aggregation (benchmarks.md §1.5), generic over task manifests
+# Aggregation (docs/benchmarks.md §1.5), generic over task manifests
 # ----------------------------------------------------------------------------------------------------------------
 
 

@@ -43,10 +43,10 @@ from embedrl import __version__
 from embedrl.data.frames import sample_frames
 from embedrl.data.rows import BadRowPolicy, BadRows, RowError, read_rows, require
 from embedrl.data.schema import Item
-from embedrl.data.world import EvalTask
+from embedrl.eval.evaluator import EvalError, TaskEvaluator, TaskStats
 from embedrl.eval.metrics import metric_names, rank_candidates
 from embedrl.eval.mmeb import run_benchmark_stage, write_text
-from embedrl.eval.retrieval import EvalError, TaskEvaluator, TaskStats
+from embedrl.eval.task import EvalTask
 from embedrl.prompts import UVRB_QUERY_INSTRUCTIONS
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ class UVRBConfigError(ValueError):
 
 @dataclass(frozen=True)
 class UVRBDataset:
-    """One UVRB dataset (benchmarks.md §3.1).
+    """One UVRB dataset (docs/benchmarks.md §3.1).
 
     Attributes:
         name: display name and score key; also the folder name of the extracted layout (``<DS>/UVRB/<DS>``).
@@ -154,7 +154,7 @@ def resolve_names(names: Sequence[str] | None) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reference configs (benchmarks.md §3.4, §3.6)
+# Reference configs (docs/benchmarks.md §3.4, §3.6)
 # ----------------------------------------------------------------------------------------------------------------
 
 _KEY_WITHOUT_SPACE = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*):(\S.*)$")
@@ -327,7 +327,7 @@ def load_uvrb_task(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Aggregates (benchmarks.md §3.3)
+# Aggregates (docs/benchmarks.md §3.3)
 # ----------------------------------------------------------------------------------------------------------------
 
 

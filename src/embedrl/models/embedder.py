@@ -1,4 +1,4 @@
-"""The Embedder: a Qwen-VL backbone pooled at the last ``<emb>`` token (method.md §3.1–3.3).
+"""The Embedder: a Qwen-VL backbone pooled at the last ``<emb>`` token (docs/method.md §3.1–3.3).
 
 One item becomes one chat (built by :func:`embedrl.evidence.build_embedder_messages`, the single builder shared by
 training, reward and inference); the batch runs through the **base** vision-language model (no LM head,
@@ -42,7 +42,7 @@ __all__ = ["EMBEDDER_CONFIG_FILENAME", "VIDEO_FPS", "Embedder", "pool_last_emb",
 logger = logging.getLogger(__name__)
 
 EMBEDDER_CONFIG_FILENAME = "embedder.json"
-# Frame rate reported to the video processor for a frame list (method.md §3.2: videos are sampled at 2 fps).
+# Frame rate reported to the video processor for a frame list (docs/method.md §3.2: videos are sampled at 2 fps).
 VIDEO_FPS = 2.0
 # Length-sorting weight of one image or frame, in characters of text: a rough token count of a visual item.
 _VISUAL_ITEM_WEIGHT = 256
@@ -51,7 +51,7 @@ _VISUAL_ITEM_WEIGHT = 256
 def pool_last_emb(
     hidden: Tensor, input_ids: Tensor, emb_token_id: int, attention_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Hidden state at the **last** ``<emb>`` of each row (method.md §3.3).
+    """Hidden state at the **last** ``<emb>`` of each row (docs/method.md §3.3).
 
     Independent of the padding side. A row without ``<emb>`` falls back to its last non-padding token (the last
     position whose ``attention_mask`` is 1; the final position when no mask is given) and is flagged.
@@ -88,7 +88,7 @@ def pool_last_emb(
 
 
 def truncate_text(tokenizer: PreTrainedTokenizerBase, text: str, max_tokens: int) -> str:
-    """The longest prefix of ``text`` that holds at most ``max_tokens`` tokens (method.md §3.2: 480 for raw text).
+    """The longest prefix of ``text`` that holds at most ``max_tokens`` tokens (docs/method.md §3.2: 480 for raw text).
 
     The cut is made on the original string at a token boundary (no decode round trip), so a text that fits is
     returned unchanged.
@@ -112,12 +112,12 @@ class Embedder:
             :func:`embedrl.backbones.add_emb_token`), possibly wrapped by peft.
         processor: its processor; the tokenizer must hold ``<emb>``.
         emb_token_id: the ``<emb>`` id; default ``model.config.emb_token_ids``. Must match the tokenizer.
-        mode: default T-CoT/evidence mode (method.md §6.4): ``full``, ``answer_only``, ``no_evidence`` or ``raw``.
+        mode: default T-CoT/evidence mode (docs/method.md §6.4): ``full``, ``answer_only``, ``no_evidence`` or ``raw``.
         video_as: ``video`` (one video item) or ``frames`` (one image per frame), the same in every stage.
-        max_text_tokens: the raw item text is cut to this many tokens before the chat is built (method.md §3.2).
+        max_text_tokens: the raw item text is cut to this many tokens before the chat is built (docs/method.md §3.2).
         budget: pixel budgets for the processor call; default the checkpoint's
             (:meth:`~embedrl.backbones.FamilyAdapter.checkpoint_budget`: the budget a tiny backbone records in its
-            config, else method.md §3.2's).
+            config, else docs/method.md §3.2's).
 
     Attributes:
         missing_emb_count: rows so far that had no ``<emb>`` and were pooled at their last token (should stay 0).
@@ -139,7 +139,7 @@ class Embedder:
         if video_as not in VIDEO_AS:
             raise ValueError(f"video_as={video_as!r}; use one of {VIDEO_AS}")
         if max_text_tokens < 1:
-            raise ValueError(f"max_text_tokens={max_text_tokens} must be >= 1 (method.md §3.2 uses 480)")
+            raise ValueError(f"max_text_tokens={max_text_tokens} must be >= 1 (docs/method.md §3.2 uses 480)")
         self.model = model
         self.processor = processor
         self.mode = mode
@@ -199,7 +199,7 @@ class Embedder:
         Files: the full model weights and config (with ``emb_token_ids``), the processor (tokenizer with ``<emb>``,
         image and video processors, chat template) and ``embedder.json`` (mode, video_as, max_text_tokens,
         emb_token_id, family, pixel budget, embedrl version). A peft model is merged into a copy first
-        (method.md §3.8: LoRA is merged after training); ``self.model`` is left as it is.
+        (docs/method.md §3.8: LoRA is merged after training); ``self.model`` is left as it is.
 
         Raises:
             ValueError: ``merge=False`` for a peft model (save its adapter with ``model.save_pretrained`` instead).

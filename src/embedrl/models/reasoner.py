@@ -1,9 +1,9 @@
 """The Reasoner: batched T-CoT generation for items of any modality, on the query side or the target side.
 
-``Reasoner.generate(items, side)`` picks each item's prompt family (method.md §5.3, §6.3), puts the item's media
-before the family prompt (images, then the video's frames as separate images, method.md §4.1), samples with the
+``Reasoner.generate(items, side)`` picks each item's prompt family (docs/method.md §5.3, §6.3), puts the item's media
+before the family prompt (images, then the video's frames as separate images, docs/method.md §4.1), samples with the
 configured decoding, and returns the raw text, the parsed T-CoT and its provenance (model, family, prompt hash,
-decoding: method.md §1.3 invariant 5). It runs on HF ``generate``; ``backend="vllm"`` uses vLLM when installed.
+decoding: docs/method.md §1.3 invariant 5). It runs on HF ``generate``; ``backend="vllm"`` uses vLLM when installed.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from embedrl.backbones import get_adapter, load_backbone
 from embedrl.backbones.adapters import PixelBudget
 from embedrl.data.schema import Item, Modality
 from embedrl.evidence import load_image
-from embedrl.prompts import FAMILIES, PromptFamily, Side, choose_family
+from embedrl.prompts import PROMPT_FAMILIES, PromptFamily, Side, choose_family
 from embedrl.tcot import TCoT, parse_tcot
 
 logger = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Decoding:
-    """Sampling settings (method.md §8 item 14): RL rollouts and inference sample at T=1; teachers are greedy."""
+    """Sampling settings (docs/method.md §8 item 14): RL rollouts and inference sample at T=1; teachers are greedy."""
 
     temperature: float = 1.0
     top_p: float = 1.0
@@ -77,9 +77,9 @@ def build_reasoner_prompt(
 ) -> ReasonerPrompt:
     """The Reasoner's user turn for ``item``: its images, its frames (as images), then the family prompt.
 
-    Target-side prompts see only the item's own instruction and text, never a query (method.md §8 item 24).
+    Target-side prompts see only the item's own instruction and text, never a query (docs/method.md §8 item 24).
     """
-    family = FAMILIES[choose_family(side, item.modality, target_modality)]
+    family = PROMPT_FAMILIES[choose_family(side, item.modality, target_modality)]
     images = [load_image(x) for x in item.images]
     frames = [load_image(x) for x in item.frames]
     task = " ".join(part for part in (item.instruction.strip(), item.text.strip()) if part)

@@ -43,7 +43,7 @@ from embedrl import __version__
 from embedrl.config import IndexConfig, config_from_dict, save_config
 from embedrl.data.schema import Item, Modality, read_jsonl
 from embedrl.eval.cache import EmbeddingCache, TCoTCache, TCoTKey, atomic_write_bytes, decoding_key, embedding_key
-from embedrl.prompts import FAMILIES, Side, choose_family
+from embedrl.prompts import PROMPT_FAMILIES, Side, choose_family
 
 if TYPE_CHECKING:
     from embedrl.models.embedder import Embedder
@@ -158,7 +158,7 @@ class EmbedPipeline:
     @property
     def embedder_id(self) -> str:
         if self._embedder_id is None:
-            from embedrl.eval.retrieval import embedder_fingerprint
+            from embedrl.eval.evaluator import embedder_fingerprint
 
             self._embedder_id = embedder_fingerprint(self.embedder)
         return self._embedder_id
@@ -166,7 +166,7 @@ class EmbedPipeline:
     @property
     def reasoner_id(self) -> str | None:
         if self._reasoner_id is None and self.reasoner is not None:
-            from embedrl.eval.retrieval import reasoner_fingerprint
+            from embedrl.eval.evaluator import reasoner_fingerprint
 
             self._reasoner_id = reasoner_fingerprint(self.reasoner)
         return self._reasoner_id
@@ -205,7 +205,9 @@ class EmbedPipeline:
                     item.id,
                     side,
                     str(self.reasoner_id),
-                    FAMILIES[choose_family(side, item.modality, target_modality)].hash(reasoner.compact_prompts),
+                    PROMPT_FAMILIES[choose_family(side, item.modality, target_modality)].hash(
+                        reasoner.compact_prompts
+                    ),
                     decoding,
                 )
                 for item in items

@@ -48,8 +48,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedrl.config import ServeConfig
 from embedrl.data.schema import Item
+from embedrl.models.chat import ChatModel, ChatParams, Conversation
 from embedrl.serve.batching import MicroBatcher
-from embedrl.serve.chat import ChatModel, ChatParams, Conversation
 from embedrl.serve.index import EmbedPipeline, IndexFormatError, Searcher, SearchIndex
 
 __all__ = ["APIError", "create_app", "serve", "serve_in_background"]
@@ -422,7 +422,7 @@ def create_app(
         embedder: an :class:`~embedrl.models.Embedder` for ``/v1/embeddings`` and ``/search``.
         reasoner: a :class:`~embedrl.models.reasoner.Reasoner`: query T-CoTs, and a chat model named
             ``cfg.reasoner_name``.
-        chat_model: a :class:`~embedrl.serve.chat.ChatModel` (or a Reasoner) served as ``cfg.chat_model_name``.
+        chat_model: a :class:`~embedrl.models.chat.ChatModel` (or a Reasoner) served as ``cfg.chat_model_name``.
         index: a :class:`~embedrl.serve.index.SearchIndex` for ``/search`` (built with ``embedder``).
 
     Raises:

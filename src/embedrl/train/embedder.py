@@ -1,4 +1,4 @@
-"""Contrastive training of the Embedder (method.md §3.4–3.8): ``train_embedder(cfg)``.
+"""Contrastive training of the Embedder (docs/method.md §3.4–3.8): ``train_embedder(cfg)``.
 
 The loop reads top to bottom: build (data, sampler, model, optimiser, schedule) → resume → per step: batch →
 ``train_step`` → log → maybe save. Each step is ``num_sub_batches`` same-dataset sub-batches; the loss of each

@@ -1,4 +1,4 @@
-"""EG-RL (method.md §4): GRPO on the Reasoner, rewarded by the frozen Embedder and a frozen Discriminator.
+"""EG-RL (docs/method.md §4): GRPO on the Reasoner, rewarded by the frozen Embedder and a frozen Discriminator.
 
 ``train_rl(cfg)`` runs our own small GRPO loop (docs/rl.md says why not TRL's ``GRPOTrainer``). It reads top to
 bottom: build (data, models, optimiser) → resume → per step:
@@ -9,7 +9,7 @@ bottom: build (data, models, optimiser) → resume → per step:
 2. **rollouts**: ``G`` samples per (pair, side) prompt with HF ``generate`` (:func:`generate_rollouts`), every
    trajectory keyed ``(pair_id, side, rollout)``;
 3. **rewards**: format, process (Discriminator) and outcome (Embedder) over the whole step batch
-   (:func:`embedrl.rewards.build_reward_funcs`), total per method.md §4.8, advantages per (pair, side) group
+   (:func:`embedrl.rewards.terms.build_reward_funcs`), total per docs/method.md §4.8, advantages per (pair, side) group
    (:func:`embedrl.train.grpo_math.group_advantages`);
 4. **update**: ``ppo_epochs`` passes of clipped GRPO with the k3 KL to the initial policy
    (:func:`embedrl.train.grpo_math.grpo_loss`), AdamW, gradient clipping (:func:`update_policy`);
@@ -22,19 +22,14 @@ a failure raises, never a zero vector.
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import logging
 import math
 import os
 import random
 import time
-import urllib.error
-import urllib.request
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,12 +41,26 @@ from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 
 from embedrl import prompts as P
-from embedrl.config import GRPOTrainConfig, save_config
+from embedrl.config import GRPOTrainConfig, RewardConfig, save_config
 from embedrl.data.schema import Item, Pair, read_pairs
-from embedrl.evidence import load_image
 from embedrl.models.embedder import Embedder
+from embedrl.models.generation import stop_token_ids, vision_token_ids
 from embedrl.models.reasoner import Reasoner, ReasonerPrompt, build_reasoner_prompt
-from embedrl.rewards import RewardConfig, RolloutKey, build_reward_funcs, check_groups, derive_seed, total_reward
+from embedrl.rewards.judges import (
+    ENDPOINT_TOKEN_ENV,
+    ChatDiscriminator,
+    EmbedderReward,
+    EndpointDiscriminator,
+    EndpointEmbedderReward,
+)
+from embedrl.rewards.terms import (
+    EmbedFn,
+    RolloutKey,
+    build_reward_funcs,
+    check_groups,
+    derive_seed,
+    total_reward,
+)
 from embedrl.tcot import parse_tcot
 from embedrl.train.embedder import latest_checkpoint, load_checkpoint, save_checkpoint
 from embedrl.train.grpo_math import group_advantages, group_stats, grpo_loss
@@ -60,10 +69,6 @@ __all__ = [
     "METRICS_FILE",
     "RL_META_FILE",
     "SAMPLES_FILE",
-    "ChatDiscriminator",
-    "EmbedderReward",
-    "EndpointDiscriminator",
-    "EndpointEmbedderReward",
     "RLData",
     "RLModels",
     "RolloutBatch",
@@ -74,7 +79,6 @@ __all__ = [
     "load_models",
     "lora_config",
     "pair_prompts",
-    "post_json",
     "reward_columns",
     "reward_embedder",
     "sample_table",
@@ -90,12 +94,9 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.md"
 FINAL_DIR = "final"
-ENDPOINT_TOKEN_ENV = "EMBEDRL_API_KEY"  # bearer token of embedder_url / discriminator_url, if the server wants one
 RL_META_FILE = "embedrl_rl.json"  # in final/ and every checkpoint: Embedder id, resolved reward config, step
 COMPONENTS = ("format", "process", "outcome")  # the order of build_reward_funcs' (funcs, weights)
 SIDES = ("query", "target")
-# Sampling one of these would add a vision placeholder without pixels: the next forward pass would fail.
-VISION_TOKENS = (P.VISION_START, P.VISION_END, "<|vision_pad|>", P.IMAGE_PAD, P.VIDEO_PAD)
 SAMPLE_TABLE_ROWS = 16
 SAMPLE_TEXT_CHARS = 160
 
@@ -103,7 +104,7 @@ StepCallback = Callable[[int, dict[str, Any], "RolloutBatch"], None]
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Data: same-dataset step batches of whole pairs (method.md §4.1)
+# Data: same-dataset step batches of whole pairs (docs/method.md §4.1)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -182,28 +183,6 @@ class Timed:
             self.seconds += time.perf_counter() - start
 
 
-class EmbedderReward:
-    """``embed(side, completions, columns) -> [n, D]`` over the frozen Embedder (method.md §4.9).
-
-    Each rollout is embedded as ``columns["item"][i].with_tcot(completion)`` in mode ``full``: the item's text and
-    pixels, the T-CoT, and the crops / key frames it names, through the Embedder's one builder. Batched; any
-    failure raises (never a zero vector). ``D`` is the model's own hidden size.
-    """
-
-    def __init__(self, embedder: Embedder, batch_size: int = 32) -> None:
-        self.embedder, self.batch_size = embedder, batch_size
-
-    def __call__(self, side: str, completions: list[str], columns: dict[str, list[Any]]) -> Tensor:
-        items = columns.get("item")
-        if items is None or len(items) != len(completions):
-            raise ValueError(f"the {side}-side rollouts need an 'item' column with one Item per completion")
-        tcot_items = [item.with_tcot(text) for item, text in zip(items, completions, strict=True)]
-        return torch.from_numpy(self.embedder.encode(tcot_items, batch_size=self.batch_size, mode="full"))
-
-
-EmbedFn = Callable[[str, list[str], dict[str, list[Any]]], Tensor]  # embed(side, completions, columns) -> [n, D]
-
-
 def reward_embedder(cfg: GRPOTrainConfig, models: RLModels) -> EmbedFn:
     """The rollout embedder of the rewards: the in-process frozen Embedder, or the ``embedder_url`` endpoint."""
     if cfg.embedder_url:
@@ -212,149 +191,6 @@ def reward_embedder(cfg: GRPOTrainConfig, models: RLModels) -> EmbedFn:
     if models.embedder is None:
         raise ValueError("no Embedder: set embedder (a directory) or embedder_url")
     return EmbedderReward(models.embedder, cfg.embed_batch_size)
-
-
-def _text_prompt(text: str) -> ReasonerPrompt:
-    return ReasonerPrompt([{"role": "user", "content": [{"type": "text", "text": text}]}], [], None, 0)
-
-
-def _stop_ids(model: PreTrainedModel, processor: Any) -> tuple[list[int], int]:
-    """``(eos ids, pad id)`` from the generation config (falling back to the tokenizer's)."""
-    gen = model.generation_config
-    eos = gen.eos_token_id if gen.eos_token_id is not None else processor.tokenizer.eos_token_id
-    eos_ids = [int(e) for e in (eos if isinstance(eos, list | tuple) else [eos])]
-    pad = gen.pad_token_id if gen.pad_token_id is not None else processor.tokenizer.pad_token_id
-    return eos_ids, int(pad if pad is not None else eos_ids[0])
-
-
-def _vision_token_ids(processor: Any) -> list[int]:
-    vocab = processor.tokenizer.get_vocab()
-    return sorted(vocab[t] for t in VISION_TOKENS if t in vocab)
-
-
-class ChatDiscriminator:
-    """``discriminator(prompts) -> replies``: a frozen chat model, text-only, batched and greedy (method.md §4.7)."""
-
-    def __init__(self, chat: Reasoner, max_new_tokens: int = 10, batch_size: int = 32) -> None:
-        self.chat, self.batch_size = chat, batch_size
-        eos, pad = _stop_ids(chat.model, chat.processor)
-        self.generation_config = GenerationConfig(
-            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
-            suppress_tokens=_vision_token_ids(chat.processor) or None,
-        )  # fmt: skip
-
-    @torch.inference_mode()
-    def __call__(self, prompts: list[str]) -> list[str]:
-        replies: list[str] = []
-        for start in range(0, len(prompts), self.batch_size):
-            inputs = self.chat.chat_inputs([_text_prompt(p) for p in prompts[start : start + self.batch_size]])
-            out = self.chat.model.generate(**inputs, generation_config=self.generation_config)
-            replies += self.chat.processor.batch_decode(
-                out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-        return replies
-
-
-def post_json(
-    endpoint: str, body: dict[str, Any], *, what: str, timeout: float, retries: int, backoff: float, token: str = ""
-) -> dict[str, Any]:
-    """POST ``body`` as JSON and return the JSON reply. Network errors and 5xx are retried ``retries`` times with a
-    linear back-off, then raise; a 4xx raises at once (a client error does not heal by retrying)."""
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(endpoint, data=json.dumps(body).encode(), headers=headers)
-    for attempt in range(retries + 1):
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            if 400 <= err.code < 500 or attempt == retries:
-                detail = err.read().decode("utf-8", "replace")[:300]
-                raise RuntimeError(f"{what} endpoint {endpoint}: HTTP {err.code} {err.reason} {detail}") from err
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            if attempt == retries:
-                raise RuntimeError(f"{what} endpoint {endpoint} failed {retries + 1} times: {err}") from err
-        time.sleep(backoff * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
-class EndpointDiscriminator:
-    """``discriminator(prompts) -> replies`` from an OpenAI-compatible ``/chat/completions`` endpoint (e.g. ``embedrl
-    serve`` or a vLLM server running the Discriminator, as in the paper's deployment).
-
-    Greedy (temperature 0), text-only, ``max_tokens`` per reply. Requests run concurrently and the replies are joined
-    by prompt index, never by completion order (method.md §4.10). A failed request is retried ``retries`` times with a
-    short back-off, then raises: a missing reply is never replaced by a default answer.
-    """
-
-    def __init__(
-        self, url: str, model: str, max_new_tokens: int = 10, concurrency: int = 32, timeout: float = 120.0,
-        retries: int = 2, backoff: float = 1.0, token: str = "",
-    ) -> None:  # fmt: skip
-        self.endpoint = url.rstrip("/") + "/chat/completions"
-        self.model, self.max_new_tokens, self.concurrency = model, max_new_tokens, concurrency
-        self.timeout, self.retries, self.backoff, self.token = timeout, retries, backoff, token
-
-    def _request(self, prompt: str) -> str:
-        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0,
-                "max_tokens": self.max_new_tokens}  # fmt: skip
-        payload = post_json(self.endpoint, body, what="Discriminator", timeout=self.timeout, retries=self.retries,
-                            backoff=self.backoff, token=self.token)  # fmt: skip
-        try:
-            return str(payload["choices"][0]["message"]["content"] or "")
-        except (KeyError, IndexError, TypeError) as err:
-            raise ValueError(f"Discriminator endpoint {self.endpoint} sent no choices[0].message.content") from err
-
-    def __call__(self, prompts: list[str]) -> list[str]:
-        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
-            return list(pool.map(self._request, prompts))  # map keeps the prompts' order
-
-
-def _data_url(image: Any) -> str:
-    buffer = io.BytesIO()
-    load_image(image).convert("RGB").save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
-class EndpointEmbedderReward:
-    """``embed(side, completions, columns) -> [n, D]`` from an ``embedrl serve`` Embedder (method.md §4.9, service).
-
-    Each rollout goes to ``POST {url}/embeddings`` as a structured item: the side's text and instruction, its images
-    and frames as PNG data URLs, and the rollout's T-CoT, with ``mode: full``, so the server builds the same input as
-    the in-process :class:`EmbedderReward` (pixels, T-CoT, crops and key frames). Batches of ``batch_size`` items;
-    the vectors are joined by their ``index``; any failure raises (never a zero vector).
-    """
-
-    def __init__(
-        self, url: str, model: str, batch_size: int = 32, timeout: float = 300.0, retries: int = 2,
-        backoff: float = 1.0, token: str = "",
-    ) -> None:  # fmt: skip
-        self.endpoint = url.rstrip("/") + "/embeddings"
-        self.model, self.batch_size = model, batch_size
-        self.timeout, self.retries, self.backoff, self.token = timeout, retries, backoff, token
-
-    def _item(self, item: Item, tcot: str) -> dict[str, Any]:
-        return {"text": item.text, "instruction": item.instruction, "images": [_data_url(x) for x in item.images],
-                "frames": [_data_url(x) for x in item.frames], "tcot": tcot}  # fmt: skip
-
-    def __call__(self, side: str, completions: list[str], columns: dict[str, list[Any]]) -> Tensor:
-        items = columns.get("item")
-        if items is None or len(items) != len(completions):
-            raise ValueError(f"the {side}-side rollouts need an 'item' column with one Item per completion")
-        vectors: list[list[float]] = []
-        for start in range(0, len(items), self.batch_size):
-            stop = start + self.batch_size
-            chunk = list(zip(items[start:stop], completions[start:stop], strict=True))
-            body = {"model": self.model, "input": [self._item(it, text) for it, text in chunk], "mode": "full",
-                    "side": side, "encoding_format": "float"}  # fmt: skip
-            payload = post_json(self.endpoint, body, what="Embedder", timeout=self.timeout, retries=self.retries,
-                                backoff=self.backoff, token=self.token)  # fmt: skip
-            data = sorted(payload.get("data") or [], key=lambda d: d["index"])
-            if [d["index"] for d in data] != list(range(len(chunk))):
-                raise ValueError(f"Embedder endpoint {self.endpoint} returned {len(data)} vectors for {len(chunk)}")
-            vectors += [d["embedding"] for d in data]
-        return torch.tensor(vectors, dtype=torch.float32)
 
 
 @dataclass
@@ -430,7 +266,7 @@ def load_models(cfg: GRPOTrainConfig, *, reference: bool = True, lora: bool = Tr
     if cfg.max_prompt_tokens + cfg.max_new_tokens > context:
         raise ValueError(
             f"max_prompt_tokens + max_new_tokens = {cfg.max_prompt_tokens + cfg.max_new_tokens} exceeds the "
-            f"policy's context of {context} tokens (method.md §8 item 19); lower one of them"
+            f"policy's context of {context} tokens (docs/method.md §8 item 19); lower one of them"
         )
     ref_model = None
     if reference and cfg.beta > 0 and not cfg.lora:  # with LoRA the reference is the policy without its adapters
@@ -469,7 +305,7 @@ def load_models(cfg: GRPOTrainConfig, *, reference: bool = True, lora: bool = Tr
 
 @dataclass
 class RolloutBatch:
-    """One step's ``N = 2·B·G`` trajectories in generation order; row ``i`` is ``keys[i]`` (method.md §4.10)."""
+    """One step's ``N = 2·B·G`` trajectories in generation order; row ``i`` is ``keys[i]`` (docs/method.md §4.10)."""
 
     step: int
     dataset: str
@@ -525,11 +361,11 @@ def generate_rollouts(
     lengths = policy.chat_inputs(flat)["attention_mask"].sum(1).tolist()  # [2B], query then target per pair
     over = {pairs[i // 2].pair_id for i, n in enumerate(lengths) if n > cfg.max_prompt_tokens}
     kept = [p for p in pairs if p.pair_id not in over]
-    eos_ids, pad_id = _stop_ids(policy.model, policy.processor)
+    eos_ids, pad_id = stop_token_ids(policy.model, policy.processor)
     gen = GenerationConfig(
         do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=None, max_new_tokens=cfg.max_new_tokens,
         num_return_sequences=G, eos_token_id=eos_ids, pad_token_id=pad_id,
-        suppress_tokens=_vision_token_ids(policy.processor) or None,
+        suppress_tokens=vision_token_ids(policy.processor) or None,
     )  # fmt: skip
     rows = [(p, side, pr, item) for p in kept for side, pr, item in prompts[p.pair_id]]
     chunk = cfg.generation_batch_size or max(1, len(rows))
@@ -590,7 +426,7 @@ def score_rollouts(
     funcs: Sequence[Callable[..., list[float | None]]], reward_cfg: RewardConfig, batch: RolloutBatch
 ) -> tuple[dict[str, list[float | None]], list[float | None]]:
     """``(components, totals)``: each reward over the whole batch (a zero-weight term other than format is
-    skipped) and the total per method.md §4.8, in trajectory order."""
+    skipped) and the total per docs/method.md §4.8, in trajectory order."""
     columns = reward_columns(batch, batch.step)
     prompts_text = [""] * len(batch.keys)  # the rewards read the columns, not the prompt text
     components: dict[str, list[float | None]] = {}
@@ -707,7 +543,7 @@ def update_policy(
 ) -> dict[str, float]:
     """``ppo_epochs`` passes of clipped GRPO over the batch in mini-batches, gradients accumulated over micro-batches.
 
-    Token-mean over each mini-batch (method.md §4.2). Rows with advantage 0 add nothing to the loss when beta = 0,
+    Token-mean over each mini-batch (docs/method.md §4.2). Rows with advantage 0 add nothing to the loss when beta = 0,
     so they are not forwarded, but their tokens still count in ``|T|`` (the result is the same); a mini-batch with
     no such row is skipped (no optimiser step). ``old_logp`` is the detached current log-prob when the update is a
     single on-policy pass, else it is computed before the first update. The reference log-probs come from the frozen
@@ -891,7 +727,7 @@ def train_rl(cfg: GRPOTrainConfig, models: RLModels | None = None, on_step: Step
     params = [p for p in models.policy.model.parameters() if p.requires_grad]
     _check_disjoint(models, params)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
-    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant LR (method.md §4.3)
+    constant = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant LR (docs/method.md §4.3)
     logger.info(
         "EG-RL: %d steps; per step %d pairs of one dataset -> %d prompts -> %d trajectories (G=%d); %d datasets, "
         "%d steps per epoch", total, cfg.pairs_per_step, 2 * cfg.pairs_per_step, 2 * cfg.pairs_per_step * G, G,
@@ -915,7 +751,7 @@ def train_rl(cfg: GRPOTrainConfig, models: RLModels | None = None, on_step: Step
             record: dict[str, Any] = {"step": step, "epoch": epoch, "dataset": dataset, "pairs": len(batch.pairs),
                                       "prompts": 2 * len(batch.pairs), "trajectories": len(batch.keys),
                                       "data/pairs_dropped_overlong": len(batch.dropped_pairs)}  # fmt: skip
-            if len(batch.pairs) < 2:  # method.md §4.4: no negatives; counted, not trained on
+            if len(batch.pairs) < 2:  # docs/method.md §4.4: no negatives; counted, not trained on
                 logger.warning(
                     "step %d: %d pair(s) left after dropping overlong prompts; skipped", step, len(batch.pairs)
                 )

@@ -1,4 +1,4 @@
-"""GRPO maths (method.md §4.2): group-normalised advantages and the clipped policy loss with a k3 KL term.
+"""GRPO maths (docs/method.md §4.2): group-normalised advantages and the clipped policy loss with a k3 KL term.
 
 Pure tensor functions with hand-computed tests (``tests/test_grpo_math.py``); no model, optimiser or trainer here.
 
@@ -17,25 +17,11 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from embedrl.rewards import RolloutKey
+    pass
 
-__all__ = ["GroupStats", "Rollout", "group_advantages", "group_stats", "grpo_loss"]
+__all__ = ["GroupStats", "group_advantages", "group_stats", "grpo_loss"]
 
-KL_CLAMP = 10.0  # the k3 estimate is clamped to [-KL_CLAMP, KL_CLAMP] (method.md §4.2)
-
-
-class Rollout(NamedTuple):
-    """One generation batch of ``N = 2·B·G`` trajectories (both sides of ``B`` pairs), as an update consumes it."""
-
-    keys: list[RolloutKey]  # [N] (pair_id, side, rollout) of each row; rewards are joined on these (method.md §4.10)
-    prompt_ids: Tensor  # [N, P] prompt token ids, left-padded
-    prompt_mask: Tensor  # [N, P] 1 on prompt tokens, 0 on padding
-    completion_ids: Tensor  # [N, T] response token ids, right-padded
-    completion_mask: Tensor  # [N, T] 1 on response tokens (through EOS); 0 on padding and on rows left out
-    old_logp: Tensor  # [N, T] log π_θold of each response token, recorded at generation time
-    ref_logp: Tensor | None  # [N, T] log π_ref of each response token; None when β = 0
-    rewards: Tensor  # [N] total reward; NaN = not applicable
-    advantages: Tensor  # [N] from group_advantages; 0 for NaN rows and constant groups
+KL_CLAMP = 10.0  # the k3 estimate is clamped to [-KL_CLAMP, KL_CLAMP] (docs/method.md §4.2)
 
 
 GroupIds = int | Tensor | Sequence[Hashable]
@@ -60,7 +46,8 @@ class GroupStats(NamedTuple):
     mean: Tensor  # [n_groups] float64 mean; NaN for a group without valid rewards
     std: Tensor  # [n_groups] float64 sample std (divisor n − 1); 0 with fewer than 2 valid rewards
     count: Tensor  # [n_groups] number of valid rewards
-    constant: Tensor  # [n_groups] bool: < 2 valid rewards, or all equal (zero advantage; counted, method.md §8.25)
+    # [n_groups] bool: < 2 valid rewards, or all equal (zero advantage; counted, docs/method.md §8.25)
+    constant: Tensor
 
 
 def group_stats(rewards: Tensor, groups: GroupIds) -> tuple[GroupStats, Tensor]:
@@ -85,14 +72,14 @@ def group_stats(rewards: Tensor, groups: GroupIds) -> tuple[GroupStats, Tensor]:
 
 
 def group_advantages(rewards: Tensor, groups: GroupIds, scale: bool = True, eps: float = 1e-6) -> Tensor:
-    """GRPO advantages ``A = (r − mean) / (std + eps)`` within each group (method.md §4.2).
+    """GRPO advantages ``A = (r − mean) / (std + eps)`` within each group (docs/method.md §4.2).
 
     Args:
         rewards: [N] total rewards; NaN = not applicable, left out of its group's mean and std.
         groups: ``num_generations`` (consecutive blocks of G rows) or one hashable id per row, e.g. the
-            ``(pair_id, side)`` of each :class:`~embedrl.rewards.RolloutKey`, in any order.
+            ``(pair_id, side)`` of each :class:`~embedrl.rewards.terms.RolloutKey`, in any order.
         scale: divide by the group's sample std (divisor n − 1, as ``torch.std``); False gives ``r − mean``.
-        eps: added to the std (1e-6 as in method.md).
+        eps: added to the std (1e-6 as in docs/method.md).
 
     Returns:
         [N] advantages in ``rewards``' dtype: 0 for NaN rows and for every row of a constant group (all valid
@@ -119,7 +106,7 @@ def grpo_loss(
     eps_clip: float = 0.2,
     beta: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Clipped GRPO loss with a k3 KL penalty, token-mean over the mini-batch (method.md §4.2).
+    """Clipped GRPO loss with a k3 KL penalty, token-mean over the mini-batch (docs/method.md §4.2).
 
     Args:
         logp: [N, T] log π_θ of each response token (with grad).

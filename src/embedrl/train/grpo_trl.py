@@ -9,15 +9,15 @@ The EG-RL requirements map onto ``GRPOTrainer`` like this:
   processes, the global generation batch is ``P`` consecutive blocks and process ``k`` receives block ``k``. Every
   reward call checks that it got whole pairs of one block (:class:`TRLRewards`), so a batching mistake raises
   instead of mixing pairs.
-- **Rewards** are :func:`embedrl.rewards.build_reward_funcs` (format, process, outcome) with their weights as TRL's
-  ``reward_weights``. TRL passes every dataset column to them; the ``item`` column (JSON) becomes an
+- **Rewards** are :func:`~embedrl.rewards.terms.build_reward_funcs` (format, process, outcome) with their weights
+  as TRL's ``reward_weights``. TRL passes every dataset column to them; the ``item`` column (JSON) becomes an
   :class:`~embedrl.data.schema.Item` again, so the frozen Embedder embeds each rollout with its pixels and evidence.
 - **Media.** A prompt's images and video frames are the row's ``images`` column; TRL puts them before the prompt
   text, as the Reasoner's own prompts do. The processor's image budget is set to the checkpoint's.
 - **Settings**: ``num_generations`` (G), ``epsilon`` (clip ε), ``beta`` (KL; TRL loads the reference from the
   checkpoint path), ``learning_rate`` (constant), ``temperature``/``top_p``, ``max_completion_length``,
   ``num_iterations`` (PPO epochs), ``peft_config`` (LoRA), ``use_vllm``/``vllm_mode``, ``save_steps`` and
-  ``resume_from_checkpoint``. Loss ``dapo`` is the token mean over the mini-batch (method.md §4.2); TRL's
+  ``resume_from_checkpoint``. Loss ``dapo`` is the token mean over the mini-batch (docs/method.md §4.2); TRL's
   advantage uses ``std + 1e-4`` where the method writes ``1e-6`` (the ``native`` engine uses the latter).
 - **Logging.** ``out/metrics.jsonl`` gets one line per RL step: our reward components and terms per side, response
   lengths, evidence counts, TRL's loss statistics (``trl/...``), and the step time split into generation, reward
@@ -41,11 +41,12 @@ from typing import Any
 
 import torch
 
-from embedrl.config import GRPOTrainConfig, save_config
+from embedrl.config import GRPOTrainConfig, RewardConfig, save_config
 from embedrl.data.schema import Item, Pair, read_pairs
+from embedrl.models.generation import stop_token_ids
 from embedrl.models.reasoner import Reasoner, build_reasoner_prompt
 from embedrl.prompts import join_task_text
-from embedrl.rewards import RewardConfig, check_groups, rollout_keys, total_reward
+from embedrl.rewards.terms import check_groups, rollout_keys, total_reward
 from embedrl.train.grpo import (
     COMPONENTS,
     FINAL_DIR,
@@ -59,7 +60,6 @@ from embedrl.train.grpo import (
     Timed,
     _check_disjoint,
     _meta,
-    _stop_ids,
     load_models,
     lora_config,
     reward_embedder,
@@ -126,7 +126,8 @@ def _prompt_length(policy: Reasoner, pair: Pair, side: str, compact: bool) -> in
 
 
 def drop_overlong(pairs: Sequence[Pair], policy: Reasoner, max_prompt_tokens: int, compact: bool) -> list[Pair]:
-    """The pairs whose prompts fit ``max_prompt_tokens`` on **both** sides (method.md §8 item 19); logs the rest."""
+    """The pairs whose prompts fit ``max_prompt_tokens`` on **both** sides (docs/method.md §8 item 19); logs the
+    rest."""
     kept = [
         p for p in pairs if all(_prompt_length(policy, p, s, compact) <= max_prompt_tokens for s in SIDES)
     ]  # fmt: skip
@@ -379,10 +380,10 @@ def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
 
     clock = StepClock()
     embed, discriminator = Timed(reward_embedder(cfg, models)), Timed(models.discriminator)
-    from embedrl.rewards import build_reward_funcs
+    from embedrl.rewards.terms import build_reward_funcs
 
     funcs, weights = build_reward_funcs(reward_cfg, embed, discriminator, num_generations=G, seed=cfg.seed)
-    eos_ids, _ = _stop_ids(policy.model, policy.processor)
+    eos_ids, _ = stop_token_ids(policy.model, policy.processor)
     rewards = TRLRewards(funcs, reward_cfg, G, embed, discriminator, clock, eos_ids, out, cfg.sample_table_every, k,
                          cfg.scale_advantages)  # fmt: skip
     policy.model.requires_grad_(True)
@@ -413,7 +414,7 @@ def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
         max_grad_norm=cfg.max_grad_norm if cfg.max_grad_norm > 0 else 1e9,
         epsilon=cfg.clip_eps,
         beta=cfg.beta,
-        loss_type="dapo",  # token mean over the mini-batch (method.md §4.2)
+        loss_type="dapo",  # token mean over the mini-batch (docs/method.md §4.2)
         scale_rewards="group" if cfg.scale_advantages else "none",
         temperature=cfg.temperature,
         top_p=cfg.top_p,

@@ -1,4 +1,4 @@
-"""Cold start of a from-scratch Reasoner (method.md §1.2 stage 6): ``train_reasoner(cfg)``.
+"""Cold start of a from-scratch Reasoner (docs/method.md §1.2 stage 6): ``train_reasoner(cfg)``.
 
 Supervised fine-tuning on the teacher's T-CoTs of both sides of every training pair, with the same family prompts
 the Reasoner is later sampled with, plus listwise-discrimination examples so the same checkpoint can serve as the
@@ -56,7 +56,7 @@ def discrimination_examples(path: str | Path) -> list[SFTExample]:
 
 
 def discrimination_sft(rec: dict[str, Any]) -> SFTExample:
-    """One discrimination record (``embedrl.data.teacher.discrimination_example``) as a supervised example."""
+    """One discrimination record (``embedrl.world.teacher.discrimination_example``) as a supervised example."""
     anchor, candidates = rec["anchor"], rec["candidates"]
     inputs = None
     if rec["direction"] == "target_to_query":

@@ -1,4 +1,4 @@
-"""Perception pre-training of the tiny backbone (embedrl.train.pretrain) and the shipped pretrained checkpoint."""
+"""Perception pre-training of the tiny backbone (embedrl.world.pretrain) and the shipped pretrained checkpoint."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from embedrl.config import BackbonePretrainConfig, ConfigError
-from embedrl.data.scenes import COLOURS, SHAPES
-from embedrl.data.world_tasks import Geometry
-from embedrl.train import pretrain
-from embedrl.train.pretrain import TASKS, pretrain_backbone, step_examples
+from embedrl.world import pretrain
+from embedrl.world.pretrain import TASKS, pretrain_backbone, step_examples
+from embedrl.world.scenes import COLOURS, SHAPES
+from embedrl.world.tasks import Geometry
 
 GEO = Geometry()
 

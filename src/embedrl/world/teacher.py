@@ -1,10 +1,11 @@
 """The synthetic world's teacher: T-CoTs written from ground truth, with realistic, measurable imperfections.
 
-The teacher stands in for the paper's Qwen3-VL-8B annotator (method.md §5.2). It sees what a real teacher would see
+The teacher stands in for the paper's Qwen3-VL-8B annotator (docs/method.md §5.2). It sees what a real teacher would
+see
 for one item (its media, its text, its task) through a :class:`TeacherView` that the world's task generators fill
 from ground truth: short reasoning steps, a rethink, an answer, and the evidence, i.e. the correct boxes (0-1000),
 decisive frames (0-based) or keywords. :func:`write_tcot` renders it in exact T-CoT grammar with
-:func:`embedrl.tcot.render_tcot`, the cue chosen by the item's prompt family (:data:`embedrl.prompts.FAMILIES`).
+:func:`embedrl.tcot.render_tcot`, the cue chosen by the item's prompt family (:data:`embedrl.prompts.PROMPT_FAMILIES`).
 
 Imperfections (rates from :class:`~embedrl.config.TeacherNoiseConfig`, drawn independently per T-CoT wherever they
 can apply) mimic the ways a real teacher errs and an Embedder can notice:
@@ -29,7 +30,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from embedrl.config import TeacherNoiseConfig
-from embedrl.prompts import CUE_BOXES, CUE_FRAMES, CUE_KEYWORDS, FAMILIES
+from embedrl.prompts import CUE_BOXES, CUE_FRAMES, CUE_KEYWORDS, PROMPT_FAMILIES
 from embedrl.tcot import TCoT, render_tcot
 
 GENERATOR = "world-teacher"
@@ -51,7 +52,7 @@ class TeacherView:
     """What the teacher knows about one item: its prompt family, prose, and the correct evidence.
 
     Attributes:
-        family: prompt family name (a key of ``embedrl.prompts.FAMILIES``); fixes the cue key.
+        family: prompt family name (a key of ``embedrl.prompts.PROMPT_FAMILIES``); fixes the cue key.
         steps: reasoning sentences of ``<thinking>`` (the cue object follows them).
         rethink: the ``<rethink>`` text.
         answer: the ``<answer>`` text.
@@ -78,9 +79,9 @@ class TeacherView:
 
     @property
     def cue_key(self) -> str:
-        if self.family not in FAMILIES:
-            raise ValueError(f"unknown prompt family {self.family!r}; use one of {sorted(FAMILIES)}")
-        return FAMILIES[self.family].cue_key
+        if self.family not in PROMPT_FAMILIES:
+            raise ValueError(f"unknown prompt family {self.family!r}; use one of {sorted(PROMPT_FAMILIES)}")
+        return PROMPT_FAMILIES[self.family].cue_key
 
     def check(self) -> None:
         """Raise if the view cannot yield a valid cue (a bug in a task generator, not noise)."""
@@ -236,7 +237,7 @@ def write_tcot(view: TeacherView, noise: TeacherNoiseConfig, rng: random.Random)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Listwise discrimination examples (method.md §4.7): structured data; the prompt is rendered by embedrl.prompts
+# Listwise discrimination examples (docs/method.md §4.7): structured data; the prompt is rendered by embedrl.prompts
 # ----------------------------------------------------------------------------------------------------------------
 
 

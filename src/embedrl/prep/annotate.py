@@ -1,4 +1,4 @@
-"""Teacher annotation and the relevance filter: ``embedrl annotate`` and ``embedrl filter`` (method.md §5.2–§5.9).
+"""Teacher annotation and the relevance filter: ``embedrl annotate`` and ``embedrl filter`` (docs/method.md §5.2–§5.9).
 
 **Annotate.** Every pair gets two T-CoTs from a teacher chat model at temperature 0: the query's, with the query-side
 family chosen from the query and target modalities, and the positive's, with the target-side family (it never sees
@@ -6,7 +6,7 @@ the query). The teacher is a local transformers checkpoint (:class:`LocalTeacher
 (:class:`OpenAITeacher`: concurrent requests, retries with exponential backoff on 429 / 5xx / network errors, and a
 loud error once the retries are spent). Each raw reply is stored with its parse result and provenance.
 
-Answer-conditioned prompting (method.md §5.4) is an explicit option, off by default: a chosen share of the queries
+Answer-conditioned prompting (docs/method.md §5.4) is an explicit option, off by default: a chosen share of the queries
 (``parity``: the even 0-based indices, as the reference scripts; ``random``: seeded) get a labelled hint block with
 the positive's text, and for media positives a reference to the file, never its pixels.
 
@@ -25,10 +25,8 @@ with its ``filter`` and ``split``), ``filter.json`` (counts).
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
 import dataclasses
-import io
 import json
 import logging
 import os
@@ -44,6 +42,7 @@ from tqdm.auto import tqdm
 
 from embedrl.data.rows import BadRows, RowError, read_rows
 from embedrl.data.schema import Item, Pair
+from embedrl.evidence import image_data_url
 from embedrl.prompts import ANSWER_HINT, JUDGE, join_task_text, prompt_hash
 from embedrl.tcot import format_ok, parse_tcot
 
@@ -101,12 +100,12 @@ class Teacher(Protocol):
 
 
 class LocalTeacher:
-    """A local checkpoint (Qwen-VL or a text causal LM) through :class:`embedrl.serve.chat.ChatModel`, in batches."""
+    """A local checkpoint (Qwen-VL or a text causal LM) through :class:`embedrl.models.chat.ChatModel`, in batches."""
 
     def __init__(self, settings: TeacherSettings) -> None:
         import torch
 
-        from embedrl.serve.chat import ChatModel
+        from embedrl.models.chat import ChatModel
 
         dtype: Any = "auto" if settings.dtype == "auto" else getattr(torch, settings.dtype)
         self.settings = settings
@@ -118,7 +117,7 @@ class LocalTeacher:
         return {"temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens, "seed": s.seed}
 
     def complete(self, requests: Sequence[ChatRequest]) -> Iterator[tuple[ChatRequest, str]]:
-        from embedrl.serve.chat import ChatParams, Conversation
+        from embedrl.models.chat import ChatParams, Conversation
 
         s = self.settings
         params = ChatParams(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
@@ -129,12 +128,6 @@ class LocalTeacher:
                 yield request, out.text
 
 
-def _data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
 def openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
     """The request in the OpenAI chat format: image placeholders become base64 ``image_url`` parts."""
     images = iter(request.images)
@@ -143,7 +136,7 @@ def openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
         parts = []
         for part in message["content"]:
             if part["type"] == "image":
-                parts.append({"type": "image_url", "image_url": {"url": _data_url(next(images))}})
+                parts.append({"type": "image_url", "image_url": {"url": image_data_url(next(images))}})
             else:
                 parts.append({"type": "text", "text": part["text"]})
         messages.append({"role": message["role"], "content": parts})
@@ -330,7 +323,7 @@ def answer_hint(target: Item) -> str:
 
 
 def conditioned(index: int, pair_id: str, cfg: AnnotateConfig) -> bool:
-    """Whether the query at ``index`` gets the answer hint (method.md §5.4)."""
+    """Whether the query at ``index`` gets the answer hint (docs/method.md §5.4)."""
     if cfg.answer_conditioned_fraction <= 0:
         return False
     if cfg.answer_selection == "parity":

@@ -33,10 +33,10 @@ from PIL import Image
 
 from embedrl import __version__
 from embedrl.config import WorldConfig, save_config
-from embedrl.data.scenes import Clip, Crop, MediaSpec, Page, Scene, crop_box, render_media
 from embedrl.data.schema import Item, Pair, read_jsonl, write_jsonl, write_pairs
-from embedrl.data.teacher import NOISE_KINDS, discrimination_example, write_tcot
-from embedrl.data.world_tasks import (
+from embedrl.eval.task import EvalTask
+from embedrl.world.scenes import Clip, Crop, MediaSpec, Page, Scene, crop_box, render_media
+from embedrl.world.tasks import (
     EVAL_LEVEL,
     RL_LEVEL,
     TASKS,
@@ -48,6 +48,7 @@ from embedrl.data.world_tasks import (
     Side,
     TaskSpec,
 )
+from embedrl.world.teacher import NOISE_KINDS, discrimination_example, write_tcot
 
 logger = logging.getLogger(__name__)
 
@@ -402,19 +403,6 @@ def generate_world(cfg: WorldConfig) -> Path:
     return out
 
 
-@dataclass(frozen=True)
-class EvalTask:
-    """One evaluation task read back: queries, candidate pool, per-query candidate lists (local) and qrels."""
-
-    name: str
-    info: dict[str, Any]
-    queries: list[Item]
-    pool: dict[str, Item]
-    candidates: list[list[str]] | None
-    qrels: list[dict[str, int]]
-    positives: list[list[str]]
-
-
 def load_eval_task(world_dir: str | Path, name: str) -> EvalTask:
     """Read ``DIR/eval/<name>``; media paths resolve to files under ``DIR``."""
     eval_dir = Path(world_dir) / EVAL_DIR
@@ -613,7 +601,7 @@ def format_world_stats(stats: dict[str, Any]) -> str:
 def _text_tile(text: str, width: int, height: int) -> Image.Image:
     from PIL import ImageDraw
 
-    from embedrl.data.scenes import _font
+    from embedrl.world.scenes import _font
 
     tile = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(tile)

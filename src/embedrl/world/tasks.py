@@ -3,7 +3,7 @@
 A generator turns a seeded RNG into an :class:`Example`: a query :class:`Side`, its positive, and ``k`` hard
 negatives that provably do not answer the query (checked with the task's own predicate). A side is a spec, not
 pixels: media are rendered only when an item is written, so negatives used only for their T-CoTs cost nothing.
-Each side carries a :class:`~embedrl.data.teacher.TeacherView` built from ground truth. Query views may use the
+Each side carries a :class:`~embedrl.world.teacher.TeacherView` built from ground truth. Query views may use the
 query's own task text; target views use only the target itself (target-side prompts never see the query).
 
 ================  ========  ============================================================================
@@ -30,7 +30,7 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from embedrl.data.scenes import (
+from embedrl.world.scenes import (
     COLOURS,
     EVENTS,
     NUMBER_WORDS,
@@ -57,7 +57,7 @@ from embedrl.data.scenes import (
     max_offset,
     phrase_of,
 )
-from embedrl.data.teacher import TeacherView
+from embedrl.world.teacher import TeacherView
 
 Attrs = tuple[str, str, str, str]  # size, colour, pattern, shape
 # X is <relation> Y  <=>  X.cell == Y.cell + OFFSETS[relation]

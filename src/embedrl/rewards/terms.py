@@ -1,4 +1,4 @@
-"""EG-RL rewards (method.md §4.4–4.8, §4.10): format, outcome (frozen Embedder) and process (Discriminator).
+"""EG-RL rewards (docs/method.md §4.4–4.8, §4.10): format, outcome (frozen Embedder) and process (Discriminator).
 
 Every reward is a batch-level callable in TRL's form ``reward(prompts, completions, **columns) -> list[float | None]``
 (``None`` = not applicable: excluded from the group baseline, counted). One call sees the **whole step batch**:
@@ -8,7 +8,7 @@ The columns a rollout batch carries, one value per completion:
 
 - ``pair_id`` (str) and ``side`` (``query`` / ``target``), optionally ``rollout`` (0-based index inside the group;
   counted in order of appearance when absent): the trajectory's :class:`RolloutKey`. Rewards are joined on it and
-  scattered back into the caller's order; position never carries identity (method.md §4.10).
+  scattered back into the caller's order; position never carries identity (docs/method.md §4.10).
 - ``cue_key`` and ``n_frames``: the prompt family's required cue and the video's frame count (format reward).
 - ``input_text``: the side's textual input, instruction + text (the Discriminator's anchor and candidate inputs).
 - anything else the injected Embedder needs to rebuild its items (media, evidence): passed through untouched.
@@ -21,39 +21,33 @@ Layers, from pure to stateful:
   :class:`RolloutScorer` (the Embedder; embeds a batch once and shares the similarities), :class:`OutcomeReward`,
   :class:`ProcessReward` (the Discriminator); and the function :func:`format_reward`.
 
-Weights and knobs live in :class:`RewardConfig` (presets ``paper`` and ``reference``, method.md §4.8); group
+Weights and knobs live in :class:`RewardConfig` (presets ``paper`` and ``reference``, docs/method.md §4.8); group
 normalisation lives in :mod:`embedrl.train.grpo_math`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import random
 import re
-import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
+from embedrl.config import RewardConfig
 from embedrl.prompts import Side, render_discriminator
 from embedrl.tcot import format_ok
 
 __all__ = [
-    "PRESETS",
-    "PRESET_NUM_GENERATIONS",
-    "REWARDS",
     "OutcomeReward",
     "OutcomeTerms",
     "ProcessReward",
-    "RewardConfig",
     "RolloutKey",
     "RolloutScorer",
     "SimilarityBatch",
@@ -76,7 +70,7 @@ SIDES: tuple[Side, Side] = ("query", "target")
 _OTHER_SIDE: dict[str, Side] = {"query": "target", "target": "query"}
 
 # ----------------------------------------------------------------------------------------------------------------
-# Identity: every trajectory carries a key (method.md §4.10)
+# Identity: every trajectory carries a key (docs/method.md §4.10)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -118,7 +112,7 @@ RolloutKey(pair_id='a', side='target', rollout=0)]
 
 
 def check_groups(keys: Sequence[RolloutKey], G: int | None = None) -> list[str]:
-    """Check the batch's groups before any reward is computed (method.md §4.10); return the pair ids in order.
+    """Check the batch's groups before any reward is computed (docs/method.md §4.10); return the pair ids in order.
 
     Every (pair, side) must hold exactly the rollouts ``0..G-1`` once each, and every pair both sides. ``G=None``
     takes ``G`` from the first group. A pair filtered out on one side must be removed on both before calling.
@@ -145,7 +139,7 @@ def check_groups(keys: Sequence[RolloutKey], G: int | None = None) -> list[str]:
         if missing:
             raise ValueError(
                 f"pair {pair!r} has no {missing[0]}-side rollouts: both sides of every pair must be in the batch; "
-                "drop the pair on both sides (method.md §4.10)"
+                "drop the pair on both sides (docs/method.md §4.10)"
             )
         for s, rollouts in sides.items():
             if rollouts != set(range(G)):
@@ -172,149 +166,7 @@ def derive_seed(*parts: int | str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Configuration and presets (method.md §4.8)
-# ----------------------------------------------------------------------------------------------------------------
-
-# The §4.8 table. Each knob of RewardConfig left at None takes its preset's value.
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {
-        "w_format": 0.05,
-        "w_process": 0.8,
-        "w_outcome": 0.2,
-        "outcome_factor": 1.0,
-        "acc_mode": "all_in_topk",
-        "process_value": "binary",
-        "shuffle_candidates": True,
-        "format_requires_cue": True,
-        "tau_neg": 0.5,
-        "m_neg": 4,
-        "negative_weighting": "softmax",
-    },
-    "reference": {
-        "w_format": 0.05,
-        "w_process": 0.2,
-        "w_outcome": 0.8,
-        "outcome_factor": 0.5,
-        "acc_mode": "fraction",
-        "process_value": "margin",
-        "shuffle_candidates": False,
-        "format_requires_cue": False,
-        "tau_neg": 0.5,
-        "m_neg": 4,
-        "negative_weighting": "softmax",
-    },
-}
-# The group size G of each preset. It belongs to the GRPO config (num_generations), not to the rewards.
-PRESET_NUM_GENERATIONS: dict[str, int] = {"paper": 8, "reference": 4}
-
-_LITERALS = {
-    "acc_mode": ("all_in_topk", "fraction"),
-    "process_value": ("binary", "margin"),
-    "negative_weighting": ("softmax", "mean"),
-}
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
-@dataclass
-class RewardConfig:
-    """EG-RL reward settings (method.md §4.5–4.8). Knobs left at None take the preset's value; all are overridable.
-
-    ``R = w_format·R_fmt + w_process·R_proc + w_outcome·R_out``, weights not renormalised (0 = ablation).
-    ``RewardConfig()`` is the ``paper`` preset; ``RewardConfig.from_preset("reference", w_process=0.0)`` is the
-    reference preset without the process term. Log the resolved config (``dataclasses.asdict``) at start-up and save
-    it with every checkpoint (method.md §8 item 1).
-    """
-
-    preset: Literal["paper", "reference"] = field(
-        default="paper", metadata=_help("bundle of defaults: paper (default) or reference (the authors' code)")
-    )
-    w_format: float | None = field(default=None, metadata=_help("weight of the format reward R_fmt"))
-    w_process: float | None = field(default=None, metadata=_help("weight of the Discriminator reward R_proc"))
-    w_outcome: float | None = field(default=None, metadata=_help("weight of the embedding reward R_out"))
-    outcome_factor: float | None = field(
-        default=None, metadata=_help("inner factor of R_out = factor * Acc * margin (paper 1.0, reference 0.5)")
-    )
-    acc_mode: Literal["all_in_topk", "fraction"] | None = field(
-        default=None,
-        metadata=_help("Acc gate: all_in_topk (1 iff all G positives in the top-K) or fraction (|TopK ∩ P| / G)"),
-    )
-    acc_k: int | None = field(default=None, metadata=_help("K of the top-K in Acc; None = G"))
-    process_value: Literal["binary", "margin"] | None = field(
-        default=None, metadata=_help("R_proc when the Discriminator is right: binary 1, or the outcome margin m")
-    )
-    shuffle_candidates: bool | None = field(
-        default=None,
-        metadata=_help("shuffle Discriminator candidates with a seeded RNG; false puts positives first (warns)"),
-    )
-    format_requires_cue: bool | None = field(
-        default=None, metadata=_help("R_fmt also needs a valid cue of the prompt family's cue key")
-    )
-    format_strict_outside_tags: bool = field(
-        default=False, metadata=_help("R_fmt also rejects non-whitespace text outside the three tag pairs")
-    )
-    tau_neg: float | None = field(default=None, metadata=_help("temperature of the softmax over negatives (0.5)"))
-    m_neg: int | None = field(
-        default=None, metadata=_help("hardest negative pairs shown to the Discriminator, one rollout each (4)")
-    )
-    negative_weighting: Literal["softmax", "mean"] | None = field(
-        default=None, metadata=_help("s⁻ as softmax(s/tau_neg)-weighted mean (default) or plain mean (ablation)")
-    )
-
-    def __post_init__(self) -> None:
-        if self.preset not in PRESETS:
-            raise ValueError(f"reward preset {self.preset!r} is unknown; use one of {sorted(PRESETS)}")
-        for name, value in PRESETS[self.preset].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        for name, allowed in _LITERALS.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed; use one of {allowed}")
-        for name in ("w_format", "w_process", "w_outcome"):
-            w = getattr(self, name)
-            if isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w) or w < 0:
-                raise ValueError(f"{name}={w!r} must be a finite number >= 0 (0 switches the term off)")
-        if not math.isfinite(self.outcome_factor):
-            raise ValueError(f"outcome_factor={self.outcome_factor} must be finite")
-        if not (math.isfinite(self.tau_neg) and self.tau_neg > 0):
-            raise ValueError(f"tau_neg={self.tau_neg} must be a positive temperature (default 0.5)")
-        if isinstance(self.m_neg, bool) or not isinstance(self.m_neg, int) or self.m_neg < 1:
-            raise ValueError(f"m_neg={self.m_neg!r} must be an integer >= 1 (default 4)")
-        if self.acc_k is not None and (isinstance(self.acc_k, bool) or self.acc_k < 1):
-            raise ValueError(f"acc_k={self.acc_k!r} must be >= 1, or None for K = G")
-        for name in ("shuffle_candidates", "format_requires_cue", "format_strict_outside_tags"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
-        if not self.shuffle_candidates:
-            warnings.warn(
-                "shuffle_candidates=False: the Discriminator sees the positives first, so answering '1' is always "
-                "right (the reference code's behaviour, kept for fidelity; method.md §4.7). Set "
-                "shuffle_candidates=True for a meaningful process reward.",
-                UserWarning,
-                stacklevel=3,
-            )
-
-    @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> RewardConfig:
-        """The preset ``name`` (``paper`` or ``reference``) with some knobs overridden."""
-        if name not in PRESETS:
-            raise ValueError(f"reward preset {name!r} is unknown; use one of {sorted(PRESETS)}")
-        return cls(preset=name, **overrides)
-
-    @property
-    def weights(self) -> dict[str, float]:
-        """``{"format": w_format, "process": w_process, "outcome": w_outcome}``."""
-        return {"format": self.w_format, "process": self.w_process, "outcome": self.w_outcome}
-
-    def to_dict(self) -> dict[str, Any]:
-        """The resolved config as plain values, for the start-up log and checkpoint metadata."""
-        return dataclasses.asdict(self)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Format reward (method.md §4.5)
+# Format reward (docs/method.md §4.5)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -342,7 +194,7 @@ def format_reward(
     strict_outside_tags: bool = False,
     **kwargs: Any,
 ) -> list[float]:
-    """``R_fmt ∈ {0, 1}`` per completion (method.md §4.5), a wrapper of :func:`embedrl.tcot.format_ok`.
+    """``R_fmt ∈ {0, 1}`` per completion (docs/method.md §4.5), a wrapper of :func:`embedrl.tcot.format_ok`.
 
     TRL signature: ``cue_key`` and ``n_frames`` are columns (one value per completion); ``prompts`` and other columns
     arrive in ``kwargs`` and are ignored. ``requires_cue=False`` is the ``reference`` check (tags only). Bind the
@@ -371,12 +223,12 @@ def format_reward(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Similarities and the outcome reward (method.md §4.4, §4.6)
+# Similarities and the outcome reward (docs/method.md §4.4, §4.6)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class OutcomeTerms(NamedTuple):
-    """The outcome reward of one anchor rollout and the terms behind it (all logged, method.md §4.11)."""
+    """The outcome reward of one anchor rollout and the terms behind it (all logged, docs/method.md §4.11)."""
 
     reward: float  # R_out = outcome_factor · Acc · margin
     s_plus: float  # mean similarity to the G positive rollouts
@@ -389,7 +241,7 @@ class OutcomeTerms(NamedTuple):
 def outcome_terms(
     sim: Tensor, anchor_pair: Sequence[str], cand_pair: Sequence[str], G: int, cfg: RewardConfig
 ) -> dict[str, Tensor]:
-    """The outcome terms of every anchor against every candidate (method.md §4.6). Pure; one direction.
+    """The outcome terms of every anchor against every candidate (docs/method.md §4.6). Pure; one direction.
 
     Args:
         sim: similarities [n_anchor, n_cand]: anchors of one side (rows) vs all rollouts of the other side (columns).
@@ -429,7 +281,9 @@ def outcome_terms(
             f"anchor {a} (pair {anchor_pair[a]!r}) has {int(pos[a].sum())} positive candidates, not G={G}"
         )
     if not neg.any(1).all():
-        raise ValueError("an anchor has no negative candidates: the batch needs at least 2 pairs (method.md §4.4)")
+        raise ValueError(
+            "an anchor has no negative candidates: the batch needs at least 2 pairs (docs/method.md §4.4)"
+        )
     k = min(cfg.acc_k or G, n_c)
     if cfg.acc_mode == "all_in_topk" and k < G:
         raise ValueError(f"acc_k={cfg.acc_k} < G={G}: all G positives can never fit in the top-K; use acc_k >= G")
@@ -491,7 +345,7 @@ def _check_embeddings(emb: Any, n: int, what: str) -> Tensor:
         i = int(bad[0])
         raise ValueError(
             f"{what} row {i} has norm {norms[i].item():.4g}; the Embedder must return finite unit-norm vectors "
-            "(a failed embedding raises or invalidates its group: never a zero-vector stand-in, method.md §4.9)"
+            "(a failed embedding raises or invalidates its group: never a zero-vector stand-in, docs/method.md §4.9)"
         )
     return emb
 
@@ -527,7 +381,7 @@ def similarity_batch(
 def outcome_from_similarities(
     batch: SimilarityBatch, G: int, cfg: RewardConfig
 ) -> dict[RolloutKey, OutcomeTerms | None]:
-    """Outcome terms for every rollout of both sides (symmetric, method.md §4.4); None for all when B < 2."""
+    """Outcome terms for every rollout of both sides (symmetric, docs/method.md §4.4); None for all when B < 2."""
     if batch.num_pairs < 2:
         return {k: None for k in (*batch.query_keys, *batch.target_keys)}
     out: dict[RolloutKey, OutcomeTerms | None] = {}
@@ -572,7 +426,7 @@ def outcome_rewards(
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Process reward (method.md §4.7)
+# Process reward (docs/method.md §4.7)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -638,7 +492,7 @@ def parse_choice(reply: str, n: int) -> int | None:
     """The Discriminator's choice: the first integer of ``reply`` (1-based, as numbered in the prompt) → 0-based.
 
     None when there is no number, the first number is not an integer (``2.5``) or it is outside ``1..n``: the
-    caller counts it as wrong (reward 0) and logs it (method.md §4.7).
+    caller counts it as wrong (reward 0) and logs it (docs/method.md §4.7).
 
     >>> parse_choice("Candidate 3.", 4), parse_choice("5", 4), parse_choice("-1", 4), parse_choice("none", 4)
     (2, None, None, None)
@@ -733,7 +587,7 @@ def _log(stats: Mapping[str, float], log_metric: Callable[[str, float], None] | 
 
 
 class OutcomeReward:
-    """``R_out`` (method.md §4.6) as a TRL reward: ``reward(prompts, completions, pair_id, side, ...) -> list``.
+    """``R_out`` (docs/method.md §4.6) as a TRL reward: ``reward(prompts, completions, pair_id, side, ...) -> list``.
 
     Symmetric over the whole batch: each query-side rollout is ranked against all target-side rollouts and vice
     versa. A batch with fewer than 2 pairs gets None for every rollout and counts in ``counts["batches_below_2"]``.
@@ -794,7 +648,8 @@ class OutcomeReward:
 
 
 class ProcessReward:
-    """``R_proc`` (method.md §4.7) as a TRL reward; the Discriminator is an injected ``prompts -> replies`` callable.
+    """``R_proc`` (docs/method.md §4.7) as a TRL reward; the Discriminator is an injected ``prompts -> replies``
+    callable.
 
     For every anchor rollout (both sides): candidates from :func:`build_discriminator_candidates` (shuffled per
     anchor with a seed from ``(seed, step, pair, side, rollout)``), a prompt from
@@ -919,12 +774,12 @@ class ProcessReward:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Total reward (method.md §4.8) and the reward table
+# Total reward (docs/method.md §4.8) and the reward table
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def total_reward(components: Mapping[str, Sequence[float | None]], cfg: RewardConfig) -> list[float | None]:
-    """``R = w_format·R_fmt + w_process·R_proc + w_outcome·R_out`` per rollout (method.md §4.8).
+    """``R = w_format·R_fmt + w_process·R_proc + w_outcome·R_out`` per rollout (docs/method.md §4.8).
 
     ``components`` maps ``format``, ``process``, ``outcome`` to per-rollout lists (same order). A component whose
     weight is 0 is ignored (and may be absent); in any other, None or NaN makes the rollout's total None (not
@@ -959,7 +814,6 @@ def total_reward(components: Mapping[str, Sequence[float | None]], cfg: RewardCo
 
 
 # Name -> reward (principle 9). format_reward is a function; the others are classes built with their models.
-REWARDS: dict[str, Any] = {"format": format_reward, "outcome": OutcomeReward, "process": ProcessReward}
 
 
 def build_reward_funcs(

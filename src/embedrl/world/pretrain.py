@@ -50,7 +50,11 @@ from tqdm.auto import tqdm
 
 from embedrl.backbones.tiny import BACKBONE_CONFIG_FILENAME
 from embedrl.config import BackbonePretrainConfig, TeacherNoiseConfig, save_config
-from embedrl.data.scenes import (
+from embedrl.data.schema import Item, Modality
+from embedrl.models.reasoner import Reasoner, ReasonerPrompt, build_reasoner_prompt
+from embedrl.tcot import parse_tcot
+from embedrl.train.reasoner import SFTExample, discrimination_sft, sft_batch, warmup_linear_decay
+from embedrl.world.scenes import (
     NUMBER_WORDS,
     Clip,
     Crop,
@@ -61,9 +65,7 @@ from embedrl.data.scenes import (
     render_page,
     render_scene,
 )
-from embedrl.data.schema import Item, Modality
-from embedrl.data.teacher import discrimination_example, write_tcot
-from embedrl.data.world_tasks import (
+from embedrl.world.tasks import (
     EVAL_LEVEL,
     RL_LEVEL,
     TRAIN_LEVEL,
@@ -80,10 +82,8 @@ from embedrl.data.world_tasks import (
     sample_video_scene,
     shimmer,
 )
-from embedrl.data.world_tasks import TASKS as WORLD_TASKS
-from embedrl.models.reasoner import Reasoner, ReasonerPrompt, build_reasoner_prompt
-from embedrl.tcot import parse_tcot
-from embedrl.train.reasoner import SFTExample, discrimination_sft, sft_batch, warmup_linear_decay
+from embedrl.world.tasks import TASKS as WORLD_TASKS
+from embedrl.world.teacher import discrimination_example, write_tcot
 
 logger = logging.getLogger(__name__)
 

@@ -1,6 +1,7 @@
 """Training-data converters: MMEB-train, LLaVA-Hound, ViDoRe and VisRAG rows -> the project's pairs JSONL.
 
-Reference: method.md §5.1 (sources and caps), §5.7 (weights, the classification sets kept out of the contrastive set);
+Reference: docs/method.md §5.1 (sources and caps), §5.7 (weights, the classification sets kept out of the contrastive
+set);
 docs/data.md §7 documents the input folders and the output. Each configured dataset (``ConvertConfig.datasets``)
 becomes ``<out>/<dataset>.jsonl`` (:class:`~embedrl.data.schema.Pair` records; media paths relative to ``<out>``), and
 ``<out>/convert.json`` records per dataset its source, cap, weight, contrastive flag, rows available, pairs written

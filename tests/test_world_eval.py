@@ -1,4 +1,5 @@
-"""Retrieval evaluation on the synthetic world (method.md §6): wiring, score files, caches, resume, Reasoner, CLI."""
+"""Retrieval evaluation on the synthetic world (docs/method.md §6): wiring, score files, caches, resume, Reasoner,
+CLI."""
 
 from __future__ import annotations
 
@@ -15,17 +16,11 @@ from embedrl.backbones import PixelBudget
 from embedrl.cli import main
 from embedrl.config import ConfigError, EvalConfig, WorldConfig
 from embedrl.data.schema import Item, read_jsonl, write_jsonl
-from embedrl.data.world import generate_world, load_eval_task
 from embedrl.eval.cache import EmbeddingCache, TCoTCache, TCoTKey, decoding_key, embedding_key
-from embedrl.eval.retrieval import (
-    MODE_PRESETS,
-    PRIMARY_METRIC,
-    MissingTCoTError,
-    WorldEvaluator,
-    preset_config,
-    read_query_values,
-)
+from embedrl.eval.evaluator import MissingTCoTError
 from embedrl.eval.scores import SCORE_KEYS, read_task_scores
+from embedrl.world.evaluate import MODE_PRESETS, PRIMARY_METRIC, WorldEvaluator, preset_config, read_query_values
+from embedrl.world.generate import generate_world, load_eval_task
 
 # Small pixel budget: a few visual tokens per image and frame keep the tiny model fast.
 SMALL = PixelBudget(32 * 32, 64 * 64, 32 * 32, 64 * 64, num_frames=4)

@@ -1,0 +1,185 @@
+"""The models that score EG-RL rollouts: the frozen Embedder (outcome term) and the Discriminator (process term),
+in-process or behind an HTTP endpoint (``embedrl serve`` or any OpenAI-compatible server), docs/method.md §4.7, §4.9.
+
+Each is a plain callable, so :mod:`embedrl.rewards.terms` never needs to know where a model runs:
+
+- ``embed(side, completions, columns) -> [n, D]``: :class:`EmbedderReward`, :class:`EndpointEmbedderReward`;
+- ``discriminator(prompts) -> replies``: :class:`ChatDiscriminator`, :class:`EndpointDiscriminator`.
+
+A failed model call raises; a missing reply or vector is never replaced by a default.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig
+
+from embedrl.data.schema import Item
+from embedrl.evidence import image_data_url
+from embedrl.models.embedder import Embedder
+from embedrl.models.generation import stop_token_ids, vision_token_ids
+from embedrl.models.reasoner import Reasoner, ReasonerPrompt
+
+__all__ = [
+    "ENDPOINT_TOKEN_ENV",
+    "ChatDiscriminator",
+    "EmbedderReward",
+    "EndpointDiscriminator",
+    "EndpointEmbedderReward",
+    "post_json",
+]
+
+ENDPOINT_TOKEN_ENV = "EMBEDRL_API_KEY"  # bearer token of embedder_url / discriminator_url, if the server wants one
+
+
+class EmbedderReward:
+    """``embed(side, completions, columns) -> [n, D]`` over the frozen Embedder (docs/method.md §4.9).
+
+    Each rollout is embedded as ``columns["item"][i].with_tcot(completion)`` in mode ``full``: the item's text and
+    pixels, the T-CoT, and the crops / key frames it names, through the Embedder's one builder. Batched; any
+    failure raises (never a zero vector). ``D`` is the model's own hidden size.
+    """
+
+    def __init__(self, embedder: Embedder, batch_size: int = 32) -> None:
+        self.embedder, self.batch_size = embedder, batch_size
+
+    def __call__(self, side: str, completions: list[str], columns: dict[str, list[Any]]) -> Tensor:
+        items = columns.get("item")
+        if items is None or len(items) != len(completions):
+            raise ValueError(f"the {side}-side rollouts need an 'item' column with one Item per completion")
+        tcot_items = [item.with_tcot(text) for item, text in zip(items, completions, strict=True)]
+        return torch.from_numpy(self.embedder.encode(tcot_items, batch_size=self.batch_size, mode="full"))
+
+
+def _text_prompt(text: str) -> ReasonerPrompt:
+    return ReasonerPrompt([{"role": "user", "content": [{"type": "text", "text": text}]}], [], None, 0)
+
+
+class ChatDiscriminator:
+    """``discriminator(prompts) -> replies``: a frozen chat model, text-only, batched and greedy (docs/method.md
+    §4.7)."""
+
+    def __init__(self, chat: Reasoner, max_new_tokens: int = 10, batch_size: int = 32) -> None:
+        self.chat, self.batch_size = chat, batch_size
+        eos, pad = stop_token_ids(chat.model, chat.processor)
+        self.generation_config = GenerationConfig(
+            do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad,
+            suppress_tokens=vision_token_ids(chat.processor) or None,
+        )  # fmt: skip
+
+    @torch.inference_mode()
+    def __call__(self, prompts: list[str]) -> list[str]:
+        replies: list[str] = []
+        for start in range(0, len(prompts), self.batch_size):
+            inputs = self.chat.chat_inputs([_text_prompt(p) for p in prompts[start : start + self.batch_size]])
+            out = self.chat.model.generate(**inputs, generation_config=self.generation_config)
+            replies += self.chat.processor.batch_decode(
+                out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+        return replies
+
+
+def post_json(
+    endpoint: str, body: dict[str, Any], *, what: str, timeout: float, retries: int, backoff: float, token: str = ""
+) -> dict[str, Any]:
+    """POST ``body`` as JSON and return the JSON reply. Network errors and 5xx are retried ``retries`` times with a
+    linear back-off, then raise; a 4xx raises at once (a client error does not heal by retrying)."""
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(endpoint, data=json.dumps(body).encode(), headers=headers)
+    for attempt in range(retries + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as err:
+            if 400 <= err.code < 500 or attempt == retries:
+                detail = err.read().decode("utf-8", "replace")[:300]
+                raise RuntimeError(f"{what} endpoint {endpoint}: HTTP {err.code} {err.reason} {detail}") from err
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
+            if attempt == retries:
+                raise RuntimeError(f"{what} endpoint {endpoint} failed {retries + 1} times: {err}") from err
+        time.sleep(backoff * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+class EndpointDiscriminator:
+    """``discriminator(prompts) -> replies`` from an OpenAI-compatible ``/chat/completions`` endpoint (e.g. ``embedrl
+    serve`` or a vLLM server running the Discriminator, as in the paper's deployment).
+
+    Greedy (temperature 0), text-only, ``max_tokens`` per reply. Requests run concurrently and the replies are joined
+    by prompt index, never by completion order (docs/method.md §4.10). A failed request is retried ``retries`` times
+    with a
+    short back-off, then raises: a missing reply is never replaced by a default answer.
+    """
+
+    def __init__(
+        self, url: str, model: str, max_new_tokens: int = 10, concurrency: int = 32, timeout: float = 120.0,
+        retries: int = 2, backoff: float = 1.0, token: str = "",
+    ) -> None:  # fmt: skip
+        self.endpoint = url.rstrip("/") + "/chat/completions"
+        self.model, self.max_new_tokens, self.concurrency = model, max_new_tokens, concurrency
+        self.timeout, self.retries, self.backoff, self.token = timeout, retries, backoff, token
+
+    def _request(self, prompt: str) -> str:
+        body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0,
+                "max_tokens": self.max_new_tokens}  # fmt: skip
+        payload = post_json(self.endpoint, body, what="Discriminator", timeout=self.timeout, retries=self.retries,
+                            backoff=self.backoff, token=self.token)  # fmt: skip
+        try:
+            return str(payload["choices"][0]["message"]["content"] or "")
+        except (KeyError, IndexError, TypeError) as err:
+            raise ValueError(f"Discriminator endpoint {self.endpoint} sent no choices[0].message.content") from err
+
+    def __call__(self, prompts: list[str]) -> list[str]:
+        with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
+            return list(pool.map(self._request, prompts))  # map keeps the prompts' order
+
+
+class EndpointEmbedderReward:
+    """``embed(side, completions, columns) -> [n, D]`` from an ``embedrl serve`` Embedder (docs/method.md §4.9,
+    service).
+
+    Each rollout goes to ``POST {url}/embeddings`` as a structured item: the side's text and instruction, its images
+    and frames as PNG data URLs, and the rollout's T-CoT, with ``mode: full``, so the server builds the same input as
+    the in-process :class:`EmbedderReward` (pixels, T-CoT, crops and key frames). Batches of ``batch_size`` items;
+    the vectors are joined by their ``index``; any failure raises (never a zero vector).
+    """
+
+    def __init__(
+        self, url: str, model: str, batch_size: int = 32, timeout: float = 300.0, retries: int = 2,
+        backoff: float = 1.0, token: str = "",
+    ) -> None:  # fmt: skip
+        self.endpoint = url.rstrip("/") + "/embeddings"
+        self.model, self.batch_size = model, batch_size
+        self.timeout, self.retries, self.backoff, self.token = timeout, retries, backoff, token
+
+    def _item(self, item: Item, tcot: str) -> dict[str, Any]:
+        return {"text": item.text, "instruction": item.instruction, "images": [image_data_url(x) for x in item.images],
+                "frames": [image_data_url(x) for x in item.frames], "tcot": tcot}  # fmt: skip
+
+    def __call__(self, side: str, completions: list[str], columns: dict[str, list[Any]]) -> Tensor:
+        items = columns.get("item")
+        if items is None or len(items) != len(completions):
+            raise ValueError(f"the {side}-side rollouts need an 'item' column with one Item per completion")
+        vectors: list[list[float]] = []
+        for start in range(0, len(items), self.batch_size):
+            stop = start + self.batch_size
+            chunk = list(zip(items[start:stop], completions[start:stop], strict=True))
+            body = {"model": self.model, "input": [self._item(it, text) for it, text in chunk], "mode": "full",
+                    "side": side, "encoding_format": "float"}  # fmt: skip
+            payload = post_json(self.endpoint, body, what="Embedder", timeout=self.timeout, retries=self.retries,
+                                backoff=self.backoff, token=self.token)  # fmt: skip
+            data = sorted(payload.get("data") or [], key=lambda d: d["index"])
+            if [d["index"] for d in data] != list(range(len(chunk))):
+                raise ValueError(f"Embedder endpoint {self.endpoint} returned {len(data)} vectors for {len(chunk)}")
+            vectors += [d["embedding"] for d in data]
+        return torch.tensor(vectors, dtype=torch.float32)
