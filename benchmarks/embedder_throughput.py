@@ -1,7 +1,7 @@
 """Embedder throughput: ``Embedder.encode`` vs a one-item loop vs pooling from a full causal-LM forward.
 
 Builds a tiny Qwen3-VL backbone in a temporary directory, makes synthetic items (text + one 64 px image), and times
-three ways of getting the same embeddings (environment.md §4, style.md principle 6):
+three ways of getting the same embeddings (docs/embedder.md, throughput):
 
 - ``encode``: the public path; length-sorted batches through the base model (no LM head), pooled at ``<emb>``;
 - ``loop``: ``encode([item])`` once per item (no batching);

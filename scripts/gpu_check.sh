@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run the backbone tests on a CUDA device in bfloat16 and print PASS or FAIL (exit status 0 or 1).
+# Run the backbone tests and the gpu-marked tests on a CUDA device in bfloat16 and print PASS or FAIL (exit status 0 or 1).
 #
 #   scripts/gpu_check.sh                  # on the lent GPU machine, from any directory
 #   scripts/gpu_check.sh -k generate      # extra arguments go to pytest
@@ -19,7 +19,7 @@ assert torch.cuda.is_available(), "torch.cuda.is_available() is False"
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.cuda.get_device_name(0)}")
 PY
 
-if python -m pytest tests/test_backbones.py -q -p no:cacheprovider "$@"; then
+if python -m pytest tests/test_backbones.py tests/test_gpu.py -m "gpu or not slow" -q -p no:cacheprovider "$@"; then
     echo "PASS"
 else
     echo "FAIL"

@@ -1,9 +1,10 @@
-"""Teacher annotation and the relevance filter: resume after a kill, answer-conditioned option, the judge split,
+"""Annotation and the relevance filter: resume after a kill, answer-conditioned option, the judge split,
 and the HTTP path against the project's own OpenAI-compatible server on loopback (no HTTP mocking)."""
 
 from __future__ import annotations
 
 import json
+import socket
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -12,14 +13,15 @@ import pytest
 from PIL import Image
 
 from embedrl.cli import main
-from embedrl.config import AnnotateConfig, FilterConfig, TeacherSettings
+from embedrl.config import AnnotateConfig, AnnotatorSettings, FilterConfig, ServeConfig
 from embedrl.data.rows import RowError
 from embedrl.data.schema import Item, Pair, read_jsonl, read_pairs, write_pairs
+from embedrl.models.chat import ChatModel
 from embedrl.prep.annotate import (
     AnnotationError,
     ChatRequest,
     Journal,
-    OpenAITeacher,
+    OpenAIAnnotator,
     annotate,
     answer_hint,
     equidistant,
@@ -35,7 +37,7 @@ class Killed(Exception):
     """Stands in for a kill in the middle of a run."""
 
 
-class FakeTeacher:
+class FakeAnnotator:
     """Canned replies; records every request it answers and dies after ``kill_after`` replies."""
 
     def __init__(self, reply: str | dict[str, str] = TCOT, kill_after: int | None = None) -> None:
@@ -82,7 +84,7 @@ def pairs_file(tmp_path: Path) -> Path:
 
 def _cfg(pairs_file: Path, out: Path, **kw) -> AnnotateConfig:
     return AnnotateConfig(
-        input=str(pairs_file), out=str(out), teacher=TeacherSettings(model="fake"), show_progress_bar=False, **kw
+        input=str(pairs_file), out=str(out), annotator=AnnotatorSettings(model="fake"), show_progress_bar=False, **kw
     )
 
 
@@ -92,8 +94,8 @@ def _cfg(pairs_file: Path, out: Path, **kw) -> AnnotateConfig:
 
 
 def test_annotate_writes_both_tcots_with_provenance(pairs_file: Path, tmp_path: Path) -> None:
-    teacher = FakeTeacher()
-    summary = annotate(_cfg(pairs_file, tmp_path / "out"), teacher)
+    annotator = FakeAnnotator()
+    summary = annotate(_cfg(pairs_file, tmp_path / "out"), annotator)
     assert summary["files"]["pairs"]["requests_sent"] == 12 and summary["files"]["pairs"]["reused"] == 0
     records = list(read_jsonl(tmp_path / "out" / "pairs.jsonl"))
     assert len(records) == 6
@@ -104,33 +106,33 @@ def test_annotate_writes_both_tcots_with_provenance(pairs_file: Path, tmp_path: 
     annotated = read_pairs(tmp_path / "out" / "pairs.jsonl")  # still a pairs file; media resolve from out/
     assert annotated[0].query.images[0].is_file() and annotated[0].query.tcot == TCOT
     # target-side prompts never contain the query; off by default: no hint anywhere
-    targets = [_text(q) for q in teacher.seen if q.key.endswith("|target")]
+    targets = [_text(q) for q in annotator.seen if q.key.endswith("|target")]
     assert targets and not any("secret" in t for t in targets)
-    assert not any("Hint" in _text(q) for q in teacher.seen)
+    assert not any("Hint" in _text(q) for q in annotator.seen)
 
 
 def test_killed_annotation_resumes_without_redoing_finished_requests(pairs_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     with pytest.raises(Killed):
-        annotate(_cfg(pairs_file, out), FakeTeacher(kill_after=5))
+        annotate(_cfg(pairs_file, out), FakeAnnotator(kill_after=5))
     journal = out / "pairs.journal.jsonl"
     assert len(journal.read_text().splitlines()) == 5 and not (out / "pairs.jsonl").exists()
     with journal.open("a") as fh:  # a line cut by the kill
         fh.write('{"key": "CIRR/000|qu')
-    second = FakeTeacher()
+    second = FakeAnnotator()
     summary = annotate(_cfg(pairs_file, out), second)
     assert len(second.seen) == 7 and summary["files"]["pairs"]["reused"] == 5
     assert len({r.key for r in second.seen}) == 7
     assert len(list(read_jsonl(out / "pairs.jsonl"))) == 6 and len(Journal(journal).done) == 12
-    third = FakeTeacher()
+    third = FakeAnnotator()
     annotate(_cfg(pairs_file, out), third)
     assert third.seen == []  # nothing left to do
 
 
 def test_answer_conditioned_option(pairs_file: Path, tmp_path: Path) -> None:
-    teacher = FakeTeacher()
-    annotate(_cfg(pairs_file, tmp_path / "o", answer_conditioned_fraction=0.5), teacher)
-    queries = {r.key: _text(r) for r in teacher.seen if r.key.endswith("|query")}
+    annotator = FakeAnnotator()
+    annotate(_cfg(pairs_file, tmp_path / "o", answer_conditioned_fraction=0.5), annotator)
+    queries = {r.key: _text(r) for r in annotator.seen if r.key.endswith("|query")}
     hinted = sorted(k for k, t in queries.items() if "Hint" in t)
     assert hinted == ["CIRR/000|query", "N24News/004|query", "VisRAG/002|query"]  # even indices 0, 2, 4
     assert "positive 0" in queries["CIRR/000|query"] and "positive 3" not in queries["CIRR/003|query"]
@@ -140,7 +142,7 @@ def test_answer_conditioned_option(pairs_file: Path, tmp_path: Path) -> None:
     assert records["CIRR/000"]["query_tcot"]["answer_conditioned"] is True
     assert records["N24News/001"]["query_tcot"]["answer_conditioned"] is False
     assert records["CIRR/000"]["query_tcot"]["prompt_hash"] != records["CIRR/003"]["query_tcot"]["prompt_hash"]
-    assert all("Hint" not in _text(r) for r in teacher.seen if r.key.endswith("|target"))
+    assert all("Hint" not in _text(r) for r in annotator.seen if r.key.endswith("|target"))
     with pytest.raises(ValueError, match="parity conditions every even index"):
         _cfg(pairs_file, tmp_path / "x", answer_conditioned_fraction=0.3)
 
@@ -151,8 +153,8 @@ def test_bad_pair_rows_name_file_and_row(pairs_file: Path, tmp_path: Path) -> No
     broken["query"]["images"] = ["media/nope.png"]
     pairs_file.write_text(lines[0] + json.dumps(broken) + "\n" + "".join(lines[2:]))
     with pytest.raises(RowError, match=rf"{pairs_file}:2: query media .*nope.png does not exist"):
-        annotate(_cfg(pairs_file, tmp_path / "a"), FakeTeacher())
-    summary = annotate(_cfg(pairs_file, tmp_path / "b", on_bad_row="skip"), FakeTeacher())
+        annotate(_cfg(pairs_file, tmp_path / "a"), FakeAnnotator())
+    summary = annotate(_cfg(pairs_file, tmp_path / "b", on_bad_row="skip"), FakeAnnotator())
     assert summary["files"]["pairs"]["pairs"] == 5 and summary["files"]["pairs"]["skipped_rows"]["skipped"] == 1
 
 
@@ -166,7 +168,7 @@ def test_equidistant() -> None:
 
 
 def test_filter_judges_and_splits(pairs_file: Path, tmp_path: Path) -> None:
-    annotate(_cfg(pairs_file, tmp_path / "ann"), FakeTeacher())
+    annotate(_cfg(pairs_file, tmp_path / "ann"), FakeAnnotator())
     replies = {
         "CIRR/000|judge": "Yes",
         "CIRR/003|judge": "No.",
@@ -175,11 +177,11 @@ def test_filter_judges_and_splits(pairs_file: Path, tmp_path: Path) -> None:
         "VisRAG/002|judge": "Maybe?",
         "VisRAG/005|judge": "YES, unrelated",
     }
-    judge = FakeTeacher(replies)
+    judge = FakeAnnotator(replies)
     cfg = FilterConfig(
         input=str(tmp_path / "ann"),
         out=str(tmp_path / "f"),
-        judge=TeacherSettings(model="fake"),
+        judge=AnnotatorSettings(model="fake"),
         rl_counts={"CIRR": 1, "N24News": 1, "VisRAG": 2},
         show_progress_bar=False,
     )
@@ -209,31 +211,29 @@ def test_filter_judges_and_splits(pairs_file: Path, tmp_path: Path) -> None:
     kept_cfg = FilterConfig(
         input=str(tmp_path / "ann"),
         out=str(tmp_path / "f"),
-        judge=TeacherSettings(model="x"),
+        judge=AnnotatorSettings(model="x"),
         rl_pool="kept",
         rl_counts={"CIRR": 1},
         show_progress_bar=False,
     )
-    again = FakeTeacher(replies)
+    again = FakeAnnotator(replies)
     summary = filter_pairs(kept_cfg, again)
     assert again.seen == []  # verdicts come from the judge journal
     assert summary["datasets"]["CIRR"]["contrastive"] == 0 and summary["datasets"]["CIRR"]["rl"] == 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Real teachers: the local checkpoint, and the OpenAI-compatible endpoint on loopback
+# Real annotators: the local checkpoint, and the OpenAI-compatible endpoint on loopback
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def test_http_teacher_against_the_project_server(pairs_file: Path, tiny_backbone_dir, tmp_path: Path) -> None:
+def test_http_annotator_against_the_project_server(pairs_file: Path, tiny_backbone_dir, tmp_path: Path) -> None:
     pytest.importorskip("fastapi")
-    from embedrl.config import ServeConfig
-    from embedrl.models.chat import ChatModel
-    from embedrl.serve.server import create_app, serve_in_background
+    from embedrl.serve.server import create_app, serve_in_background  # fastapi is optional (the serve extra)
 
     app = create_app(ServeConfig(), chat_model=ChatModel.load(tiny_backbone_dir("qwen3-vl")))
     with serve_in_background(app) as base:
-        settings = TeacherSettings(
+        settings = AnnotatorSettings(
             backend="openai",
             model="chat",
             base_url=base + "/v1",
@@ -243,20 +243,20 @@ def test_http_teacher_against_the_project_server(pairs_file: Path, tiny_backbone
             api_key_env="",
         )
         cfg = AnnotateConfig(
-            input=str(pairs_file), out=str(tmp_path / "ann"), teacher=settings, limit=3, show_progress_bar=False
+            input=str(pairs_file), out=str(tmp_path / "ann"), annotator=settings, limit=3, show_progress_bar=False
         )
-        teacher = OpenAITeacher(settings)
-        summary = annotate(cfg, teacher)
-        assert summary["files"]["pairs"]["requests_sent"] == 6 and teacher.requests_sent == 6
+        annotator = OpenAIAnnotator(settings)
+        summary = annotate(cfg, annotator)
+        assert summary["files"]["pairs"]["requests_sent"] == 6 and annotator.requests_sent == 6
         records = list(read_jsonl(tmp_path / "ann" / "pairs.jsonl"))
         assert len(records) == 3 and all(isinstance(r["query_tcot"]["text"], str) for r in records)
         assert records[0]["query_tcot"]["generator"] == f"openai:chat@{base}/v1"
         # greedy decoding at temperature 0: a second run from scratch gives the same texts
         again = annotate(
             AnnotateConfig(
-                input=str(pairs_file), out=str(tmp_path / "ann2"), teacher=settings, limit=3, show_progress_bar=False
+                input=str(pairs_file), out=str(tmp_path / "ann2"), annotator=settings, limit=3, show_progress_bar=False
             ),
-            OpenAITeacher(settings),
+            OpenAIAnnotator(settings),
         )
         assert again["files"]["pairs"]["requests_sent"] == 6
         second = list(read_jsonl(tmp_path / "ann2" / "pairs.jsonl"))
@@ -267,25 +267,23 @@ def test_http_teacher_against_the_project_server(pairs_file: Path, tiny_backbone
         )
         assert filter_pairs(fcfg)["totals"]["initial"] == 3
         # a request the server rejects (unknown model) is not retried and names the request
-        bad = TeacherSettings(backend="openai", model="nope", base_url=base + "/v1", api_key_env="")
+        bad = AnnotatorSettings(backend="openai", model="nope", base_url=base + "/v1", api_key_env="")
         with pytest.raises(
             AnnotationError, match=r"CIRR/000\|(query|target): .* answered HTTP 404: .*model_not_found"
         ):
             annotate(
                 AnnotateConfig(
-                    input=str(pairs_file), out=str(tmp_path / "bad"), teacher=bad, limit=1, show_progress_bar=False
+                    input=str(pairs_file), out=str(tmp_path / "bad"), annotator=bad, limit=1, show_progress_bar=False
                 ),
-                OpenAITeacher(bad),
+                OpenAIAnnotator(bad),
             )
 
 
 def test_http_retries_with_exponential_backoff_then_fails_loudly(pairs_file: Path, tmp_path: Path) -> None:
-    import socket
-
     with socket.socket() as s:  # a port nobody listens on: connection refused, a real network error
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = TeacherSettings(
+    settings = AnnotatorSettings(
         backend="openai",
         model="m",
         base_url=f"http://127.0.0.1:{port}/v1",
@@ -296,27 +294,27 @@ def test_http_retries_with_exponential_backoff_then_fails_loudly(pairs_file: Pat
         api_key_env="",
     )
     delays: list[float] = []
-    teacher = OpenAITeacher(settings, sleep=delays.append)
+    annotator = OpenAIAnnotator(settings, sleep=delays.append)
     cfg = AnnotateConfig(
-        input=str(pairs_file), out=str(tmp_path / "o"), teacher=settings, limit=1, show_progress_bar=False
+        input=str(pairs_file), out=str(tmp_path / "o"), annotator=settings, limit=1, show_progress_bar=False
     )
     with pytest.raises(AnnotationError, match=r"still failing after 3 retries \(ConnectError"):
-        annotate(cfg, teacher)
-    assert delays[:3] == [0.5, 1.0, 1.5] and teacher.requests_sent >= 4
+        annotate(cfg, annotator)
+    assert delays[:3] == [0.5, 1.0, 1.5] and annotator.requests_sent >= 4
 
 
-def test_cli_annotate_then_filter_with_a_local_teacher(pairs_file: Path, tiny_backbone_dir, tmp_path: Path) -> None:
+def test_cli_annotate_then_filter_with_a_local_annotator(pairs_file: Path, tiny_backbone_dir, tmp_path: Path) -> None:
     model = str(tiny_backbone_dir("qwen3-vl"))
-    teacher = [
-        "--teacher.backend",
+    annotator = [
+        "--annotator.backend",
         "local",
-        "--teacher.model",
+        "--annotator.model",
         model,
-        "--teacher.compact_prompts",
+        "--annotator.compact_prompts",
         "true",
-        "--teacher.max_new_tokens",
+        "--annotator.max_new_tokens",
         "4",
-        "--teacher.dtype",
+        "--annotator.dtype",
         "float32",
     ]
     ann = tmp_path / "ann"
@@ -331,11 +329,11 @@ def test_cli_annotate_then_filter_with_a_local_teacher(pairs_file: Path, tiny_ba
             "3",
             "--show_progress_bar",
             "false",
-            *teacher,
+            *annotator,
         ]
     )
     assert code == 0 and len(list(read_jsonl(ann / "pairs.jsonl"))) == 3
-    judge = [a.replace("--teacher.", "--judge.") for a in teacher]
+    judge = [a.replace("--annotator.", "--judge.") for a in annotator]
     code = main(
         [
             "filter",

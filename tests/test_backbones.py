@@ -31,6 +31,7 @@ from embedrl.backbones import (
     load_backbone,
 )
 from embedrl.backbones.tiny import BACKBONE_CONFIG_FILENAME
+from embedrl.cli import main
 from embedrl.config import MODEL_FAMILIES, TinyBackboneConfig, read_saved_config
 
 CHECKPOINT_FILES = {
@@ -273,8 +274,6 @@ def test_tiny_build_is_deterministic(family, tiny_backbone_dir, tmp_path):
 
 
 def test_cli_backbone_tiny(tmp_path: Path, capsys):
-    from embedrl.cli import main
-
     assert main(["backbone", "tiny", "--family", "qwen2.5-vl", "--out", str(tmp_path), "--seed", "3"]) == 0
     assert {p.name for p in tmp_path.iterdir()} >= CHECKPOINT_FILES
     assert "qwen2.5-vl" in capsys.readouterr().out

@@ -13,6 +13,7 @@ import yaml
 from embedrl.config import (
     STAGE_CONFIGS,
     ConfigError,
+    GRPOTrainConfig,
     TinyBackboneConfig,
     WorldConfig,
     config_from_dict,
@@ -129,8 +130,6 @@ def test_every_stage_config_field_has_help() -> None:
 
 def test_exponent_floats_from_the_command_line_are_numbers() -> None:
     """YAML 1.1 reads ``1e-4`` (no dot) as a string; float fields accept it, other strings stay errors."""
-    from embedrl.config import GRPOTrainConfig, load_config
-
     cfg = load_config(
         GRPOTrainConfig,
         None,

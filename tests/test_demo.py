@@ -20,6 +20,7 @@ from embedrl.demo import (
 )
 
 
+@pytest.mark.slow  # ~70 s on an idle 2-core machine: `make test PYTEST_ARGS="-m slow"`
 def test_quick_demo_writes_every_mode(tmp_path: Path) -> None:
     assert main(["demo", "--quick", "--out", str(tmp_path), "--seed", "1"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())

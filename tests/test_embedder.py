@@ -10,6 +10,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model
 from PIL import Image
 
 from embedrl import prompts
@@ -247,8 +248,6 @@ def test_save_load_round_trip(embedder: Embedder, tmp_path, torch_device, torch_
 
 
 def test_lora_model_encodes_and_merged_save_matches(embedder: Embedder, tmp_path, torch_device, torch_dtype) -> None:
-    from peft import LoraConfig, PeftModel, get_peft_model
-
     items = mixed_items()
     base = embedder.encode(items)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False)

@@ -14,10 +14,14 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from transformers import GenerationConfig
 
-from embedrl.backbones import load_backbone
+from embedrl.backbones import load_backbone, read_reasoner_settings
+from embedrl.cli import main
 from embedrl.config import ConfigError, GRPOTrainConfig, WorldConfig
-from embedrl.data.schema import Item, Pair
+from embedrl.data.schema import Item, Pair, read_pairs
+from embedrl.models.embedder import Embedder
+from embedrl.models.reasoner import Reasoner
 from embedrl.rewards.judges import EmbedderReward, EndpointDiscriminator
 from embedrl.rewards.terms import RolloutKey
 from embedrl.train.embedder import latest_checkpoint
@@ -28,8 +32,11 @@ from embedrl.train.grpo import (
     RLData,
     RolloutBatch,
     check_step_batch,
+    completion_logprobs,
     load_models,
+    pair_prompts,
     step_batches,
+    step_line,
     train_rl,
 )
 from embedrl.world.generate import generate_world
@@ -45,8 +52,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def embedder_dir(tiny_backbone_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The frozen reward model: the tiny backbone with <emb>, saved as an Embedder (untrained is enough here)."""
-    from embedrl.models.embedder import Embedder
-
     out = tmp_path_factory.mktemp("embedder")
     Embedder.from_backbone(tiny_backbone_dir("qwen3-vl")).save(out)
     return out
@@ -58,7 +63,7 @@ def make_cfg(tiny_backbone_dir, embedder_dir: Path, world: Path, torch_device: s
         base = dict(
             reasoner=str(tiny_backbone_dir("qwen3-vl")), embedder=str(embedder_dir), data=str(world / "rl.jsonl"),
             out=str(out), seed=0, num_generations=G, pairs_per_step=B, max_steps=3, max_new_tokens=24,
-            compact_prompts=True, discriminator_max_new_tokens=4, lr=1e-3, beta=0.01, save_every=2,
+            discriminator_max_new_tokens=4, lr=1e-3, beta=0.01, save_every=2,
             sample_table_every=2, micro_batch_size=8,
             # Outcome-heavy fractional Acc: a random Embedder still gives the groups unequal rewards.
             w_outcome=0.8, w_process=0.2, acc_mode="fraction", device=torch_device,
@@ -122,11 +127,6 @@ def test_every_step_is_whole_pairs_of_one_dataset(full_run: SimpleNamespace) -> 
 def test_update_logprobs_equal_the_sampling_distribution(tiny_backbone_dir, world: Path) -> None:
     """The update's forward (prompt re-processed with its pixels, response appended) reproduces generate's logits,
     for a batch mixing a video-frame prompt and image prompts, and for any subset of its rows."""
-    from transformers import GenerationConfig
-
-    from embedrl.data.schema import read_pairs
-    from embedrl.models.reasoner import Reasoner
-    from embedrl.train.grpo import completion_logprobs, pair_prompts
 
     policy = Reasoner.from_pretrained(tiny_backbone_dir("qwen3-vl"), compact_prompts=True)
     pairs = read_pairs(world / "rl.jsonl")
@@ -206,6 +206,13 @@ def test_metrics_sample_table_and_final_checkpoint(full_run: SimpleNamespace) ->
     meta = json.loads((full_run.final / RL_META_FILE).read_text())
     assert meta["embedder"] == full_run.cfg.embedder and meta["reward"]["w_outcome"] == 0.8 and meta["step"] == 3
     assert (full_run.final / "model.safetensors").is_file() and (full_run.final / "train_config.json").is_file()
+    # compact_prompts null: the tiny backbone's style; final/ and every checkpoint record it and the rollout decoding
+    assert full_run.cfg.compact_prompts is None and full_run.models.policy.compact_prompts is True
+    settings = read_reasoner_settings(full_run.final)
+    decoding = {"greedy": False, "max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0}
+    assert settings == {"compact_prompts": True, "decoding": decoding}
+    checkpoints = sorted((Path(full_run.cfg.out) / "checkpoints").glob("step-*"))
+    assert checkpoints and all(read_reasoner_settings(c) == settings for c in checkpoints)
 
 
 class _Killed(Exception):
@@ -236,8 +243,6 @@ def test_interrupted_run_resumes_at_the_checkpoint_step(full_run: SimpleNamespac
 
 
 def test_cli_rl_smoke(make_cfg, tmp_path: Path) -> None:
-    from embedrl.cli import main
-
     cfg = make_cfg(tmp_path)
     args = ["rl", "--reasoner", cfg.reasoner, "--embedder", cfg.embedder, "--data", cfg.data, "--out", str(tmp_path),
             "--num_generations", "2", "--pairs_per_step", "2", "--max_steps", "1", "--max_new_tokens", "16",
@@ -355,8 +360,6 @@ def test_endpoint_discriminator_keeps_prompt_order_and_raises_on_failure() -> No
 
 
 def test_step_line_shows_the_logged_terms_only() -> None:
-    from embedrl.train.grpo import step_line
-
     record = {"reward/total": 1.25, "reward/format": 1.0, "reward/outcome": 0.25, "completion/length": 91.6,
               "time/step": 1.94}  # fmt: skip
     assert step_line(3, 80, "world_vqa", record) == (

@@ -11,8 +11,14 @@ import pytest
 import torch
 from PIL import Image
 
-from embedrl.config import GRPOTrainConfig, WorldConfig
+import embedrl.train.grpo_trl as grpo_trl_module
+from embedrl.backbones import load_backbone, read_reasoner_settings
+from embedrl.cli import main
+from embedrl.config import GRPOTrainConfig, RewardConfig, ServeConfig, WorldConfig
 from embedrl.data.schema import read_pairs
+from embedrl.models.embedder import Embedder
+from embedrl.models.reasoner import Reasoner, build_reasoner_prompt
+from embedrl.rewards.judges import ChatDiscriminator, EmbedderReward, EndpointDiscriminator, EndpointEmbedderReward
 from embedrl.train.grpo import METRICS_FILE, RL_META_FILE, SAMPLES_FILE, RLData, Timed, load_models
 from embedrl.train.grpo_trl import (
     StepClock,
@@ -34,8 +40,6 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def embedder_dir(tiny_backbone_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from embedrl.models.embedder import Embedder
-
     out = tmp_path_factory.mktemp("embedder")
     Embedder.from_backbone(tiny_backbone_dir("qwen3-vl")).save(out)
     return out
@@ -47,7 +51,7 @@ def make_cfg(tiny_backbone_dir, embedder_dir: Path, world: Path):
         base = dict(
             engine="trl", reasoner=str(tiny_backbone_dir("qwen3-vl")), embedder=str(embedder_dir),
             data=str(world / "rl.jsonl"), out=str(out), seed=0, num_generations=G, pairs_per_step=B, max_steps=3,
-            max_new_tokens=16, compact_prompts=True, discriminator_max_new_tokens=4, lr=1e-3, save_every=2,
+            max_new_tokens=16, discriminator_max_new_tokens=4, lr=1e-3, save_every=2,
             sample_table_every=2, micro_batch_size=8, w_outcome=0.8, w_process=0.2, acc_mode="fraction",
         )  # fmt: skip
         base.update(kw)
@@ -102,12 +106,15 @@ def test_trl_steps_follow_the_same_dataset_schedule(trl_run: SimpleNamespace) ->
 
 
 def test_trl_final_checkpoint_reloads_with_metadata(trl_run: SimpleNamespace) -> None:
-    from embedrl.models.reasoner import Reasoner
-
     reasoner = Reasoner.from_pretrained(trl_run.final)
     assert type(reasoner.processor).__name__ == type(trl_run.models.policy.processor).__name__
     meta = json.loads((trl_run.final / RL_META_FILE).read_text())
     assert meta["reward"]["w_outcome"] == 0.8 and meta["num_generations"] == G
+    # the prompt style (null in the config: the tiny backbone's) and the rollout decoding travel with the checkpoints
+    assert reasoner.compact_prompts is True and reasoner.decoding.max_new_tokens == trl_run.cfg.max_new_tokens
+    checkpoints = sorted((trl_run.out / "checkpoints").glob("checkpoint-*"))
+    settings = read_reasoner_settings(trl_run.final)
+    assert checkpoints and all(read_reasoner_settings(c) == settings for c in checkpoints)
     after = trl_run.models.policy.model.state_dict()
     for key, t in reasoner.model.state_dict().items():
         assert torch.equal(t, after[key]), key
@@ -141,8 +148,6 @@ def test_dataset_blocks_are_whole_pairs_of_one_dataset(world: Path) -> None:
 
 
 def _rewards(clock: StepClock, tmp_path: Path) -> TRLRewards:
-    from embedrl.config import RewardConfig
-
     def embed(side, texts, columns):
         return torch.nn.functional.normalize(torch.randn(len(texts), 4), dim=-1)
 
@@ -167,8 +172,6 @@ def test_reward_call_rejects_a_batch_that_mixes_step_blocks(tmp_path: Path) -> N
 
 
 def test_mixed_batch_processor_accepts_text_only_prompts(tiny_backbone_dir, tmp_path: Path) -> None:
-    from embedrl.backbones import load_backbone
-
     _, processor = load_backbone(tiny_backbone_dir("qwen3-vl"))
     wrapped = mixed_batch_processor(processor)
     img = Image.new("RGB", (64, 64), "red")
@@ -199,9 +202,6 @@ def test_geometry_checks_batch_sizes(make_cfg, tmp_path: Path) -> None:
 def test_cli_rl_trl_with_lora_kl_and_ppo_minibatches(make_cfg, tmp_path: Path) -> None:
     """LoRA (TRL's peft_config; the KL reference is the adapter-free base), beta > 0, 2 PPO epochs x 2 mini-batches
     of 2 micro-batches: micro-batches of text-only prompts occur and must run."""
-    from embedrl.backbones import load_backbone
-    from embedrl.cli import main
-
     cfg = make_cfg(tmp_path)
     args = ["rl", "--reasoner", cfg.reasoner, "--embedder", cfg.embedder, "--data", cfg.data, "--out", str(tmp_path),
             "--num_generations", "2", "--pairs_per_step", "2", "--max_steps", "1", "--max_new_tokens", "8",
@@ -219,10 +219,6 @@ def test_rewards_can_use_the_project_server_as_embedder_and_discriminator(
 ) -> None:
     """EG-RL's reward models behind `embedrl serve`: the same vectors as the in-process Embedder (pixels, T-CoT and
     evidence crops included) and the same greedy Discriminator replies as the in-process chat model."""
-    from embedrl.config import ServeConfig
-    from embedrl.models.embedder import Embedder
-    from embedrl.models.reasoner import Reasoner
-    from embedrl.rewards.judges import ChatDiscriminator, EmbedderReward, EndpointDiscriminator, EndpointEmbedderReward
     from embedrl.serve.server import create_app, serve_in_background
 
     pairs = [p for p in read_pairs(world / "rl.jsonl") if p.target.images][:3]
@@ -244,8 +240,6 @@ def test_rewards_can_use_the_project_server_as_embedder_and_discriminator(
 
 def _lucky_mass(reasoner_dir: str | Path, pairs: list, lucky: torch.Tensor) -> float:
     """Mean probability, over both sides of ``pairs``, that the policy's first reply token is a lucky id."""
-    from embedrl.models.reasoner import Reasoner, build_reasoner_prompt
-
     policy = Reasoner.from_pretrained(reasoner_dir)
     prompts = [
         build_reasoner_prompt(p.query, "query", p.target.modality, compact=True) for p in pairs
@@ -261,9 +255,6 @@ def test_trl_grpo_moves_the_policy_toward_higher_reward(
     """End to end through the EG-RL wiring (step blocks, reward keys, weights, TRL's advantages and update): with a
     reward that pays for reply tokens from a fixed half of the vocabulary, a few GRPO steps must raise the policy's
     probability of those tokens. A reward scattered to the wrong trajectories, or a flipped sign, fails this."""
-    import embedrl.rewards.terms as rewards_module
-    from embedrl.models.reasoner import Reasoner
-
     cfg = make_cfg(tmp_path / "rl", w_format=1.0, w_process=0.0, w_outcome=0.0, temperature=1.0, max_steps=12,
                    lr=1e-2, save_every=12)  # fmt: skip
     # The lucky half of the vocabulary: the ids whose output-embedding rows point along one random direction, so
@@ -271,7 +262,7 @@ def test_trl_grpo_moves_the_policy_toward_higher_reward(
     head = Reasoner.from_pretrained(cfg.reasoner).model.get_output_embeddings()
     direction = torch.randn(head.weight.shape[1], generator=torch.Generator().manual_seed(0))  # [d]
     lucky = head.weight.detach() @ direction > 0  # [V]
-    build = rewards_module.build_reward_funcs
+    build = grpo_trl_module.build_reward_funcs
 
     def lucky_share(prompts, completions, completion_ids, **columns) -> list[float]:
         return [float(lucky[torch.tensor(ids)].float().mean()) if ids else 0.0 for ids in completion_ids]
@@ -280,7 +271,7 @@ def test_trl_grpo_moves_the_policy_toward_higher_reward(
         funcs, weights = build(cfg, embed, discriminator, **kw)
         return [lucky_share, *funcs[1:]], weights
 
-    monkeypatch.setattr(rewards_module, "build_reward_funcs", patched)
+    monkeypatch.setattr(grpo_trl_module, "build_reward_funcs", patched)  # where train_rl_trl looks it up
     final = train_rl_trl(cfg)
     pairs = read_pairs(world / "rl.jsonl")[:4]
     before = _lucky_mass(cfg.reasoner, pairs, lucky)

@@ -131,6 +131,34 @@ def test_index_refuses_bad_input(tmp_path: Path) -> None:
         IndexConfig(model="m", corpus="c", out="o")
 
 
+class _Recorder:
+    """An encoder whose vector of an item is ``[len(text), 1]``; records the ids of every call."""
+
+    dim = 2
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str | None, list[str]]] = []
+
+    def encode(self, items, batch_size=16, show_progress_bar=None, mode=None) -> np.ndarray:
+        self.calls.append((mode, [it.id for it in items]))
+        return np.array([[len(it.text), 1.0] for it in items], dtype=np.float32)
+
+
+def test_pipeline_keys_by_id_with_a_cache_and_by_position_without(tmp_path: Path) -> None:
+    items = [Item(id="a", text="x"), Item(id="a", text="yy"), Item(id="b", text="zzz")]
+    encoder = _Recorder()
+    uncached = EmbedPipeline(encoder, embedder_id="e", batch_size=2).embed(items, "raw")
+    assert encoder.calls == [("raw", ["a", "a", "b"])]  # one call, every item: ids need not be unique
+    assert uncached[:, 0].tolist() == [1.0, 2.0, 3.0]
+    encoder.calls.clear()
+    cached = EmbedPipeline(encoder, embedder_id="e", batch_size=1, cache_dir=tmp_path)
+    assert cached.embed(items, "raw")[:, 0].tolist() == [1.0, 1.0, 3.0]  # one key per id: "a" is encoded once
+    assert encoder.calls == [("raw", ["a"]), ("raw", ["b"])]  # batch by batch, one cache shard each
+    assert cached.embed(items[2:], "raw")[:, 0].tolist() == [3.0] and len(encoder.calls) == 2  # read back
+    assert EmbedPipeline(encoder, embedder_id="other", cache_dir=tmp_path).embed(items[2:], "raw").shape == (1, 2)
+    assert len(encoder.calls) == 3  # another embedder id is another key
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The pipeline with tiny models
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,12 +20,9 @@ from embedrl.data.schema import Item
 from embedrl.eval.mmeb import MMEB_BY_KEY, MMEB_TASKS, MMEBEvaluator, load_mmeb_task, mmeb_summary
 from embedrl.eval.scores import MMEB_V2_DATASETS, read_leaderboard, read_task_scores, select_mmeb_v2
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-MMEB_DIR = SHARED / "fixtures" / "mmeb-v2"
-SCORES_DIR = SHARED / "fixtures" / "scores"
-needs_shared = pytest.mark.skipif(
-    not MMEB_DIR.is_dir() or not SCORES_DIR.is_dir(), reason=f"shared fixtures not found under {SHARED}"
-)
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # published eval configs and score files (tests/fixtures)
+MMEB_DIR = FIXTURES / "mmeb-v2"
+SCORES_DIR = FIXTURES / "scores"
 SMALL = PixelBudget(32 * 32, 64 * 64, 32 * 32, 64 * 64, num_frames=4)
 
 
@@ -287,7 +284,6 @@ def test_registry_covers_the_78_scored_and_3_unscored() -> None:
             assert query and target
 
 
-@needs_shared
 def test_registry_agrees_with_the_published_eval_configs() -> None:
     seen = set()
     for modality in ("image", "video", "visdoc"):
@@ -557,7 +553,6 @@ EXPECTED = {
 SUBGROUPS = ("I-CLS", "I-QA", "I-RET", "I-VG", "V-CLS", "V-QA", "V-RET", "V-MRET", "VDRv1", "VDRv2", "VisRAG", "OOD")
 
 
-@needs_shared
 @pytest.mark.parametrize("column", list(FILES))
 def test_harness_summary_reproduces_the_published_aggregates(column: str) -> None:
     results = select_mmeb_v2(read_leaderboard(SCORES_DIR / FILES[column])).results

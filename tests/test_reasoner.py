@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
+from embedrl.backbones import REASONER_SETTINGS_FILENAME, instruct_backbone, load_backbone, read_reasoner_settings
+from embedrl.cli import main
 from embedrl.config import ReasonerTrainConfig, WorldConfig
 from embedrl.data.schema import Item, read_pairs
 from embedrl.models.reasoner import Decoding, Reasoner, build_reasoner_prompt
@@ -82,6 +85,58 @@ def test_decoding_validation() -> None:
         Decoding(top_p=0.0)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Checkpoint-bound settings: embedrl_reasoner.json
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_reasoner(tiny_backbone_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A Reasoner saved with compact prompts and its own default decoding."""
+    model, processor = load_backbone(tiny_backbone_dir("qwen3-vl"))
+    out = tmp_path_factory.mktemp("saved-reasoner")
+    decoding = Decoding(temperature=0.7, top_p=0.9, max_new_tokens=32, seed=5)
+    Reasoner(model, processor, compact_prompts=True, decoding=decoding).save(out)
+    return out
+
+
+def test_saved_settings_load_back(saved_reasoner: Path) -> None:
+    record = json.loads((saved_reasoner / REASONER_SETTINGS_FILENAME).read_text())
+    assert record["compact_prompts"] is True and "seed" not in record["decoding"]  # the seed is a run's
+    loaded = Reasoner.from_pretrained(saved_reasoner)  # compact_prompts None: the checkpoint's
+    assert loaded.compact_prompts is True
+    assert loaded.decoding == Decoding(temperature=0.7, top_p=0.9, max_new_tokens=32)
+    items = [Item("q", "a red kite", "Find it.")]
+    generation = loaded.generate(items, "query")[0][0]  # no decoding given: the checkpoint's
+    assert generation.decoding["max_new_tokens"] == 32 and generation.decoding["temperature"] == 0.7
+    assert generation.prompt_hash == build_reasoner_prompt(items[0], "query", compact=True).family.hash(True)
+
+
+def test_explicit_compact_prompts_overrides_and_is_logged(saved_reasoner: Path, caplog) -> None:
+    with caplog.at_level("INFO", logger="embedrl.models.reasoner"):
+        loaded = Reasoner.from_pretrained(saved_reasoner, compact_prompts=False)
+    assert loaded.compact_prompts is False
+    lines = [r.getMessage() for r in caplog.records if "overrides" in r.getMessage()]
+    assert lines == [f"compact_prompts=False overrides the checkpoint's True ({saved_reasoner})"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="embedrl.models.reasoner"):
+        assert Reasoner.from_pretrained(saved_reasoner, compact_prompts=True).compact_prompts is True
+    assert not [r for r in caplog.records if "overrides" in r.getMessage()]  # the same value overrides nothing
+
+
+def test_checkpoint_without_settings_file_loads_with_todays_defaults(saved_reasoner: Path, tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    shutil.copytree(saved_reasoner, old)
+    (old / REASONER_SETTINGS_FILENAME).unlink()
+    loaded = Reasoner.from_pretrained(old)
+    assert loaded.compact_prompts is False and loaded.decoding == Decoding()
+    assert Reasoner.from_pretrained(old, compact_prompts=True).compact_prompts is True
+
+
+def test_shipped_instruct_backbone_is_prompted_compactly() -> None:
+    assert read_reasoner_settings(instruct_backbone()) == {"compact_prompts": True}
+
+
 def test_sft_labels_cover_the_answer_only(reasoner: Reasoner, world: Path) -> None:
     examples = (
         tcot_examples(world / "train.jsonl", compact=True)[:3]
@@ -97,8 +152,6 @@ def test_sft_labels_cover_the_answer_only(reasoner: Reasoner, world: Path) -> No
 
 
 def test_cold_start_loss_falls_and_cli(tiny_backbone_dir, reasoner: Reasoner, world: Path, tmp_path: Path) -> None:
-    from embedrl.cli import main
-
     cfg = ReasonerTrainConfig(
         backbone=str(tiny_backbone_dir("qwen3-vl")),
         data=str(world / "train.jsonl"),
@@ -113,6 +166,8 @@ def test_cold_start_loss_falls_and_cli(tiny_backbone_dir, reasoner: Reasoner, wo
     assert len(losses) == 16
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0
     reloaded = Reasoner.from_pretrained(final)
+    assert cfg.compact_prompts is None and reloaded.compact_prompts is True  # the tiny backbone's style, recorded
+    assert read_reasoner_settings(final)["compact_prompts"] is True
     for (name, p), q in zip(reasoner.model.named_parameters(), reloaded.model.parameters(), strict=True):
         if name.endswith("embed_tokens.weight"):
             assert not torch.equal(p, q)  # trained weights were saved, not the initial ones

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import embedrl.rewards.terms as rewards_module
-from embedrl.config import PRESETS, RewardConfig
+from embedrl.config import PRESETS, RewardConfig, config_from_dict, config_to_dict
 from embedrl.rewards.terms import (
     OutcomeReward,
     ProcessReward,
@@ -603,8 +603,6 @@ def test_presets_resolve():
 
 
 def test_reward_config_roundtrips_through_config_loader():
-    from embedrl.config import config_from_dict, config_to_dict
-
     cfg = RewardConfig.from_preset("paper", acc_k=3, tau_neg=0.25)
     assert config_from_dict(RewardConfig, config_to_dict(cfg)) == cfg
     assert config_from_dict(RewardConfig, {"preset": "paper", "w_outcome": 1}).w_outcome == 1.0

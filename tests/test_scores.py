@@ -38,12 +38,9 @@ from embedrl.eval.scores import (
     write_task_scores,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-SCORES_DIR = SHARED / "fixtures" / "scores"
-MMEB_DIR = SHARED / "fixtures" / "mmeb-v2"
-needs_shared = pytest.mark.skipif(
-    not SCORES_DIR.is_dir() or not MMEB_DIR.is_dir(), reason=f"shared fixtures not found under {SHARED}"
-)
+FIXTURES = Path(__file__).resolve().parent / "fixtures"  # published score files and eval configs (tests/fixtures)
+SCORES_DIR = FIXTURES / "scores"
+MMEB_DIR = FIXTURES / "mmeb-v2"
 
 FILES = {
     "2B": "embed-rl-2b.json",
@@ -100,8 +97,6 @@ def lookup(summary: dict, name: str) -> tuple[float, int]:
 
 @pytest.fixture(scope="module")
 def summaries() -> dict[str, dict]:
-    if not SCORES_DIR.is_dir():
-        pytest.skip(f"shared fixtures not found under {SHARED}")
     return {col: summarize(SCORES_DIR / name) for col, name in FILES.items()}
 
 
@@ -156,7 +151,6 @@ def _yaml_sections(path: Path) -> dict[str, str]:
     return sections
 
 
-@needs_shared
 def test_registry_matches_the_eval_configs() -> None:
     configs = {m: yaml.safe_load((MMEB_DIR / f"{m}.yaml").read_text(encoding="utf-8")) for m in MAIN_METRICS}
     assert {m: len(c) for m, c in configs.items()} == {"image": 36, "video": 18, "visdoc": 27}
@@ -194,7 +188,6 @@ def test_registry_matches_the_eval_configs() -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@needs_shared
 @pytest.mark.parametrize("column", COLUMNS)
 def test_fixture_shape_order_and_counts(column: str) -> None:
     board = read_leaderboard(SCORES_DIR / FILES[column])
@@ -224,7 +217,6 @@ def test_fixture_shape_order_and_counts(column: str) -> None:
     assert selection.split_versions["MomentSeeker"] == "dedup-1602"
 
 
-@needs_shared
 @pytest.mark.parametrize("name", list(EXPECTED))
 @pytest.mark.parametrize("column", COLUMNS)
 def test_published_aggregates(summaries, column: str, name: str) -> None:
@@ -234,7 +226,6 @@ def test_published_aggregates(summaries, column: str, name: str) -> None:
     assert score == pytest.approx(values[COLUMNS.index(column)], abs=0.01)
 
 
-@needs_shared
 @pytest.mark.parametrize(("column", "name", "value"), HIGH_PRECISION)
 def test_published_aggregates_high_precision(summaries, column: str, name: str, value: float) -> None:
     assert lookup(summaries[column], name)[0] == pytest.approx(value, abs=1e-4)
@@ -261,7 +252,6 @@ PAPER_TABLE_1 = {
 }
 
 
-@needs_shared
 @pytest.mark.parametrize("name", list(PAPER_TABLE_1))
 def test_paper_table_values_to_one_decimal(summaries, name: str) -> None:
     for column, value in zip(("2B", "4B"), PAPER_TABLE_1[name], strict=True):
@@ -277,7 +267,6 @@ MISTAKES = {
 }
 
 
-@needs_shared
 @pytest.mark.parametrize("column", COLUMNS)
 def test_not_the_common_mistakes(summaries, column: str) -> None:
     s = summaries[column]
@@ -295,7 +284,6 @@ def test_not_the_common_mistakes(summaries, column: str) -> None:
     assert visdoc_hit1 == pytest.approx(MISTAKES["VisDoc"][i], abs=0.01)
 
 
-@needs_shared
 @pytest.mark.parametrize(("column", "video", "overall"), [("VLM2Vec-V2", 34.99, 57.67), ("GME-7B", 38.37, 57.53)])
 def test_every_key_averaged_is_a_mistake(summaries, column: str, video: float, overall: float) -> None:
     board = read_leaderboard(SCORES_DIR / FILES[column])
@@ -310,7 +298,6 @@ def test_every_key_averaged_is_a_mistake(summaries, column: str, video: float, o
     assert abs(summaries[column]["modality"]["video"] - video) > 0.01
 
 
-@needs_shared
 @pytest.mark.parametrize(("column", "v_mret", "overall"), [("VLM2Vec-V2", 36.86, 57.86), ("GME-7B", 36.85, 57.77)])
 def test_momentseeker_1k8_is_ignored(summaries, column: str, v_mret: float, overall: float) -> None:
     """Scoring MomentSeeker_1k8 instead of MomentSeeker gives the §1.6 mistake values; we do not."""
@@ -326,7 +313,6 @@ def test_momentseeker_1k8_is_ignored(summaries, column: str, v_mret: float, over
     assert abs(ours["meta_task"]["V-MRET"] - v_mret) > 0.01 and abs(ours["overall"] - overall) > 0.01
 
 
-@needs_shared
 @pytest.mark.parametrize(("column", "visdoc22", "ood2"), [("2B", 74.90, 66.46), ("4B", 75.38, 66.58)])
 def test_fixed_keys_are_not_skipped(summaries, column: str, visdoc22: float, ood2: float) -> None:
     s = summaries[column]
@@ -348,7 +334,6 @@ def test_fixed_keys_are_not_skipped(summaries, column: str, visdoc22: float, ood
     assert partial["partial"] and partial["missing"] == ["ViDoSeek-page", "MMLongBench-page"]
 
 
-@needs_shared
 def test_sub_group_scores_and_markdown(summaries) -> None:
     s = summaries["2B"]
     subs = sub_group_scores(s)
@@ -380,7 +365,6 @@ def _write(tmp_path: Path, board: Leaderboard) -> Path:
     return path
 
 
-@needs_shared
 def test_missing_dataset_is_an_error_unless_partial(tmp_path: Path) -> None:
     board = _board_from_fixture()
     del board.metrics["image"]["EDIS"]
@@ -393,7 +377,6 @@ def test_missing_dataset_is_an_error_unless_partial(tmp_path: Path) -> None:
     assert "**Partial result**: no score for EDIS." in format_summary(s)
 
 
-@needs_shared
 @pytest.mark.parametrize(
     ("edit", "match"),
     [
@@ -414,14 +397,12 @@ def test_reader_rejects_bad_files(tmp_path: Path, edit, match: str) -> None:
         summarize(_write(tmp_path, board))
 
 
-@needs_shared
 def test_check_counts_can_be_relaxed(tmp_path: Path) -> None:
     board = _board_from_fixture()
     board.metrics["image"]["EDIS"].update(num_pred=10, num_data=10)
     assert summarize(_write(tmp_path, board), check_counts=False)["counts"]["overall"] == 78
 
 
-@needs_shared
 def test_momentseeker_1800_records_the_old_split(tmp_path: Path) -> None:
     board = _board_from_fixture("VLM2Vec-V2")
     board.metrics["video"]["MomentSeeker"] = board.metrics["video"].pop("MomentSeeker_1k8")
@@ -458,7 +439,6 @@ def test_task_score_file_round_trip(tmp_path: Path) -> None:
         write_task_scores(tmp_path, "x", {**scores, "hit@50": 1.0})
 
 
-@needs_shared
 @pytest.mark.parametrize("pages", ["fixed", "old"])
 def test_leaderboard_round_trip(tmp_path: Path, pages: str) -> None:
     results = select_mmeb_v2(_board_from_fixture()).results
@@ -484,7 +464,6 @@ def test_leaderboard_round_trip(tmp_path: Path, pages: str) -> None:
     assert s["split_versions"]["ViDoSeek-page"] == pages  # from the metadata, even for plain keys
 
 
-@needs_shared
 def test_leaderboard_writer_validates(tmp_path: Path) -> None:
     results = select_mmeb_v2(_board_from_fixture()).results
     good = {"model_name": "m", "benchmark_version": "v2.1", "split_versions": {"ViDoSeek-page": "fixed"}}
@@ -504,7 +483,6 @@ def test_leaderboard_writer_validates(tmp_path: Path) -> None:
     assert summarize(path, partial=True)["counts"]["overall"] == 5
 
 
-@needs_shared
 def test_declared_old_split_contradicts_fixed_key(tmp_path: Path) -> None:
     board = _board_from_fixture()
     board.metadata["split_versions"] = {"ViDoSeek-page": "old"}
@@ -584,7 +562,6 @@ def test_summarize_tasks_over_the_world_manifest(world_manifest: dict) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@needs_shared
 def test_cli_eval_summarize_json(capsys) -> None:
     assert main(["eval", "summarize", str(SCORES_DIR / FILES["2B"]), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -593,7 +570,6 @@ def test_cli_eval_summarize_json(capsys) -> None:
     assert out["split_versions"]["ViDoSeek-page"] == "fixed"
 
 
-@needs_shared
 def test_cli_eval_summarize_markdown(capsys) -> None:
     assert main(["eval", "summarize", str(SCORES_DIR / FILES["4B"])]) == 0
     assert "| **All** | 78 | **68.08** |" in capsys.readouterr().out

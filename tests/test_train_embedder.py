@@ -11,7 +11,11 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from embedrl.cli import main
 from embedrl.config import ConfigError, EmbedderTrainConfig, LoraSettings, WorldConfig
+from embedrl.evidence import build_embedder_messages
+from embedrl.models.embedder import Embedder
+from embedrl.tcot import parse_tcot
 from embedrl.train.embedder import (
     METRICS_FILE,
     build_sampler,
@@ -83,8 +87,6 @@ def test_killed_run_resumes_to_identical_weights(tiny_backbone_dir, world: Path,
 
 
 def _embedder(backbone: Path):
-    from embedrl.models.embedder import Embedder
-
     return Embedder.from_backbone(backbone)
 
 
@@ -193,9 +195,6 @@ def test_two_processes_train_like_one(tiny_backbone_dir, world: Path, tmp_path: 
 
 
 def test_cli_trains_and_final_embedder_loads(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
-    from embedrl.cli import main
-    from embedrl.models.embedder import Embedder
-
     out = tmp_path / "cli"
     argv = [
         "train-embedder",
@@ -232,9 +231,6 @@ def test_unknown_dataset_weight_is_named(world: Path, tmp_path: Path) -> None:
 
 
 def test_evidence_only_keeps_the_cue_and_drops_the_words(world: Path) -> None:
-    from embedrl.evidence import build_embedder_messages
-    from embedrl.tcot import parse_tcot
-
     pairs = [p for ps in load_training_data(world / "train.jsonl").values() for p in ps]
     checked = set()
     for pair in pairs:

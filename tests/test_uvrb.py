@@ -27,9 +27,7 @@ from embedrl.eval.uvrb import (
     uvrb_aggregates,
 )
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-UVRB_DIR = SHARED / "fixtures" / "uvrb"
-needs_shared = pytest.mark.skipif(not UVRB_DIR.is_dir(), reason=f"shared fixtures not found under {SHARED}")
+UVRB_DIR = Path(__file__).resolve().parent / "fixtures" / "uvrb"  # the 16 published UVRB configs, verbatim
 SMALL = PixelBudget(32 * 32, 64 * 64, 32 * 32, 64 * 64, num_frames=4)
 
 # docs/benchmarks.md §3.5: per-dataset headline scores (×100) in registry order, then the expected aggregates
@@ -73,7 +71,6 @@ def test_registry_partition_and_metrics() -> None:
     assert UVRB_BY_NAME["VDC-O"].instruction == "" and all(d.instruction for d in UVRB_DATASETS if d.name != "VDC-O")
 
 
-@needs_shared
 def test_registry_matches_the_published_configs_and_ms_ti_is_rejected_with_its_line() -> None:
     files = sorted(p.name for p in UVRB_DIR.glob("*.yaml"))
     assert files == sorted(d.config_file for d in UVRB_DATASETS)

@@ -9,7 +9,11 @@ import re
 import pytest
 import torch
 
+from embedrl.backbones import instruct_backbone, load_backbone, perception_backbone
+from embedrl.cli import main
 from embedrl.config import BackbonePretrainConfig, ConfigError
+from embedrl.models.reasoner import Reasoner
+from embedrl.tcot import format_ok, parse_tcot
 from embedrl.world import pretrain
 from embedrl.world.pretrain import TASKS, pretrain_backbone, step_examples
 from embedrl.world.scenes import COLOURS, SHAPES
@@ -57,8 +61,6 @@ def test_answers_are_ground_truth():
 
 
 def test_tcot_examples_are_teacher_tcots_under_family_prompts():
-    from embedrl.tcot import format_ok, parse_tcot
-
     rng = random.Random(5)
     families = set()
     for _ in range(40):
@@ -121,8 +123,6 @@ def test_config_errors_name_the_problem(tmp_path, override, message):
 
 
 def _weights(path):
-    from embedrl.backbones import load_backbone
-
     model, _ = load_backbone(path)
     return {k: v.clone() for k, v in model.state_dict().items()}
 
@@ -163,9 +163,6 @@ def test_pretrain_changes_weights_and_resume_equals_uninterrupted(tmp_path, tiny
 
 def test_shipped_perception_backbone_perceives():
     """The shipped checkpoint names fresh objects it never saw (greedy), far above chance (1/6 colour x 1/4 shape)."""
-    from embedrl.backbones import perception_backbone
-    from embedrl.models.reasoner import Reasoner
-
     path = perception_backbone()
     record = json.loads((path / pretrain.PERCEPTION_FILE).read_text())
     assert record["exact_match"]["crop"] >= 0.85 and record["exact_match"]["copy"] >= 0.85
@@ -184,10 +181,6 @@ def test_shipped_perception_backbone_perceives():
 def test_shipped_instruct_backbone_writes_tcots():
     """The shipped instruct-stage checkpoint writes well-formed T-CoTs for fresh world items (greedy), its record
     shows it gives the teacher's answer on a third of them, and it still names objects (perception replay)."""
-    from embedrl.backbones import instruct_backbone
-    from embedrl.models.reasoner import Reasoner
-    from embedrl.tcot import format_ok
-
     path = instruct_backbone()
     record = json.loads((path / pretrain.PERCEPTION_FILE).read_text())["exact_match"]
     assert record["tcot"] >= 0.3 and record["crop"] >= 0.8 and record["copy"] >= 0.7, record
@@ -206,8 +199,6 @@ def test_shipped_instruct_backbone_writes_tcots():
 
 
 def test_cli_pretrain_prints_scores(tmp_path, tiny_backbone_dir, capsys):
-    from embedrl.cli import main
-
     out = tmp_path / "cli"
     args = ["backbone", "pretrain", "--backbone", str(tiny_backbone_dir("qwen3-vl")), "--out", str(out),
             "--max_steps", "2", "--batch_size", "2", "--eval_every", "0", "--eval_examples", "2",

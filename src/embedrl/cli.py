@@ -1,7 +1,12 @@
 """The ``embedrl`` command line: parse arguments, build a stage config, call one library function.
 
-Subcommands are registered explicitly in :func:`build_parser`. Heavy libraries (torch, transformers) are imported
-inside the command functions, so ``embedrl --help`` stays fast.
+Subcommands are registered explicitly in :func:`build_parser`. Each command imports its stage inside its function:
+the stages import torch, transformers and TRL, and importing them all takes about 7 s against 0.1 s for this module
+alone (measured side by side on the 2-core machine), so ``embedrl --help`` and a mistyped option answer at once.
+This is the one module that imports lazily for that reason; the library imports at module top.
+
+A user's mistake (:class:`~embedrl.config.UserError`: a bad config value, a malformed data file, a wrong path) is
+printed on one line as ``embedrl: error: ...`` with exit status 2, never as a traceback.
 """
 
 from __future__ import annotations
@@ -17,7 +22,6 @@ from typing import Any
 from embedrl.config import (
     AnnotateConfig,
     BackbonePretrainConfig,
-    ConfigError,
     ConvertConfig,
     EmbedderTrainConfig,
     EvalConfig,
@@ -28,6 +32,7 @@ from embedrl.config import (
     ReasonerTrainConfig,
     ServeConfig,
     TinyBackboneConfig,
+    UserError,
     UVRBEvalConfig,
     WorldConfig,
     config_fields,
@@ -116,28 +121,19 @@ def cmd_train_embedder(args: argparse.Namespace) -> int:
 
 def cmd_eval_summarize(args: argparse.Namespace) -> int:
     """Aggregate an MMEB-V2 leaderboard score file: 78 datasets -> 13 sub-groups, 3 modalities and All."""
-    from embedrl.eval.scores import ScoreFileError, format_summary, summarize
+    from embedrl.eval.scores import format_summary, summarize
 
-    try:
-        summary = summarize(args.scorefile)
-    except ScoreFileError as err:
-        print(f"embedrl: {err}", file=sys.stderr)
-        return 2
+    summary = summarize(args.scorefile)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary).rstrip("\n"))
     return 0
 
 
 def cmd_eval_world(args: argparse.Namespace) -> int:
     """Evaluate an Embedder on the synthetic world's suite: score files, summary table, leaderboard JSON."""
-    from embedrl.eval.evaluator import EvalError
     from embedrl.world.evaluate import evaluate_world
 
     cfg = config_from_args(EvalConfig, args)
-    try:
-        report = evaluate_world(cfg)
-    except EvalError as err:
-        print(f"embedrl: {err}", file=sys.stderr)
-        return 2
+    report = evaluate_world(cfg)
     print(report["markdown"].rstrip("\n"))
     files = report["files"]
     print(f"\nwrote {files['summary_md']}, {files['leaderboard']} and {files['scores']}/")
@@ -169,27 +165,19 @@ def cmd_rl(args: argparse.Namespace) -> int:
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     """Build a FAISS index over a corpus JSONL through the full pipeline (resumes a killed build)."""
-    from embedrl.serve.index import IndexFormatError, build_index
+    from embedrl.serve.index import build_index
 
     cfg = config_from_args(IndexConfig, args)
-    try:
-        index = build_index(cfg)
-    except IndexFormatError as err:
-        print(f"embedrl: {err}", file=sys.stderr)
-        return 2
+    index = build_index(cfg)
     print(f"indexed {len(index)} items ({cfg.index_type}, mode {cfg.mode}) in {cfg.out}")
     return 0
 
 
 def cmd_index_add(args: argparse.Namespace) -> int:
     """Embed the items of a corpus JSONL like the indexed ones and append them to the index."""
-    from embedrl.serve.index import IndexFormatError, add_to_index, read_corpus
+    from embedrl.serve.index import add_to_index, read_corpus
 
-    try:
-        index = add_to_index(args.index, read_corpus(args.corpus))
-    except IndexFormatError as err:
-        print(f"embedrl: {err}", file=sys.stderr)
-        return 2
+    index = add_to_index(args.index, read_corpus(args.corpus))
     print(f"{args.index} now holds {len(index)} items")
     return 0
 
@@ -197,16 +185,12 @@ def cmd_index_add(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     """Search an index for one query; print the query's T-CoT, its evidence and the top-k with scores."""
     from embedrl.data.schema import Item
-    from embedrl.serve.index import IndexFormatError, Searcher
+    from embedrl.serve.index import Searcher
 
     query = Item(id="query", text=args.query, instruction=args.instruction, images=tuple(args.image),
                  frames=tuple(args.frame), tcot=args.tcot)  # fmt: skip
-    try:
-        searcher = Searcher.from_path(args.index, model=args.model, reasoner=args.reasoner)
-        (result,) = searcher.search([query], k=args.k)
-    except IndexFormatError as err:
-        print(f"embedrl: {err}", file=sys.stderr)
-        return 2
+    searcher = Searcher.from_path(args.index, model=args.model, reasoner=args.reasoner)
+    (result,) = searcher.search([query], k=args.k)
     if args.json:
         print(json.dumps(result.as_dict(), indent=2, default=str))
         return 0
@@ -228,11 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from embedrl.serve.server import serve
 
     cfg = config_from_args(ServeConfig, args)
-    try:
-        serve(cfg)
-    except (ValueError, FileNotFoundError) as err:  # nothing to serve, a bad path, an index of other models
-        print(f"embedrl: {err}", file=sys.stderr)
-        return 2
+    serve(cfg)
     return 0
 
 
@@ -243,73 +223,49 @@ def _list_override(args: argparse.Namespace, key: str) -> None:
         setattr(args, f"cfg:{key}", [v.strip() for v in value.split(",") if v.strip()])
 
 
-def cmd_eval_mmeb(args: argparse.Namespace) -> int:
-    """Evaluate on MMEB-V2 from the distributed layout: score files, predictions, summary, leaderboard JSON."""
-    from embedrl.data.rows import RowError
-    from embedrl.eval.evaluator import EvalError
-    from embedrl.eval.mmeb import evaluate_mmeb
-    from embedrl.eval.scores import ScoreFileError
-
+def _eval_benchmark(args: argparse.Namespace, cls: type, evaluate: Any) -> int:
+    """The body of ``eval mmeb`` and ``eval uvrb``: config, evaluate, print the summary and the files written."""
     _list_override(args, "tasks")
-    cfg = config_from_args(MMEBEvalConfig, args)
-    try:
-        report = evaluate_mmeb(cfg)
-    except (EvalError, RowError, ScoreFileError, FileNotFoundError) as err:
-        print(f"embedrl: {err}", file=sys.stderr)
-        return 2
+    report = evaluate(config_from_args(cls, args))
     print(report["markdown"].rstrip("\n"))
     files = report["files"]
-    print(f"\nwrote {files['summary_md']}, {files['leaderboard']}, {files['scores']}/ and {files['predictions']}/")
+    written = [files[k] for k in ("summary_md", "leaderboard") if k in files]
+    print(f"\nwrote {', '.join(written)}, {files['scores']}/ and {files['predictions']}/")
     return 0
+
+
+def cmd_eval_mmeb(args: argparse.Namespace) -> int:
+    """Evaluate on MMEB-V2 from the distributed layout: score files, predictions, summary, leaderboard JSON."""
+    from embedrl.eval.mmeb import evaluate_mmeb
+
+    return _eval_benchmark(args, MMEBEvalConfig, evaluate_mmeb)
 
 
 def cmd_eval_uvrb(args: argparse.Namespace) -> int:
     """Evaluate on UVRB from the extracted layout: score files, predictions, UVRB-16 and UVRB-6."""
-    from embedrl.data.rows import RowError
-    from embedrl.eval.evaluator import EvalError
     from embedrl.eval.uvrb import evaluate_uvrb
 
-    _list_override(args, "tasks")
-    cfg = config_from_args(UVRBEvalConfig, args)
-    try:
-        report = evaluate_uvrb(cfg)
-    except (EvalError, RowError, FileNotFoundError) as err:
-        print(f"embedrl: {err}", file=sys.stderr)
-        return 2
-    print(report["markdown"].rstrip("\n"))
-    files = report["files"]
-    print(f"\nwrote {files['summary_md']}, {files['scores']}/ and {files['predictions']}/")
-    return 0
+    return _eval_benchmark(args, UVRBEvalConfig, evaluate_uvrb)
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
     """Convert MMEB-train, LLaVA-Hound, ViDoRe and VisRAG rows into pairs JSONL (one file per dataset)."""
-    from embedrl.data.rows import RowError
     from embedrl.prep.convert import convert
 
     _list_override(args, "only")
     cfg = config_from_args(ConvertConfig, args)
-    try:
-        manifest = convert(cfg)
-    except (RowError, FileNotFoundError) as err:
-        print(f"embedrl: {err}", file=sys.stderr)
-        return 2
+    manifest = convert(cfg)
     for name, entry in manifest["datasets"].items():
         print(f"{name}: {entry['pairs']} pairs (of {entry['available']}) -> {entry['file']}")
     return 0
 
 
 def cmd_annotate(args: argparse.Namespace) -> int:
-    """Teacher T-CoTs for the queries and positives of pairs files (resumable; local model or OpenAI endpoint)."""
-    from embedrl.data.rows import RowError
-    from embedrl.prep.annotate import AnnotationError, annotate
+    """Annotator T-CoTs for the queries and positives of pairs files (resumable; local model or OpenAI endpoint)."""
+    from embedrl.prep.annotate import annotate
 
     cfg = config_from_args(AnnotateConfig, args)
-    try:
-        summary = annotate(cfg)
-    except (AnnotationError, RowError, FileNotFoundError) as err:
-        print(f"embedrl: {err}", file=sys.stderr)
-        return 2
+    summary = annotate(cfg)
     for name, entry in summary["files"].items():
         print(f"{name}: {entry['pairs']} pairs, {entry['requests_sent']} requests sent, {entry['reused']} reused "
               f"-> {entry['out']}")  # fmt: skip
@@ -318,15 +274,10 @@ def cmd_annotate(args: argparse.Namespace) -> int:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     """Relevance judge over annotated pairs, then the contrastive set and the RL set."""
-    from embedrl.data.rows import RowError
-    from embedrl.prep.annotate import AnnotationError, filter_pairs
+    from embedrl.prep.annotate import filter_pairs
 
     cfg = config_from_args(FilterConfig, args)
-    try:
-        summary = filter_pairs(cfg)
-    except (AnnotationError, RowError, FileNotFoundError) as err:
-        print(f"embedrl: {err}", file=sys.stderr)
-        return 2
+    summary = filter_pairs(cfg)
     print(json.dumps(summary["totals"], indent=2))
     return 0
 
@@ -412,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(convert, ConvertConfig)
     convert.set_defaults(func=cmd_convert)
-    annotate = sub.add_parser("annotate", help="teacher T-CoTs for queries and positives (local model or endpoint)")
+    annotate = sub.add_parser("annotate", help="annotator T-CoTs for queries and positives (local model or endpoint)")
     add_config_arguments(annotate, AnnotateConfig)
     annotate.set_defaults(func=cmd_annotate)
     filter_ = sub.add_parser("filter", help="relevance judge, then split kept pairs into contrastive and RL sets")
@@ -483,8 +434,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return args.func(args)
-    except ConfigError as err:
-        print(f"embedrl: configuration error: {err}", file=sys.stderr)
+    except (UserError, FileNotFoundError) as err:  # a user's mistake: one line, no traceback
+        print(f"embedrl: error: {err}", file=sys.stderr)
         return 2
 
 

@@ -4,7 +4,7 @@ Every stage of embedrl (building a tiny backbone, generating the synthetic world
 is driven by one dataclass defined here. The life cycle is always the same:
 
 1. ``load_config(WorldConfig, "configs/world.yaml", {"seed": "3"})`` reads the YAML file, applies the overrides
-   (dotted keys reach into nested sections: ``{"teacher.box_noise": "0.2"}``), and
+   (dotted keys reach into nested sections: ``{"teacher.wrong_box": "0.2"}``), and
 2. validates everything in one place (:func:`config_from_dict`): unknown keys and wrong types are rejected with a
    message naming the key and how to fix it, then the dataclass's ``__post_init__`` checks cross-field invariants.
 3. ``save_config(cfg, out_dir)`` writes the resolved config as ``config.json`` next to the stage's output.
@@ -15,6 +15,7 @@ Field help strings live in ``metadata={"help": ...}`` and double as the CLI's ``
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import math
 import os
@@ -24,13 +25,14 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
 __all__ = [
     "STAGE_CONFIGS",
     "AnnotateConfig",
+    "AnnotatorSettings",
     "ConfigError",
     "ConvertConfig",
     "EmbedderTrainConfig",
@@ -45,6 +47,7 @@ __all__ = [
     "TeacherNoiseConfig",
     "TinyBackboneConfig",
     "UVRBEvalConfig",
+    "UserError",
     "WorldConfig",
     "config_fields",
     "config_from_dict",
@@ -58,7 +61,12 @@ _FLOAT_RE = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")  # exponent floats
 CONFIG_FILENAME = "config.json"
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake in what the user passed (a config value, a data file, a path): the command line prints the message
+    on one line and exits 2, with no traceback. Every such error of the library derives from it."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value is missing, unknown or of the wrong type. The message says how to fix it."""
 
 
@@ -74,12 +82,114 @@ MODEL_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
 Family = Literal["qwen2-vl", "qwen2.5-vl", "qwen3-vl"]
 
 
-def _check_decoding(greedy: bool, temperature: float, top_p: float) -> None:
-    """Reasoner decoding settings shared by the evaluation and index configs."""
-    if not greedy and temperature <= 0:
-        raise ConfigError(f"temperature={temperature} must be > 0 when sampling; set greedy: true instead")
-    if not 0 < top_p <= 1:
-        raise ConfigError(f"top_p={top_p} must be in (0, 1]")
+def _require(cfg: Any, names: tuple[str, ...], command: str = "") -> None:
+    """Raise for the first of ``names`` that ``cfg`` leaves empty, naming its ``--key`` (and ``command``'s help)."""
+    for name in names:
+        if not getattr(cfg, name):
+            see = f" (see {command} --help)" if command else ""
+            raise ConfigError(f"{name} is empty: pass --{name}{see}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Mixins: field groups that several stages share. Their keys stay top-level (YAML ``temperature: 1.0``, CLI
+# ``--temperature 1.0``); a stage with another default redeclares that one field.
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptStyleFields:
+    """The prompt style of a stage that prompts a Reasoner (or another chat model) with the T-CoT families."""
+
+    _config_mixin: ClassVar[bool] = True
+
+    compact_prompts: bool | None = field(
+        default=None,
+        metadata=_help(
+            "the families' compact prompts (true; tiny models are trained on them) or the full ones (false); "
+            "null = the checkpoint's (its embedrl_reasoner.json), full prompts for a checkpoint without one"
+        ),
+    )
+
+
+@dataclass
+class SamplingFields:
+    """Sampling of a stage that generates text."""
+
+    _config_mixin: ClassVar[bool] = True
+
+    temperature: float = field(default=1.0, metadata=_help("sampling temperature (docs/method.md §6.2: 1.0)"))
+    top_p: float = field(default=1.0, metadata=_help("nucleus sampling top_p"))
+    max_new_tokens: int = field(default=256, metadata=_help("longest generated reply, in tokens"))
+
+    def _check_sampling(self, greedy: bool | None = None) -> None:
+        """``greedy``: the stage's greedy flag; None for a stage that always samples."""
+        if not greedy and self.temperature <= 0:
+            hint = "the stage samples; 1.0 is the paper's" if greedy is None else "set greedy: true instead"
+            raise ConfigError(f"temperature={self.temperature} must be > 0 when sampling ({hint})")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+
+
+@dataclass
+class DecodingFields(SamplingFields, PromptStyleFields):
+    """The Reasoner's prompts and decoding in a stage that generates T-CoTs (the fields of
+    :class:`embedrl.models.reasoner.Decoding`)."""
+
+    _config_mixin: ClassVar[bool] = True
+
+    greedy: bool = field(default=False, metadata=_help("greedy decoding instead of sampling (default: T=1 + seed)"))
+    seed: int = field(default=0, metadata=_help("decoding seed: torch is seeded before each generation batch"))
+
+    def _check_decoding(self) -> None:
+        self._check_sampling(self.greedy)
+
+
+@dataclass
+class EmbedRunFields(DecodingFields):
+    """How a stage that embeds items with Reasoner T-CoTs (evaluation, index) runs its two models."""
+
+    _config_mixin: ClassVar[bool] = True
+
+    batch_size: int = field(default=16, metadata=_help("items per Embedder batch (one embedding-cache shard each)"))
+    reasoner_batch_size: int = field(
+        default=8, metadata=_help("items per Reasoner generate call (one T-CoT-cache append each)")
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=_help("weight dtype of the Embedder and the Reasoner")
+    )
+    device: str = field(default="cpu", metadata=_help("torch device of the Embedder and the Reasoner"))
+    show_progress_bar: bool = field(default=True, metadata=_help("tqdm bars over generation and embedding"))
+
+    def _check_tcot_source(self, sources: str) -> None:
+        """``mode`` and ``tcot_source`` (the stage's own fields) agree, and a Reasoner source names its checkpoint.
+        ``sources``: the stage's T-CoT sources other than none, for the message."""
+        mode, source, reasoner = (getattr(self, name) for name in ("mode", "tcot_source", "reasoner"))
+        if (mode == "raw") != (source == "none"):
+            raise ConfigError(
+                f"mode={mode} with tcot_source={source}: raw mode embeds no T-CoT, so it goes with "
+                f"tcot_source none, and every other mode needs T-CoTs ({sources})"
+            )
+        if source == "reasoner" and not reasoner:
+            raise ConfigError("tcot_source=reasoner needs --reasoner DIR, the Reasoner checkpoint to generate with")
+
+    def _check_run(self) -> None:
+        self._check_decoding()
+        for name in ("batch_size", "reasoner_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+
+
+@dataclass
+class EvalRunFields(EmbedRunFields):
+    """An evaluation's caches of T-CoTs and embeddings, and the ids that key them."""
+
+    _config_mixin: ClassVar[bool] = True
+
+    cache_dir: str = field(default="", metadata=_help("T-CoT and embedding caches; '' = <out>/cache"))
+    embedder_id: str = field(default="", metadata=_help("cache id of the Embedder; '' = hash of weights and settings"))
+    reasoner_id: str = field(default="", metadata=_help("cache id of the Reasoner; '' = <dir name>@<hash of weights>"))
 
 
 @dataclass
@@ -159,9 +269,7 @@ class BackbonePretrainConfig:
     device: str = field(default="cpu", metadata=_help("torch device"))
 
     def __post_init__(self) -> None:
-        for name in ("backbone", "out"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name} is empty: pass --{name} (see embedrl backbone pretrain --help)")
+        _require(self, ("backbone", "out"), "embedrl backbone pretrain")
         unknown = sorted(set(self.task_weights) - set(PRETRAIN_TASKS))
         if unknown:
             raise ConfigError(f"task_weights has unknown task(s) {unknown}; the tasks are {list(PRETRAIN_TASKS)}")
@@ -312,9 +420,7 @@ class EmbedderTrainConfig:
     device: str = field(default="cpu", metadata=_help("torch device (cuda:N for the local rank on GPU machines)"))
 
     def __post_init__(self) -> None:
-        for name in ("backbone", "data", "out"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name} is empty: pass --{name} (see embedrl train-embedder --help)")
+        _require(self, ("backbone", "data", "out"), "embedrl train-embedder")
         if self.temperature <= 0:
             raise ConfigError(f"temperature={self.temperature} must be > 0 (0.02 is the paper's)")
         if self.sub_batch_size < 2:
@@ -333,7 +439,7 @@ class EmbedderTrainConfig:
 
 
 @dataclass
-class ReasonerTrainConfig:
+class ReasonerTrainConfig(PromptStyleFields):
     """`embedrl train-reasoner`: cold-start SFT of a from-scratch Reasoner on teacher T-CoTs (docs/method.md §1.2)."""
 
     backbone: str = field(default="", metadata=_help("checkpoint directory of the from-scratch backbone (required)"))
@@ -343,7 +449,6 @@ class ReasonerTrainConfig:
     )
     out: str = field(default="", metadata=_help("output directory (required)"))
     seed: int = field(default=0, metadata=_help("seed of initialisation order and sampling"))
-    compact_prompts: bool = field(default=True, metadata=_help("train on the families' compact prompts"))
     batch_size: int = field(default=16, metadata=_help("examples per step"))
     max_steps: int = field(default=300, metadata=_help("optimiser steps"))
     lr: float = field(default=1e-3, metadata=_help("peak learning rate (AdamW, linear warm-up then linear decay)"))
@@ -353,9 +458,7 @@ class ReasonerTrainConfig:
     device: str = field(default="cpu", metadata=_help("torch device"))
 
     def __post_init__(self) -> None:
-        for name in ("backbone", "data", "out"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name} is empty: pass --{name} (see embedrl train-reasoner --help)")
+        _require(self, ("backbone", "data", "out"), "embedrl train-reasoner")
         if self.batch_size < 1 or self.max_steps < 1 or self.max_length < 16 or self.warmup_steps < 0:
             raise ConfigError("batch_size and max_steps must be >= 1, max_length >= 16, warmup_steps >= 0")
         if self.lr <= 0:
@@ -502,7 +605,7 @@ class RewardConfig:
 
 
 @dataclass
-class GRPOTrainConfig:
+class GRPOTrainConfig(SamplingFields, PromptStyleFields):
     """`embedrl rl`: EG-RL, GRPO on the Reasoner with the frozen Embedder and Discriminator as rewards (docs/method.md
     §4).
 
@@ -589,8 +692,6 @@ class GRPOTrainConfig:
     lr: float = field(default=3e-6, metadata=_help("learning rate (AdamW 0.9/0.999, eps 1e-8, constant)"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm; 0 disables"))
-    temperature: float = field(default=1.0, metadata=_help("rollout sampling temperature"))
-    top_p: float = field(default=1.0, metadata=_help("rollout nucleus sampling top_p"))
     max_new_tokens: int = field(default=2048, metadata=_help("longest rollout (response tokens)"))
     max_prompt_tokens: int = field(
         default=2048, metadata=_help("longest prompt; a pair whose prompt overflows on either side is dropped (both)")
@@ -622,9 +723,6 @@ class GRPOTrainConfig:
     vllm_server_base_url: str = field(
         default="", metadata=_help("base URL of the `trl vllm-serve` server (vllm_mode 'server'); '' = localhost")
     )
-    compact_prompts: bool = field(
-        default=False, metadata=_help("the families' compact prompts (tiny cold-started models were trained on them)")
-    )
     dtype: Literal["float32", "bfloat16"] = field(
         default="float32", metadata=_help("weight dtype of the policy, reference, Embedder and Discriminator")
     )
@@ -637,9 +735,7 @@ class GRPOTrainConfig:
     resume: bool = field(default=True, metadata=_help("resume from the latest checkpoint in out/ when present"))
 
     def __post_init__(self) -> None:
-        for name in ("reasoner", "embedder", "data", "out"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name} is empty: pass --{name} (see embedrl rl --help)")
+        _require(self, ("reasoner", "embedder", "data", "out"), "embedrl rl")
         if self.embedder_url and not self.embedder_url.startswith(("http://", "https://")):
             raise ConfigError(f"embedder_url={self.embedder_url!r} must start with http:// or https://")
         if self.discriminator_url and not self.discriminator_url.startswith(("http://", "https://")):
@@ -653,7 +749,7 @@ class GRPOTrainConfig:
                 f"num_generations={self.num_generations}: a GRPO group needs >= 2 rollouts (a single rollout always "
                 "has advantage 0); use >= 2 or null for the preset's G"
             )
-        for name in ("epochs", "ppo_epochs", "micro_batch_size", "max_new_tokens", "max_prompt_tokens",
+        for name in ("epochs", "ppo_epochs", "micro_batch_size", "max_prompt_tokens",
                      "discriminator_max_new_tokens", "embed_batch_size", "discriminator_batch_size", "save_every",
                      "log_every"):  # fmt: skip
             if getattr(self, name) < 1:
@@ -667,10 +763,7 @@ class GRPOTrainConfig:
             raise ConfigError(f"beta={self.beta} must be >= 0 (0 = no KL term and no reference model)")
         if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ConfigError("lr must be > 0, weight_decay and max_grad_norm >= 0")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature={self.temperature} must be > 0 (rollouts sample; 1.0 is the paper's)")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        self._check_sampling()
         if self.use_vllm and self.engine != "trl":
             raise ConfigError("use_vllm=true needs engine 'trl' (the native loop generates with HF generate only)")
         self.reward_config()  # validates the reward knobs now, with RewardConfig's messages
@@ -699,7 +792,7 @@ class GRPOTrainConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(EvalRunFields):
     """`embedrl eval world`: retrieval evaluation of an Embedder on the synthetic world's suite (docs/method.md §6).
 
     T-CoTs come from ``tcot_source``: the world's stored teacher T-CoTs, a Reasoner checkpoint (query side with the
@@ -723,53 +816,22 @@ class EvalConfig:
         default="teacher", metadata=_help("T-CoTs: the world's teacher T-CoTs, a Reasoner checkpoint, or none (raw)")
     )
     reasoner: str = field(default="", metadata=_help("Reasoner checkpoint directory (only with tcot_source reasoner)"))
-    compact_prompts: bool = field(
-        default=True, metadata=_help("the families' compact prompts (tiny cold-started Reasoners); false for instruct")
-    )
-    greedy: bool = field(default=False, metadata=_help("greedy decoding instead of sampling (default: T=1 + seed)"))
-    temperature: float = field(default=1.0, metadata=_help("Reasoner sampling temperature (docs/method.md §6.2: 1.0)"))
-    top_p: float = field(default=1.0, metadata=_help("Reasoner nucleus sampling top_p"))
-    max_new_tokens: int = field(default=256, metadata=_help("longest generated T-CoT, in tokens"))
-    seed: int = field(default=0, metadata=_help("decoding seed: torch is seeded before each generation batch"))
     on_missing_tcot: Literal["error", "raw"] = field(
         default="error", metadata=_help("an item without a T-CoT raises (error) or is embedded raw and counted (raw)")
     )
-    batch_size: int = field(default=16, metadata=_help("items per Embedder batch (one embedding-cache shard each)"))
-    reasoner_batch_size: int = field(
-        default=8, metadata=_help("items per Reasoner generate call (one T-CoT-cache append each)")
-    )
-    cache_dir: str = field(default="", metadata=_help("T-CoT and embedding caches; '' = <out>/cache"))
-    embedder_id: str = field(default="", metadata=_help("cache id of the Embedder; '' = hash of weights and settings"))
-    reasoner_id: str = field(default="", metadata=_help("cache id of the Reasoner; '' = <dir name>@<hash of weights>"))
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata=_help("weight dtype of the Embedder and the Reasoner")
-    )
-    device: str = field(default="cpu", metadata=_help("torch device of the Embedder and the Reasoner"))
-    show_progress_bar: bool = field(default=True, metadata=_help("tqdm bars over tasks, generation and embedding"))
 
     def __post_init__(self) -> None:
-        for name in ("world", "embedder", "out"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name} is empty: pass --{name} (see embedrl eval world --help)")
-        if (self.mode == "raw") != (self.tcot_source == "none"):
-            raise ConfigError(
-                f"mode={self.mode} with tcot_source={self.tcot_source}: raw mode embeds no T-CoT, so it goes with "
-                "tcot_source none, and every other mode needs T-CoTs (teacher or reasoner)"
-            )
-        if self.tcot_source == "reasoner" and not self.reasoner:
-            raise ConfigError("tcot_source=reasoner needs --reasoner DIR, the Reasoner checkpoint to generate with")
+        _require(self, ("world", "embedder", "out"), "embedrl eval world")
+        self._check_tcot_source("teacher or reasoner")
         if self.tcot_source != "reasoner" and self.reasoner:
             raise ConfigError(
                 f"reasoner is set but tcot_source={self.tcot_source}; drop it or use tcot_source reasoner"
             )
-        _check_decoding(self.greedy, self.temperature, self.top_p)
-        for name in ("max_new_tokens", "batch_size", "reasoner_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        self._check_run()
 
 
 @dataclass
-class IndexConfig:
+class IndexConfig(EmbedRunFields):
     """`embedrl index build`: a FAISS index over a corpus of items, embedded through the full pipeline.
 
     Each candidate gets its target-side T-CoT once (``tcot_source``): generated by a Reasoner and cached, taken from
@@ -791,14 +853,7 @@ class IndexConfig:
         metadata=_help("candidate T-CoTs: generated by --reasoner, the corpus items' own tcot, or none (mode raw)"),
     )
     reasoner: str = field(default="", metadata=_help("Reasoner checkpoint dir (tcot_source reasoner; queries too)"))
-    compact_prompts: bool = field(
-        default=True, metadata=_help("the families' compact prompts (tiny cold-started Reasoners); false for instruct")
-    )
     greedy: bool = field(default=True, metadata=_help("greedy T-CoTs (reproducible); false samples with the seed"))
-    temperature: float = field(default=1.0, metadata=_help("Reasoner sampling temperature when greedy is false"))
-    top_p: float = field(default=1.0, metadata=_help("Reasoner nucleus sampling top_p when greedy is false"))
-    max_new_tokens: int = field(default=256, metadata=_help("longest generated T-CoT, in tokens"))
-    seed: int = field(default=0, metadata=_help("decoding seed: torch is seeded before each generation batch"))
     index_type: Literal["flat", "hnsw", "ivf"] = field(
         default="flat", metadata=_help("flat: exact inner product; hnsw or ivf: approximate, for large corpora")
     )
@@ -807,30 +862,12 @@ class IndexConfig:
     hnsw_ef_search: int = field(default=64, metadata=_help("HNSW: candidate list size while searching"))
     ivf_nlist: int = field(default=0, metadata=_help("IVF: number of clusters; 0 = about 4 * sqrt(corpus size)"))
     ivf_nprobe: int = field(default=8, metadata=_help("IVF: clusters visited per query"))
-    batch_size: int = field(default=16, metadata=_help("items per Embedder batch (one embedding-cache shard each)"))
-    reasoner_batch_size: int = field(
-        default=8, metadata=_help("items per Reasoner generate call (one T-CoT-cache append each)")
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata=_help("weight dtype of the Embedder and the Reasoner")
-    )
-    device: str = field(default="cpu", metadata=_help("torch device of the Embedder and the Reasoner"))
-    show_progress_bar: bool = field(default=True, metadata=_help("tqdm bars over T-CoT generation and embedding"))
 
     def __post_init__(self) -> None:
-        for name in ("model", "corpus", "out"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name} is empty: pass --{name} (see embedrl index build --help)")
-        if (self.mode == "raw") != (self.tcot_source == "none"):
-            raise ConfigError(
-                f"mode={self.mode} with tcot_source={self.tcot_source}: raw mode embeds no T-CoT, so it goes with "
-                "tcot_source none, and every other mode needs T-CoTs (reasoner or corpus)"
-            )
-        if self.tcot_source == "reasoner" and not self.reasoner:
-            raise ConfigError("tcot_source=reasoner needs --reasoner DIR, the Reasoner checkpoint to generate with")
-        _check_decoding(self.greedy, self.temperature, self.top_p)
-        for name in ("max_new_tokens", "batch_size", "reasoner_batch_size", "hnsw_m", "hnsw_ef_construction",
-                     "hnsw_ef_search", "ivf_nprobe"):  # fmt: skip
+        _require(self, ("model", "corpus", "out"), "embedrl index build")
+        self._check_tcot_source("reasoner or corpus")
+        self._check_run()
+        for name in ("hnsw_m", "hnsw_ef_construction", "hnsw_ef_search", "ivf_nprobe"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.ivf_nlist < 0:
@@ -838,7 +875,7 @@ class IndexConfig:
 
 
 @dataclass
-class ServeConfig:
+class ServeConfig(PromptStyleFields):
     """`embedrl serve`: the OpenAI-compatible HTTP server (embeddings, chat completions, index search).
 
     Serves an Embedder (``/v1/embeddings``), chat models (``/v1/chat/completions``: the Reasoner and/or
@@ -857,9 +894,6 @@ class ServeConfig:
     embedder_name: str = field(default="embedder", metadata=_help("model name of the Embedder in requests"))
     reasoner_name: str = field(default="reasoner", metadata=_help("model name of the Reasoner in chat requests"))
     chat_model_name: str = field(default="chat", metadata=_help("model name of chat_model in chat requests"))
-    compact_prompts: bool = field(
-        default=True, metadata=_help("the Reasoner's compact T-CoT prompts (tiny cold-started Reasoners)")
-    )
     tcot_greedy: bool = field(default=True, metadata=_help("greedy query T-CoTs for /v1/embeddings (reproducible)"))
     tcot_temperature: float = field(default=1.0, metadata=_help("T-CoT sampling temperature when not greedy"))
     tcot_max_new_tokens: int = field(default=256, metadata=_help("longest T-CoT generated for /v1/embeddings"))
@@ -923,7 +957,7 @@ class ServeConfig:
 
 
 @dataclass
-class BenchmarkEvalConfig:
+class BenchmarkEvalConfig(EvalRunFields):
     """Fields shared by `embedrl eval mmeb` and `embedrl eval uvrb` (real benchmarks from a local data folder).
 
     Without ``reasoner`` the Embedder runs in ``raw`` mode (no T-CoTs); with it, every query and every unique
@@ -939,29 +973,12 @@ class BenchmarkEvalConfig:
     mode: Literal["auto", "full", "answer_only", "no_evidence", "raw"] = field(
         default="auto", metadata=_help("Embedder mode (docs/method.md §6.4); auto = full with a Reasoner, raw without")
     )
-    compact_prompts: bool = field(
-        default=False, metadata=_help("the families' compact prompts (tiny cold-started Reasoners)")
-    )
-    greedy: bool = field(default=False, metadata=_help("greedy decoding instead of sampling (default: T=1 + seed)"))
-    temperature: float = field(default=1.0, metadata=_help("Reasoner sampling temperature (docs/method.md §6.2: 1.0)"))
-    top_p: float = field(default=1.0, metadata=_help("Reasoner nucleus sampling top_p"))
     max_new_tokens: int = field(default=1024, metadata=_help("longest generated T-CoT, in tokens"))
-    seed: int = field(default=0, metadata=_help("decoding seed: torch is seeded before each generation batch"))
     num_frames: int = field(default=8, metadata=_help("frames sampled uniformly per video (benchmarks: 8)"))
     limit: int = field(default=0, metadata=_help("read only the first N queries per dataset (0 = all; smoke runs)"))
     on_bad_row: Literal["stop", "skip"] = field(
         default="stop", metadata=_help("a malformed row or missing media file stops the run, or is skipped (counted)")
     )
-    batch_size: int = field(default=16, metadata=_help("items per Embedder batch (one embedding-cache shard each)"))
-    reasoner_batch_size: int = field(default=8, metadata=_help("items per Reasoner generate call"))
-    cache_dir: str = field(default="", metadata=_help("T-CoT and embedding caches; '' = <out>/cache"))
-    embedder_id: str = field(default="", metadata=_help("cache id of the Embedder; '' = hash of weights and settings"))
-    reasoner_id: str = field(default="", metadata=_help("cache id of the Reasoner; '' = <dir name>@<hash of weights>"))
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata=_help("weight dtype of the Embedder and the Reasoner")
-    )
-    device: str = field(default="cpu", metadata=_help("torch device of the Embedder and the Reasoner"))
-    show_progress_bar: bool = field(default=True, metadata=_help("tqdm bars over datasets, generation and embedding"))
 
     @property
     def resolved_mode(self) -> str:
@@ -970,17 +987,14 @@ class BenchmarkEvalConfig:
         return "full" if self.reasoner else "raw"
 
     def __post_init__(self) -> None:
-        for name in ("data", "model", "out"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name} is empty: pass --{name}")
+        _require(self, ("data", "model", "out"))
         if self.reasoner and self.mode == "raw":
             raise ConfigError("mode=raw embeds no T-CoT: drop --reasoner, or pick mode full/answer_only/no_evidence")
         if not self.reasoner and self.mode not in ("auto", "raw"):
             raise ConfigError(f"mode={self.mode} needs T-CoTs: pass --reasoner DIR, or use mode raw")
-        _check_decoding(self.greedy, self.temperature, self.top_p)
-        for name in ("max_new_tokens", "batch_size", "reasoner_batch_size", "num_frames"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        self._check_run()
+        if self.num_frames < 1:
+            raise ConfigError(f"num_frames={self.num_frames} must be >= 1")
         if self.limit < 0:
             raise ConfigError(f"limit={self.limit} must be >= 0 (0 = all queries)")
 
@@ -1092,9 +1106,10 @@ class ConvertConfig:
 
 
 @dataclass
-class TeacherSettings:
-    """The teacher chat model: a local transformers checkpoint or any OpenAI-compatible endpoint (docs/method.md
-    §5.2)."""
+class AnnotatorSettings(SamplingFields, PromptStyleFields):
+    """The annotator: the chat model that writes the T-CoTs of ``embedrl annotate`` and judges them in ``embedrl
+    filter`` (the paper's teacher, docs/method.md §5.2), a local transformers checkpoint or any OpenAI-compatible
+    endpoint."""
 
     backend: Literal["local", "openai"] = field(
         default="local", metadata=_help("local (transformers checkpoint) or openai (an OpenAI-compatible server)")
@@ -1104,9 +1119,7 @@ class TeacherSettings:
     api_key_env: str = field(
         default="OPENAI_API_KEY", metadata=_help("environment variable with the endpoint's API key (may be unset)")
     )
-    compact_prompts: bool = field(default=False, metadata=_help("the families' compact prompts (tiny models only)"))
     temperature: float = field(default=0.0, metadata=_help("sampling temperature; 0 = greedy (docs/method.md §5.2)"))
-    top_p: float = field(default=1.0, metadata=_help("nucleus sampling top_p"))
     max_new_tokens: int = field(default=4096, metadata=_help("longest reply, in tokens"))
     seed: int = field(default=0, metadata=_help("request seed (endpoints that support it)"))
     concurrency: int = field(default=8, metadata=_help("openai: requests in flight at once"))
@@ -1123,9 +1136,10 @@ class TeacherSettings:
     def __post_init__(self) -> None:
         if self.backend == "openai" and not self.base_url:
             raise ConfigError("backend=openai needs base_url (e.g. http://localhost:8000/v1)")
-        if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ConfigError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
-        for name in ("max_new_tokens", "concurrency", "batch_size"):
+        if self.temperature < 0:
+            raise ConfigError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        self._check_sampling(greedy=self.temperature == 0)
+        for name in ("concurrency", "batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_retries < 0 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s or self.timeout_s <= 0:
@@ -1134,11 +1148,13 @@ class TeacherSettings:
 
 @dataclass
 class AnnotateConfig:
-    """`embedrl annotate`: teacher T-CoTs for the query and the positive of every pair (docs/method.md §5.2–§5.4)."""
+    """`embedrl annotate`: annotator T-CoTs for the query and the positive of every pair (docs/method.md §5.2–§5.4)."""
 
     input: str = field(default="", metadata=_help("pairs JSONL file, or a folder of them (from embedrl convert)"))
     out: str = field(default="", metadata=_help("output folder: <name>.jsonl annotated pairs + resumable journals"))
-    teacher: TeacherSettings = field(default_factory=TeacherSettings, metadata=_help("the teacher chat model"))
+    annotator: AnnotatorSettings = field(
+        default_factory=AnnotatorSettings, metadata=_help("the annotator chat model (the paper's teacher)")
+    )
     answer_conditioned_fraction: float = field(
         default=0.0, metadata=_help("share of queries annotated with the positive as a hint (0 = off; reference 0.5)")
     )
@@ -1153,11 +1169,9 @@ class AnnotateConfig:
     show_progress_bar: bool = field(default=True, metadata=_help("tqdm bar over requests"))
 
     def __post_init__(self) -> None:
-        for name in ("input", "out"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name} is empty: pass --{name}")
-        if not self.teacher.model:
-            raise ConfigError("teacher.model is empty: pass --teacher.model (checkpoint dir or served model name)")
+        _require(self, ("input", "out"))
+        if not self.annotator.model:
+            raise ConfigError("annotator.model is empty: pass --annotator.model (checkpoint dir or served model name)")
         if not 0 <= self.answer_conditioned_fraction <= 1:
             raise ConfigError(f"answer_conditioned_fraction={self.answer_conditioned_fraction} must be in [0, 1]")
         if self.answer_selection == "parity" and self.answer_conditioned_fraction not in (0.0, 0.5):
@@ -1184,7 +1198,9 @@ class FilterConfig:
 
     input: str = field(default="", metadata=_help("annotated pairs JSONL file or folder (from embedrl annotate)"))
     out: str = field(default="", metadata=_help("output folder: contrastive/, rl.jsonl, filter.json, journals"))
-    judge: TeacherSettings = field(default_factory=TeacherSettings, metadata=_help("the judge (the teacher, T=0)"))
+    judge: AnnotatorSettings = field(
+        default_factory=AnnotatorSettings, metadata=_help("the judge (the annotator model, T=0)")
+    )
     exclude_from_contrastive: list[str] = field(
         default_factory=lambda: ["HatefulMemes", "N24News", "VOC2007"],
         metadata=_help("datasets kept out of the contrastive set (docs/method.md §3.6)"),
@@ -1201,9 +1217,7 @@ class FilterConfig:
     show_progress_bar: bool = field(default=True, metadata=_help("tqdm bar over judge requests"))
 
     def __post_init__(self) -> None:
-        for name in ("input", "out"):
-            if not getattr(self, name):
-                raise ConfigError(f"{name} is empty: pass --{name}")
+        _require(self, ("input", "out"))
         if not self.judge.model:
             raise ConfigError("judge.model is empty: pass --judge.model (checkpoint dir or served model name)")
         bad = {k: v for k, v in self.rl_counts.items() if v < 0}
@@ -1378,11 +1392,24 @@ def read_saved_config(cls: type[C], out_dir: str | Path, filename: str = CONFIG_
     return config_from_dict(cls, payload["config"])
 
 
+def _mixin_fields(cls: type) -> set[str]:
+    """Fields of ``cls`` that a mixin declares (:class:`DecodingFields`, …), redeclared defaults included."""
+    return {
+        name
+        for klass in cls.__mro__
+        if klass.__dict__.get("_config_mixin", False)
+        for name in inspect.get_annotations(klass)
+        if name != "_config_mixin"
+    }
+
+
 def config_fields(cls: type, prefix: str = "") -> list[tuple[str, str, Any]]:
-    """``(dotted_name, help, default)`` for every leaf field, nested sections flattened. Used by the CLI."""
+    """``(dotted_name, help, default)`` for every leaf field, nested sections flattened, a stage's own fields
+    before those of its mixins. Used by the CLI."""
     rows = []
     hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
+    mixed_in = _mixin_fields(cls)
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in mixed_in):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             rows.extend(config_fields(tp, prefix=f"{prefix}{f.name}."))

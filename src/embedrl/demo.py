@@ -28,6 +28,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+
+from embedrl.backbones import instruct_backbone
 from embedrl.config import (
     EmbedderTrainConfig,
     EvalConfig,
@@ -35,7 +38,15 @@ from embedrl.config import (
     ReasonerTrainConfig,
     WorldConfig,
 )
+from embedrl.eval.cache import TCoTCache
+from embedrl.eval.scores import overall_difference_interval
+from embedrl.tcot import parse_tcot
+from embedrl.train.embedder import train_embedder
 from embedrl.train.grpo import COMPONENTS
+from embedrl.train.grpo_trl import train_rl_trl
+from embedrl.train.reasoner import train_reasoner
+from embedrl.world.evaluate import evaluate_world, preset_config, read_query_values
+from embedrl.world.generate import EVAL_DIR, MANIFEST_FILE, evidence_accuracy, generate_world, load_eval_task
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +86,7 @@ SIZES = {
 }  # fmt: skip
 # Sampling temperature of the RL rollouts. The paper samples at 1.0; a tiny cold-started Reasoner at 1.0 garbles
 # most T-CoTs (format pass rate ~0.3 vs ~0.8 at 0.7). At evaluation the demo's Reasoners decode greedily: sampled
-# T-CoTs moved one checkpoint's overall score by up to 5.7 points (docs/rl.md), more than any effect measured.
+# T-CoTs moved one checkpoint's overall score by up to 5.7 points (docs/experiments.md), more than any effect measured.
 DEMO_TEMPERATURE = 0.7
 # Share of the Embedder's training items whose T-CoT is cut to its evidence cue. The world's teacher T-CoTs spell out
 # the answer, so an Embedder trained on them alone matches words and ignores pixels (teacher T-CoTs score the same
@@ -99,7 +110,7 @@ def rl_config(reasoner: Path, embedder: Path, world: Path, out: Path, seed: int,
     almost never met by a tiny Embedder, so the outcome term would be 0); weights 1.0 format, 0 process, 1.0
     outcome (the tiny Discriminator is at chance, so its verdicts are noise: the "w/o process" ablation, which also
     saves its generation time); rollouts at ``DEMO_TEMPERATURE``; LoRA rank ``size.rl_lora`` at ``size.rl_lr``
-    (full fine-tuning with Adam moved every weight on a near-flat reward, docs/rl.md).
+    (full fine-tuning with Adam moved every weight on a near-flat reward, docs/experiments.md).
     """
     return GRPOTrainConfig(
         engine="trl",
@@ -148,12 +159,6 @@ def run_demo(
     ``backbone`` is where the Embedder and the Reasoner start; by default the shipped instruct-stage tiny Qwen3-VL
     (:func:`embedrl.backbones.instruct_backbone`).
     """
-    from embedrl.backbones import instruct_backbone
-    from embedrl.train.embedder import train_embedder
-    from embedrl.train.grpo_trl import train_rl_trl
-    from embedrl.train.reasoner import train_reasoner
-    from embedrl.world.evaluate import evaluate_world, preset_config, read_query_values
-    from embedrl.world.generate import generate_world
 
     out = Path(out)
     size = SIZES["quick" if quick else "default"]
@@ -220,7 +225,6 @@ def run_demo(
 
 def _eval_items(world: Path) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(task, {item id: item})`` over the world's held-out tasks (queries and candidates), in name order."""
-    from embedrl.world.generate import EVAL_DIR, MANIFEST_FILE, load_eval_task
 
     for name in sorted(json.loads((world / EVAL_DIR / MANIFEST_FILE).read_text())["tasks"]):
         task = load_eval_task(world, name)
@@ -229,7 +233,6 @@ def _eval_items(world: Path) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def _cached_tcots(cache_dir: Path, task: str, reasoner_id: str) -> list[tuple[Any, str]] | None:
     """``(key, text)`` of the evaluation's T-CoT cache for ``task`` written by ``reasoner_id``; None: no cache."""
-    from embedrl.eval.cache import TCoTCache
 
     cache = cache_dir / "tcots" / f"{task}.jsonl"
     if not cache.is_file():
@@ -243,7 +246,6 @@ def answer_agreement(world: Path, cache_dir: Path, reasoner_id: str) -> dict[str
     A diagnostic of what the Reasoner perceives and restates, read from the evaluation's T-CoT cache: the teacher's
     answers are ground truth (its noise touches the cue and the prose, not the answer).
     """
-    from embedrl.tcot import parse_tcot
 
     out: dict[str, dict[str, float]] = {}
     for name, items in _eval_items(world):
@@ -264,8 +266,6 @@ def evidence_agreement(world: Path, cache_dir: Path, reasoner_id: str | None) ->
     the teacher's) against the world's ground truth, over every query and candidate of the held-out tasks:
     :func:`embedrl.world.generate.evidence_accuracy` (keywords, boxes equal to a true box, key-frame precision and
     recall)."""
-    from embedrl.tcot import parse_tcot
-    from embedrl.world.generate import evidence_accuracy
 
     cues = []
     for name, all_items in _eval_items(world):
@@ -301,7 +301,6 @@ def check_claims(
     paired bootstrap 95 % interval of the margin over the query set (:func:`overall_difference_interval`, points), and
     ``clear``: whether that interval lies above 0 (the margin is more than the query set's sampling noise).
     """
-    from embedrl.eval.scores import overall_difference_interval
 
     modes = results["modes"]
     claims = []
@@ -352,16 +351,12 @@ def rl_curve(path: Path, parts: int = 4) -> dict[str, Any]:
 
 def plot_rewards(metrics: Path, png: Path) -> Path | None:
     """Reward components over RL steps (raw per step and a moving average)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     records = _read_metrics(metrics)
     if not records:
         return None
     steps = [r["step"] for r in records]
-    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    fig = Figure(figsize=(16, 3.2))
+    axes = fig.subplots(1, 4)
     for ax, key in zip(axes, REWARD_KEYS, strict=True):
         if key not in records[0]:
             ax.set_title(f"{key} (weight 0)")
@@ -377,21 +372,16 @@ def plot_rewards(metrics: Path, png: Path) -> Path | None:
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
-    plt.close(fig)
     return png
 
 
 def plot_modes(results: dict[str, Any], png: Path) -> Path:
     """Per-task bars, one bar per mode, plus the overall mean."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     modes = list(results["modes"])
     tasks = [*results["modes"][modes[0]]["tasks"], "overall"]
     width = 0.8 / len(modes)
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(tasks)), 3.8))
+    fig = Figure(figsize=(max(8, 1.1 * len(tasks)), 3.8))
+    ax = fig.subplots()
     for i, mode in enumerate(modes):
         scores = [*results["modes"][mode]["tasks"].values(), results["modes"][mode]["overall"]]
         ax.bar([t + i * width for t in range(len(tasks))], scores, width, label=mode)
@@ -401,7 +391,6 @@ def plot_modes(results: dict[str, Any], png: Path) -> Path:
     ax.legend(fontsize=8, ncol=len(modes))
     fig.tight_layout()
     fig.savefig(png, dpi=90)
-    plt.close(fig)
     return png
 
 

@@ -21,6 +21,7 @@ def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return x, 0
+    # Imported here: torch builds without distributed support lack the module (and never reach this line).
     import torch.distributed.nn.functional as dist_fn
 
     gathered = dist_fn.all_gather(x)  # world x [n_local, D], differentiable

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -258,54 +259,50 @@ class _Lenient:
         except ValueError:
             return raw
 
-    def _list(self, depth: int) -> object:
+    def _entries(self, close: str, entry: Callable[[], object], left_open: str = "") -> object:
+        """The entries of the container opening at ``self.i``, up to ``close``, the end of the text or a character
+        of ``left_open`` (a container left open: closed there); stray commas are skipped. ``_FAIL`` when an entry
+        fails."""
         self.i += 1
-        items: list = []
+        entries: list = []
         while True:
             self._ws()
-            if self.i >= len(self.s) or self.s[self.i] == "}":  # left open: close it here
-                return items
+            if self.i >= len(self.s) or self.s[self.i] in left_open:
+                return entries
             c = self.s[self.i]
-            if c == "]":
+            if c == close:
                 self.i += 1
-                return items
+                return entries
             if c == ",":
                 self.i += 1
                 continue
-            v = self.value(depth)
+            v = entry()
             if v is _FAIL:
                 return _FAIL
-            items.append(v)
+            entries.append(v)
+
+    def _list(self, depth: int) -> object:
+        return self._entries("]", lambda: self.value(depth), left_open="}")
 
     def _object(self, depth: int) -> object:
+        pairs = self._entries("}", lambda: self._pair(depth))
+        return _FAIL if pairs is _FAIL else _Pairs(pairs)  # type: ignore[arg-type]
+
+    def _pair(self, depth: int) -> object:
+        """``(key, value)`` of an object entry: a quoted or bare key, ``:``, a value."""
+        if self.s[self.i] in "\"'":
+            key = self._string()
+        else:
+            m = _BARE_KEY_RE.match(self.s, self.i)
+            if not m:
+                return _FAIL
+            key, self.i = m.group(0), m.end()
+        self._ws()
+        if key is _FAIL or self.i >= len(self.s) or self.s[self.i] != ":":
+            return _FAIL
         self.i += 1
-        pairs = _Pairs()
-        while True:
-            self._ws()
-            if self.i >= len(self.s):
-                return pairs
-            c = self.s[self.i]
-            if c == "}":
-                self.i += 1
-                return pairs
-            if c == ",":
-                self.i += 1
-                continue
-            if c in "\"'":
-                key = self._string()
-            else:
-                m = _BARE_KEY_RE.match(self.s, self.i)
-                if not m:
-                    return _FAIL
-                key, self.i = m.group(0), m.end()
-            self._ws()
-            if key is _FAIL or self.i >= len(self.s) or self.s[self.i] != ":":
-                return _FAIL
-            self.i += 1
-            v = self.value(depth)
-            if v is _FAIL:
-                return _FAIL
-            pairs.append((key, v))
+        v = self.value(depth)
+        return _FAIL if v is _FAIL else (key, v)
 
 
 def _parse_object(candidate: str, problems: list[str]) -> _Pairs | None:

@@ -31,11 +31,13 @@ from transformers import (
 
 from embedrl import prompts
 from embedrl.backbones.adapters import ADAPTERS, FamilyAdapter, PixelBudget, detect_family, get_adapter
+from embedrl.backbones.records import REASONER_SETTINGS_FILENAME, read_reasoner_settings, write_reasoner_settings
 from embedrl.backbones.tiny import build_tiny_backbone
 from embedrl.backbones.tokenizer import build_tiny_tokenizer
 
 __all__ = [
     "ADAPTERS",
+    "REASONER_SETTINGS_FILENAME",
     "FamilyAdapter",
     "PixelBudget",
     "add_emb_token",
@@ -47,6 +49,8 @@ __all__ = [
     "instruct_backbone",
     "load_backbone",
     "perception_backbone",
+    "read_reasoner_settings",
+    "write_reasoner_settings",
 ]
 
 logger = logging.getLogger(__name__)

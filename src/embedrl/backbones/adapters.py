@@ -14,6 +14,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -155,7 +156,7 @@ class FamilyAdapter:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Tiny configs (environment.md §3)
+# Tiny configs (docs/backbones.md, tiny backbones)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -197,25 +198,26 @@ def _tiny_vision_qwen2(cfg: TinyBackboneConfig) -> dict[str, Any]:
     }
 
 
-def _tiny_vision_qwen2_5(cfg: TinyBackboneConfig) -> dict[str, Any]:
+def _tiny_vision_sized(cfg: TinyBackboneConfig) -> dict[str, Any]:
+    """The vision kwargs Qwen2.5-VL and Qwen3-VL share: an MLP width and the merger's output width."""
     return {
         "depth": cfg.vision_depth,
         "hidden_size": cfg.vision_hidden_size,
         "intermediate_size": 2 * cfg.vision_hidden_size,
         "num_heads": cfg.vision_num_heads,
         "out_hidden_size": cfg.hidden_size,
+    }
+
+
+def _tiny_vision_qwen2_5(cfg: TinyBackboneConfig) -> dict[str, Any]:
+    return _tiny_vision_sized(cfg) | {
         "window_size": 56,  # windowed attention over 2 x 2 merged tokens of 28 px
         "fullatt_block_indexes": [cfg.vision_depth - 1],
     }
 
 
 def _tiny_vision_qwen3(cfg: TinyBackboneConfig) -> dict[str, Any]:
-    return {
-        "depth": cfg.vision_depth,
-        "hidden_size": cfg.vision_hidden_size,
-        "intermediate_size": 2 * cfg.vision_hidden_size,
-        "num_heads": cfg.vision_num_heads,
-        "out_hidden_size": cfg.hidden_size,
+    return _tiny_vision_sized(cfg) | {
         "num_position_embeddings": 64,  # an 8 x 8 grid of learned positions, interpolated to the image
         "deepstack_visual_indexes": [0],
     }
@@ -225,53 +227,40 @@ def _tiny_vision_qwen3(cfg: TinyBackboneConfig) -> dict[str, Any]:
 # The families
 # ----------------------------------------------------------------------------------------------------------------
 
+_QWEN2_VL = FamilyAdapter(
+    family="qwen2-vl",
+    model_type="qwen2_vl",
+    model_class=Qwen2VLForConditionalGeneration,
+    config_class=Qwen2VLConfig,
+    processor_class=Qwen2VLProcessor,
+    image_processor_class=Qwen2VLImageProcessor,
+    video_processor_class=Qwen2VLVideoProcessor,
+    patch_size=14,
+    merge_size=2,
+    temporal_patch_size=2,
+    video_size_per_clip=False,
+    tiny_text=_tiny_text_qwen2,
+    tiny_vision=_tiny_vision_qwen2,
+)
+
+
+def _like_qwen2_vl(
+    family: str, model_type: str, model: type, config: type, processor: type, **changes: Any
+) -> FamilyAdapter:
+    """A family built like Qwen2-VL (processors, patch geometry, tiny configs) but for its classes and ``changes``."""
+    return dataclasses.replace(_QWEN2_VL, family=family, model_type=model_type, model_class=model,
+                               config_class=config, processor_class=processor, **changes)  # fmt: skip
+
+
 ADAPTERS: dict[str, FamilyAdapter] = {
-    "qwen2-vl": FamilyAdapter(
-        family="qwen2-vl",
-        model_type="qwen2_vl",
-        model_class=Qwen2VLForConditionalGeneration,
-        config_class=Qwen2VLConfig,
-        processor_class=Qwen2VLProcessor,
-        image_processor_class=Qwen2VLImageProcessor,
-        video_processor_class=Qwen2VLVideoProcessor,
-        patch_size=14,
-        merge_size=2,
-        temporal_patch_size=2,
-        video_size_per_clip=False,
-        tiny_text=_tiny_text_qwen2,
-        tiny_vision=_tiny_vision_qwen2,
-    ),
-    "qwen2.5-vl": FamilyAdapter(
-        family="qwen2.5-vl",
-        model_type="qwen2_5_vl",
-        model_class=Qwen2_5_VLForConditionalGeneration,
-        config_class=Qwen2_5_VLConfig,
-        processor_class=Qwen2_5_VLProcessor,
-        image_processor_class=Qwen2VLImageProcessor,
-        video_processor_class=Qwen2VLVideoProcessor,
-        patch_size=14,
-        merge_size=2,
-        temporal_patch_size=2,
-        video_size_per_clip=False,
-        tiny_text=_tiny_text_qwen2,
-        tiny_vision=_tiny_vision_qwen2_5,
-    ),
-    "qwen3-vl": FamilyAdapter(
-        family="qwen3-vl",
-        model_type="qwen3_vl",
-        model_class=Qwen3VLForConditionalGeneration,
-        config_class=Qwen3VLConfig,
-        processor_class=Qwen3VLProcessor,
-        image_processor_class=Qwen2VLImageProcessor,
-        video_processor_class=Qwen3VLVideoProcessor,
-        patch_size=16,
-        merge_size=2,
-        temporal_patch_size=2,
-        video_size_per_clip=True,
-        tiny_text=_tiny_text_qwen3,
-        tiny_vision=_tiny_vision_qwen3,
-    ),
-}
+    "qwen2-vl": _QWEN2_VL,
+    "qwen2.5-vl": _like_qwen2_vl("qwen2.5-vl", "qwen2_5_vl", Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLConfig,
+                                 Qwen2_5_VLProcessor, tiny_vision=_tiny_vision_qwen2_5),
+    # Qwen3-VL: 16 px patches and its own video processor, whose size bounds the whole clip.
+    "qwen3-vl": _like_qwen2_vl("qwen3-vl", "qwen3_vl", Qwen3VLForConditionalGeneration, Qwen3VLConfig,
+                               Qwen3VLProcessor, video_processor_class=Qwen3VLVideoProcessor, patch_size=16,
+                               video_size_per_clip=True, tiny_text=_tiny_text_qwen3, tiny_vision=_tiny_vision_qwen3),
+}  # fmt: skip
 
 _FAMILY_BY_MODEL_TYPE: dict[str, str] = {adapter.model_type: family for family, adapter in ADAPTERS.items()}
 

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints, built offline (environment.md §3).
+"""Tiny, randomly initialised Qwen2-VL / Qwen2.5-VL / Qwen3-VL checkpoints, built offline (docs/backbones.md).
 
 A tiny backbone is the real transformers architecture at toy size: 2 text layers of width 128, a 2-layer vision
 tower, and the locally trained 4k byte-level BPE tokenizer (about 1 M parameters). It is written as an ordinary
@@ -8,6 +8,7 @@ checkpoint directory, so everything downstream loads it exactly like a released 
     tokenizer.json, tokenizer_config.json, chat_template.jinja   # the tokenizer and embedrl's chat template
     processor_config.json                                        # processor with image and video processors
     embedrl_backbone.json                                        # the TinyBackboneConfig that built it
+    embedrl_reasoner.json                                        # prompted with the compact prompts
 
 Example:
     >>> from embedrl.config import TinyBackboneConfig
@@ -26,6 +27,7 @@ from transformers import GenerationConfig, PreTrainedConfig, PreTrainedTokenizer
 
 from embedrl import prompts
 from embedrl.backbones.adapters import ADAPTERS, BUDGET_CONFIG_KEY, FamilyAdapter, PixelBudget
+from embedrl.backbones.records import write_reasoner_settings
 from embedrl.backbones.tokenizer import build_tiny_tokenizer
 from embedrl.config import TinyBackboneConfig, save_config
 
@@ -128,6 +130,7 @@ def build_tiny_backbone(cfg: TinyBackboneConfig) -> Path:
     model.save_pretrained(out)
     processor.save_pretrained(out)
     save_config(cfg, out, filename=BACKBONE_CONFIG_FILENAME)
+    write_reasoner_settings(out, compact_prompts=True)  # tiny models are prompted compactly in every stage
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("wrote tiny %s backbone (%.2f M parameters) to %s", cfg.family, n_params / 1e6, out)
     return out

@@ -4,7 +4,7 @@ Layout of the vocabulary: the Qwen special tokens first, in Qwen's order (``prom
 the BPE trainer puts them first), then the 256 byte tokens and the learned merges, then the T-CoT tags
 (``prompts.TCOT_TAGS``) as added tokens that decoding keeps. ``<emb>`` is not part of it:
 :func:`embedrl.backbones.add_emb_token` adds it to a loaded model. Ids differ from the real Qwen vocabulary, so every
-id a model config needs is read back from the tokenizer, never assumed (environment.md §3).
+id a model config needs is read back from the tokenizer, never assumed (docs/backbones.md, tiny backbones).
 
 Example:
     >>> tok = build_tiny_tokenizer()

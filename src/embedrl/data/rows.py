@@ -19,22 +19,38 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from PIL import Image, UnidentifiedImageError
+
+from embedrl.config import UserError
+
 logger = logging.getLogger(__name__)
 
-__all__ = ["ON_BAD_ROW", "BadRowPolicy", "BadRows", "RowError", "find_rows_file", "read_rows", "require"]
+__all__ = [
+    "ON_BAD_ROW",
+    "BadRowPolicy",
+    "BadRows",
+    "RowError",
+    "find_rows_file",
+    "media_file",
+    "read_rows",
+    "require",
+    "save_image_bytes",
+]
 
 BadRowPolicy = Literal["stop", "skip"]
 ON_BAD_ROW: tuple[str, ...] = ("stop", "skip")
 ROW_SUFFIXES: tuple[str, ...] = (".jsonl", ".json", ".parquet")
 
 
-class RowError(ValueError):
+class RowError(UserError, ValueError):
     """A row of a data file is malformed or points at missing media; the message starts with ``file:row``."""
 
     def __init__(self, path: str | Path, row: int | str, message: str) -> None:
@@ -133,3 +149,36 @@ def require(row: Mapping[str, Any], fields: Sequence[str], path: str | Path, lin
     missing = [f for f in fields if f not in row or row[f] is None]
     if missing:
         raise RowError(path, lineno, f"missing field(s) {missing}; the row has {sorted(row)}")
+
+
+def media_file(root: Path, rel: str, rows_file: str | Path, lineno: int, what: str) -> list[Path]:
+    """``[root / rel]``, the media file a row names (``[]`` when ``rel`` is empty).
+
+    Raises:
+        RowError: the file does not exist (``what`` names it in the message, e.g. ``"query image"``).
+    """
+    if not rel:
+        return []
+    path = root / rel
+    if not path.is_file():
+        raise RowError(rows_file, lineno, f"{what} {path} does not exist")
+    return [path]
+
+
+def save_image_bytes(data: bytes, path: Path, rows_file: str | Path, lineno: int) -> Path:
+    """Decode the image bytes a row carries (e.g. a Parquet ``{"bytes", "path"}`` struct's) and write them to
+    ``path`` as PNG, through a temporary file.
+
+    Raises:
+        RowError: the bytes do not decode as an image (named by ``rows_file`` and ``lineno``).
+    """
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (UnidentifiedImageError, OSError) as err:
+        raise RowError(rows_file, lineno, f"the image bytes do not decode ({err})") from None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    image.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path

@@ -4,6 +4,11 @@
   gain) as pure numpy functions; :func:`compute_metrics` gives the per-dataset object of an MMEB score file.
 - :mod:`embedrl.eval.scores`: the MMEB-V2 registry (78 datasets), per-task and leaderboard JSON, the generic
   :func:`aggregate`, :func:`summarize` and :func:`format_summary`.
+- :mod:`embedrl.eval.pipeline`: the one cached items -> T-CoTs -> vectors path (evaluation, index, server), over the
+  caches of :mod:`embedrl.eval.cache`.
+- :mod:`embedrl.eval.evaluator`: the engine and the loop over a benchmark's tasks; :mod:`embedrl.eval.benchmark`,
+  :mod:`embedrl.eval.mmeb` and :mod:`embedrl.eval.uvrb` the real benchmarks (the synthetic world's evaluator is
+  :mod:`embedrl.world.evaluate`).
 
 See docs/eval.md.
 """

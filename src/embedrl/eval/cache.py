@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -92,8 +93,6 @@ def weights_fingerprint(model: Any, extra: Mapping[str, Any] | None = None) -> s
             time, so a GPU model costs one pass over its weights).
         extra: settings that change the output without changing the weights (pixel budget, text cap, …).
     """
-    import torch
-
     digest = hashlib.sha256(json.dumps(dict(extra or {}), sort_keys=True, default=str).encode("utf-8"))
     for name, tensor in sorted(model.state_dict().items()):
         t = tensor.detach()

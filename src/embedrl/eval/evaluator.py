@@ -1,61 +1,84 @@
-"""The benchmark-independent evaluation engine: T-CoTs -> embeddings -> ranking -> metrics for each task.
+"""The benchmark-independent evaluation engine: T-CoTs -> embeddings -> ranking -> metrics for each task, and the
+one loop over a benchmark's tasks and its result files.
 
 For each :class:`~embedrl.eval.task.EvalTask`:
 
 1. **T-CoTs** (``tcot_source``): ``teacher`` uses the T-CoTs stored with the items; ``reasoner`` generates them
-   with a :class:`~embedrl.models.reasoner.Reasoner`, queries with the query-side family (routed by the task's
-   candidate modality, docs/method.md §6.3) and every *unique* candidate once with its target-side family, never
-   seeing a query (docs/method.md §6.1); ``none`` goes with ``mode="raw"``. A missing T-CoT raises
-   :class:`MissingTCoTError`; ``on_missing_tcot="raw"`` embeds such an item raw instead and counts it.
-2. **Embeddings**: each unique (item, mode, T-CoT) is embedded once with the Embedder in the requested mode.
+   with a :class:`~embedrl.models.reasoner.Reasoner` through :class:`~embedrl.eval.pipeline.EmbedPipeline`, queries
+   with the query-side family (routed by the task's candidate modality, docs/method.md §6.3) and every *unique*
+   candidate once with its target-side family, never seeing a query (docs/method.md §6.1); ``none`` goes with
+   ``mode="raw"``. A missing T-CoT raises :class:`MissingTCoTError`; ``on_missing_tcot="raw"`` embeds such an item
+   raw instead and counts it.
+2. **Embeddings**: each unique (item, mode, T-CoT) is embedded once with the Embedder in the requested mode (the
+   same pipeline).
 3. **Ranking**: local tasks rank each query against its own candidate list (padded with ``-inf`` to one matrix),
    global tasks against the whole corpus; cosine similarity as a plain matrix product of unit vectors.
 4. **Metrics**: :func:`~embedrl.eval.metrics.compute_metrics` with the task's qrels (graded for VisDoc).
 
-Both expensive steps go through the caches of :mod:`embedrl.eval.cache`, written per finished batch: a rerun after
-a kill recomputes only what had not finished. :class:`TaskEvaluator` is subclassed per benchmark: the synthetic
+Both expensive steps go through the caches of :mod:`embedrl.eval.cache` (``<cache_dir>/tcots/<task>.jsonl`` and
+``<cache_dir>/embeddings/<embedder id>/<task>/``), written per finished batch: a rerun after a kill recomputes only
+what had not finished.
+
+:meth:`TaskEvaluator.evaluate` is the loop every benchmark shares: each task's ``scores/<task>_score.json`` and
+``predictions/<task>.jsonl`` are written as it finishes, the report (``summary.md``, ``summary.json``, …) at the end.
+A benchmark subclass says how a task is read (:meth:`~TaskEvaluator.task`), what a prediction record holds
+(:meth:`~TaskEvaluator._predictions`) and how the report is built (:meth:`~TaskEvaluator._report`): the synthetic
 world (:mod:`embedrl.world.evaluate`), MMEB-V2 (:mod:`embedrl.eval.mmeb`) and UVRB (:mod:`embedrl.eval.uvrb`).
+:func:`run_eval_stage` is the body of their ``embedrl eval`` commands.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
-import os
 import re
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Generic, Literal, NamedTuple, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from embedrl import __version__
+from embedrl.config import config_to_dict, save_config
 from embedrl.data.schema import Item, Modality
-from embedrl.eval.cache import (
-    EmbeddingCache,
-    TCoTCache,
-    TCoTKey,
-    decoding_key,
-    embedding_key,
-    weights_fingerprint,
+from embedrl.eval.cache import EmbeddingCache, TCoTCache
+from embedrl.eval.metrics import DEFAULT_KS, compute_metrics, rank_candidates
+from embedrl.eval.pipeline import (
+    EmbedPipeline,
+    Encoder,
+    decoding_from_config,
+    embedder_fingerprint,
+    load_embedder,
+    load_reasoner,
+    reasoner_fingerprint,
 )
-from embedrl.eval.metrics import DEFAULT_KS, compute_metrics
-from embedrl.eval.task import EvalTask
+from embedrl.eval.scores import SCORE_KEYS, write_task_scores, write_text
+from embedrl.eval.task import EvalError, EvalTask, MissingTCoTError
 from embedrl.models.embedder import Embedder
 from embedrl.models.reasoner import Decoding, Reasoner
-from embedrl.prompts import PROMPT_FAMILIES, Side, choose_family
+from embedrl.prompts import Side
 
 __all__ = [
     "EMBED_MODES",
     "Encoder",
     "EvalError",
+    "EvalReport",
+    "EvalRun",
     "MissingTCoTError",
+    "Ranked",
+    "ReportT",
     "TaskEvaluator",
     "TaskStats",
+    "config_sha256",
     "embedder_fingerprint",
     "reasoner_fingerprint",
+    "run_eval_stage",
     "score_task",
     "write_text",
 ]
@@ -66,26 +89,16 @@ TCoTSource = Literal["teacher", "reasoner", "none"]
 TCOT_SOURCES: tuple[str, ...] = ("teacher", "reasoner", "none")
 EMBED_MODES: tuple[str, ...] = ("full", "answer_only", "no_evidence", "raw")
 ON_MISSING: tuple[str, ...] = ("error", "raw")
-
-
-class EvalError(ValueError):
-    """The evaluation inputs do not fit together (task names, qrels, encoder output); the message says how to fix."""
-
-
-class MissingTCoTError(EvalError):
-    """An item needs a T-CoT and has none (never silently embedded raw; see ``on_missing_tcot``)."""
-
-
-class Encoder(Protocol):
-    """What the evaluator needs of an Embedder: :meth:`embedrl.models.Embedder.encode`'s signature."""
-
-    def encode(
-        self,
-        items: Sequence[Item],
-        batch_size: int = ...,
-        show_progress_bar: bool | None = ...,
-        mode: str | None = ...,
-    ) -> np.ndarray: ...
+SCORES_DIR, PREDICTIONS_DIR = "scores", "predictions"
+SUMMARY_MD, SUMMARY_JSON, LEADERBOARD_JSON = "summary.md", "summary.json", "leaderboard.json"
+RESULT_FILES = {  # name -> path under the output directory of an `embedrl eval` run
+    "scores": SCORES_DIR,
+    "predictions": PREDICTIONS_DIR,
+    "summary_md": SUMMARY_MD,
+    "summary_json": SUMMARY_JSON,
+    "leaderboard": LEADERBOARD_JSON,
+    "config": "config.json",
+}
 
 
 @dataclasses.dataclass
@@ -102,14 +115,6 @@ class TaskStats:
     embedded: int = 0
     embeddings_cached: int = 0
     seconds: float = 0.0
-
-
-def write_text(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
 
 
 def _safe_name(text: str) -> str:
@@ -167,44 +172,103 @@ def score_task(
     return scores, relevance
 
 
-def embedder_fingerprint(embedder: Embedder) -> str:
-    """``embedder@<hash>``: the weights plus the settings that change its outputs (video_as, text cap, pixel budget,
-    ``<emb>`` id). The mode is not in it: it is a separate part of every embedding key."""
-    settings = {
-        "video_as": embedder.video_as,
-        "max_text_tokens": embedder.max_text_tokens,
-        "budget": dataclasses.asdict(embedder.budget),
-        "emb_token_id": embedder.emb_token_id,
-    }
-    return "embedder@" + weights_fingerprint(embedder.model, settings)
+@dataclasses.dataclass
+class EvalRun:
+    """Per-call state: the pipeline (the models and their cache ids) and the T-CoT fallbacks counted so far."""
+
+    pipeline: EmbedPipeline
+    fallbacks: int = 0
+
+    @property
+    def embedder_id(self) -> str:
+        return self.pipeline.embedder_id
+
+    @property
+    def reasoner_id(self) -> str | None:
+        return self.pipeline.reasoner_id
+
+    @property
+    def reasoner(self) -> Reasoner | None:
+        return self.pipeline.reasoner
 
 
-def reasoner_fingerprint(reasoner: Reasoner) -> str:
-    """``<checkpoint dir name>@<hash>``: the weights plus the pixel budget and the generation backend."""
-    settings = {"budget": dataclasses.asdict(reasoner.budget), "backend": reasoner.backend}
-    return f"{Path(reasoner.model_id).name}@{weights_fingerprint(reasoner.model, settings)}"
+class Ranked(NamedTuple):
+    """One query's top candidates (ids, best first) and their scores (rounded to 6 digits) for its prediction."""
+
+    ids: list[str]
+    scores: list[float]
 
 
 @dataclasses.dataclass
-class EvalRun:
-    """Per-call state: the models and their cache ids."""
+class EvalReport:
+    """The result of one evaluation: per-task score objects, the benchmark's summary and the run's metadata.
 
-    encoder: Encoder
-    embedder_id: str
-    reasoner: Reasoner | None
-    reasoner_id: str | None
-    fallbacks: int = 0
-
-
-class TaskEvaluator:
-    """The benchmark-independent engine: T-CoTs -> embeddings -> ranking -> metrics for one :class:`EvalTask`.
-
-    Subclasses provide :meth:`task` (how a task is read) and their own ``evaluate`` (which tasks, which result
-    files): :class:`WorldEvaluator` for the synthetic world, :class:`embedrl.eval.mmeb.MMEBEvaluator` and
-    :class:`embedrl.eval.uvrb.UVRBEvaluator` for the real benchmarks. The arguments are those of
-    :class:`WorldEvaluator` without ``world_dir`` and ``tasks``; ``metric_ks`` are the cut-offs of the metrics
-    (default 1, 5, 10: the 26 keys of an MMEB score file).
+    Attributes:
+        results: task -> score object (fractions), in evaluation order.
+        summary: the benchmark's summary (main metric ×100 and aggregates); None when nothing could be summarised.
+        metadata: what was evaluated and how (models and their ids, modes, decoding, data versions, …).
+        stats: task -> :class:`TaskStats`.
     """
+
+    results: dict[str, dict[str, Any]]
+    summary: dict[str, Any] | None
+    metadata: dict[str, Any]
+    stats: dict[str, TaskStats] = dataclasses.field(default_factory=dict)
+
+    def markdown(self) -> str:
+        """The benchmark's summary tables under a header naming what was evaluated and how."""
+        raise NotImplementedError(f"{type(self).__name__} must define markdown()")
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready: metadata, summary, per-task results and stats."""
+        return {
+            "metadata": self.metadata,
+            "summary": self.summary,
+            "results": self.results,
+            "stats": {task: dataclasses.asdict(s) for task, s in self.stats.items()},
+        }
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """Write ``summary.md`` and ``summary.json`` (subclasses add their benchmark's files)."""
+        out = Path(out_dir)
+        return {
+            "summary_md": write_text(out / SUMMARY_MD, self.markdown()),
+            "summary_json": write_text(out / SUMMARY_JSON, json.dumps(self.as_dict(), indent=2, default=str) + "\n"),
+        }
+
+
+ReportT = TypeVar("ReportT", bound=EvalReport)
+
+
+class TaskEvaluator(Generic[ReportT]):
+    """The benchmark-independent engine: T-CoTs -> embeddings -> ranking -> metrics, task by task.
+
+    Subclasses set :attr:`tasks` and provide :meth:`task` (how a task is read), :meth:`_predictions` (one record per
+    query of ``predictions/<task>.jsonl``) and :meth:`_report` (summary and metadata):
+    :class:`~embedrl.world.evaluate.WorldEvaluator` for the synthetic world,
+    :class:`~embedrl.eval.mmeb.MMEBEvaluator` and :class:`~embedrl.eval.uvrb.UVRBEvaluator` for the real benchmarks.
+
+    Args:
+        mode: Embedder mode for queries and candidates (docs/method.md §6.4): full, answer_only, no_evidence or raw.
+        tcot_source: ``teacher`` (stored T-CoTs), ``reasoner`` (generated; pass the Reasoner to the call) or
+            ``none`` (only with mode raw).
+        decoding: Reasoner decoding; default ``Decoding()`` (temperature 1.0, top_p 1.0, seed 0).
+        on_missing_tcot: ``error`` (default) raises :class:`MissingTCoTError`; ``raw`` embeds the item raw and
+            counts it in ``metadata["tcot_fallbacks"]``.
+        batch_size: items per Embedder call, each call one cache shard.
+        reasoner_batch_size: items per Reasoner call, each call one cache append.
+        cache_dir: T-CoT and embedding caches; None keeps them in memory for the call only (e.g. during training,
+            where the weights change between calls).
+        out_dir: where :meth:`evaluate` writes score files, predictions and the report; None writes nothing.
+        show_progress_bar: tqdm bars over tasks, generation batches and embedding batches.
+        metric_ks: the cut-offs of the metrics (default 1, 5, 10: the 26 keys of an MMEB score file).
+    """
+
+    progress_label = "tasks"  # the tqdm label of the loop over tasks
+    prediction_depth = 10  # candidates kept per query in predictions/<task>.jsonl
+    score_keys: tuple[str, ...] = SCORE_KEYS  # the keys of scores/<task>_score.json, in file order
+    config_options: tuple[str, ...] = ()  # stage-config fields that run_eval_stage passes on as keyword arguments
+    result_files: tuple[str, ...] = tuple(RESULT_FILES)  # the RESULT_FILES an `embedrl eval` run writes
 
     def __init__(
         self,
@@ -243,16 +307,115 @@ class TaskEvaluator:
         self.out_dir = Path(out_dir) if out_dir is not None else None
         self.show_progress_bar = show_progress_bar
         self.metric_ks = tuple(metric_ks)
+        self.tasks: list[str] = []
+
+    # ------------------------------------------------------------------------------------------------------------
+    # What a benchmark provides
+    # ------------------------------------------------------------------------------------------------------------
 
     def task(self, name: str) -> EvalTask:
         """One task's queries, candidate pool, per-query lists (local) and qrels; ``info`` has ``eval_type`` and
         ``metric``."""
         raise NotImplementedError(f"{type(self).__name__} must define task(name)")
 
-    def _task_scored(
-        self, name: str, task: EvalTask, candidate_ids: Sequence[str], scores: np.ndarray, relevance: list[dict]
-    ) -> None:
-        """Called with each task's score matrix before its metrics are computed (e.g. to write predictions)."""
+    def _predictions(
+        self, name: str, task: EvalTask, ranked: list[Ranked], scores: np.ndarray, relevance: list[dict[int, int]]
+    ) -> list[dict[str, Any]]:
+        """One record per query of ``predictions/<name>.jsonl``, from its top candidates (``ranked``, in query
+        order) and, where needed, the task's score matrix and relevance."""
+        raise NotImplementedError(f"{type(self).__name__} must define _predictions(...)")
+
+    def _report(
+        self, run: EvalRun, results: dict[str, dict[str, Any]], stats: dict[str, TaskStats], extra: dict[str, Any]
+    ) -> ReportT:
+        """The report of a finished run; ``extra`` is the caller's metadata (see :meth:`_run_metadata`)."""
+        raise NotImplementedError(f"{type(self).__name__} must define _report(...)")
+
+    # ------------------------------------------------------------------------------------------------------------
+    # The loop over tasks
+    # ------------------------------------------------------------------------------------------------------------
+
+    def evaluate(
+        self,
+        embedder: Embedder | Encoder,
+        reasoner: Reasoner | None = None,
+        *,
+        embedder_id: str | None = None,
+        reasoner_id: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+    ) -> ReportT:
+        """Evaluate every task of :attr:`tasks`; with ``out_dir``, write each task's score and prediction files as
+        it finishes and the report at the end.
+
+        Args:
+            embedder: an :class:`~embedrl.models.Embedder`, or any object with its ``encode`` signature (then
+                ``embedder_id`` is required when a cache directory is set).
+            reasoner: the Reasoner, required with ``tcot_source="reasoner"``.
+            embedder_id, reasoner_id: cache ids; default a hash of the weights and settings
+                (:func:`~embedrl.eval.cache.weights_fingerprint`).
+            metadata: extra metadata (``model_name``, ``embedder_path``, ``reasoner_path``, …) for the result files.
+        """
+        run = self._start(embedder, reasoner, embedder_id, reasoner_id)
+        results: dict[str, dict[str, Any]] = {}
+        stats: dict[str, TaskStats] = {}
+        for name in tqdm(self.tasks, desc=self.progress_label, disable=not self.show_progress_bar):
+            results[name], stats[name] = self._evaluate_task(name, run)
+            if self.out_dir is not None:
+                write_task_scores(self.out_dir / SCORES_DIR, name, results[name], self.score_keys)
+        if run.fallbacks:
+            logger.warning("%d item(s) had no T-CoT and were embedded raw (on_missing_tcot=raw)", run.fallbacks)
+        report = self._report(run, results, stats, dict(metadata or {}))
+        if self.out_dir is not None:
+            report.write(self.out_dir)
+        return report
+
+    @property
+    def cot_mode(self) -> str:
+        """Which sides carry a T-CoT, as the reference harness names it: ``none`` or ``query+candidate``."""
+        return "none" if self.tcot_source == "none" else "query+candidate"
+
+    def _run_metadata(
+        self,
+        run: EvalRun,
+        extra: dict[str, Any],
+        *,
+        head: Mapping[str, Any],
+        settings: Mapping[str, Any],
+        missing: list[str],
+        data: Mapping[str, Any],
+    ) -> dict[str, Any]:
+        """The metadata of a run, in file order: ``model_name``, the benchmark's ``head``, the models and modes,
+        the benchmark's ``settings``, the tasks (``missing``: the benchmark's tasks not evaluated), what was read
+        (``data``), the version and date, then what is left of ``extra`` (``model_name``, ``embedder_path`` and
+        ``reasoner_path`` are taken out of it)."""
+        model_name = extra.pop("model_name", None) or f"{run.embedder_id} ({self.tcot_source}, {self.mode})"
+        embedder_path = extra.pop("embedder_path", None)
+        reasoner_path = extra.pop("reasoner_path", None)
+        reasoner = run.reasoner
+        return {
+            "model_name": model_name,
+            **head,
+            "embedder": {"id": run.embedder_id, "path": embedder_path},
+            "reasoner": None
+            if reasoner is None
+            else {"id": run.reasoner_id, "path": reasoner_path, "compact_prompts": reasoner.compact_prompts},
+            "tcot_source": self.tcot_source,
+            "query_mode": self.mode,
+            "candidate_mode": self.mode,
+            "decoding": dataclasses.asdict(self.decoding) if reasoner is not None else None,
+            **settings,
+            "tasks": list(self.tasks),
+            "partial": bool(missing),
+            "missing": missing,
+            **data,
+            "embedrl_version": __version__,
+            "report_generated_date": datetime.now().isoformat(timespec="seconds"),
+            **extra,
+        }
+
+    # ------------------------------------------------------------------------------------------------------------
+    # One task
+    # ------------------------------------------------------------------------------------------------------------
 
     def _start(
         self, embedder: Any, reasoner: Reasoner | None, embedder_id: str | None, reasoner_id: str | None
@@ -276,7 +439,17 @@ class TaskEvaluator:
                 embedder_id = f"{type(embedder).__name__} (not fingerprinted)"
         if reasoner is not None and reasoner_id is None:
             reasoner_id = reasoner_fingerprint(reasoner) if persistent else f"{reasoner.model_id} (not fingerprinted)"
-        return EvalRun(embedder, embedder_id, reasoner, reasoner_id)
+        pipeline = EmbedPipeline(
+            embedder,
+            reasoner,
+            decoding=self.decoding,
+            embedder_id=embedder_id,
+            reasoner_id=reasoner_id,
+            batch_size=self.batch_size,
+            reasoner_batch_size=self.reasoner_batch_size,
+            show_progress_bar=self.show_progress_bar,
+        )
+        return EvalRun(pipeline)
 
     def _evaluate_task(self, name: str, run: EvalRun) -> tuple[dict[str, Any], TaskStats]:
         start = time.perf_counter()
@@ -292,11 +465,11 @@ class TaskEvaluator:
         target_modality = _target_modality(candidates)
         query_inputs = self._annotate(name, task.queries, "query", target_modality, run, tcot_cache, stats)
         candidate_inputs = self._annotate(name, candidates, "target", None, run, tcot_cache, stats)
-        q = self._embed(name, query_inputs, run, emb_cache, stats)  # [n_q, D]
-        c = self._embed(name, candidate_inputs, run, emb_cache, stats)  # [n_c, D]
+        q = run.pipeline.embed_inputs(query_inputs, cache=emb_cache, stats=stats, task=name)  # [n_q, D]
+        c = run.pipeline.embed_inputs(candidate_inputs, cache=emb_cache, stats=stats, task=name)  # [n_c, D]
         emb_cache.compact()
         scores, relevance = score_task(task, candidate_ids, q, c)
-        self._task_scored(name, task, candidate_ids, scores, relevance)
+        self._write_predictions(name, task, candidate_ids, scores, relevance)
         metrics = compute_metrics(scores, relevance, ks=self.metric_ks)
         stats.seconds = time.perf_counter() - start
         metric = task.info["metric"]
@@ -321,7 +494,7 @@ class TaskEvaluator:
         if self.tcot_source == "none":
             return [(item, "raw") for item in items]
         if self.tcot_source == "reasoner":
-            texts = self._generate(task, items, side, target_modality, run, cache, stats)
+            texts = run.pipeline.generate(items, side, target_modality, cache=cache, stats=stats, task=task)
             stats.empty_tcots += sum(not t.strip() for t in texts)
             return [(item.with_tcot(text), self.mode) for item, text in zip(items, texts, strict=True)]
         missing = [item.id for item in items if item.tcot is None]
@@ -334,88 +507,86 @@ class TaskEvaluator:
         run.fallbacks += len(missing)
         return [(item, self.mode if item.tcot is not None else "raw") for item in items]
 
-    def _generate(
-        self,
-        task: str,
-        items: Sequence[Item],
-        side: Side,
-        target_modality: Modality | None,
-        run: EvalRun,
-        cache: TCoTCache,
-        stats: TaskStats,
-    ) -> list[str]:
-        """Reasoner T-CoTs of ``items``: cached ones read back, the rest generated and appended batch by batch."""
-        reasoner = run.reasoner
-        assert reasoner is not None and run.reasoner_id is not None  # checked in _start
-        decoding = decoding_key(self.decoding)
-        keys = [
-            TCoTKey(
-                item.id,
-                side,
-                run.reasoner_id,
-                PROMPT_FAMILIES[choose_family(side, item.modality, target_modality)].hash(reasoner.compact_prompts),
-                decoding,
-            )
-            for item in items
-        ]
-        first: dict[TCoTKey, int] = {}
-        for i, key in enumerate(keys):
-            if key not in cache and key not in first:
-                first[key] = i
-        todo = list(first.values())
-        stats.tcots_cached += len(set(keys)) - len(todo)
-        batches = [todo[i : i + self.reasoner_batch_size] for i in range(0, len(todo), self.reasoner_batch_size)]
-        bar = tqdm(batches, desc=f"{task} T-CoTs ({side})", disable=not self.show_progress_bar, leave=False)
-        for batch in bar:
-            generations = reasoner.generate(
-                [items[i] for i in batch],
-                side,
-                target_modality,
-                decoding=self.decoding,
-                batch_size=len(batch),
-                show_progress_bar=False,
-            )
-            entries = []
-            for i, outs in zip(batch, generations, strict=True):
-                (gen,) = outs
-                if gen.prompt_hash != keys[i].prompt_hash:
-                    raise RuntimeError(
-                        f"{items[i].id}: generated with prompt {gen.prompt_hash}, keyed as {keys[i].prompt_hash}"
-                    )
-                entries.append((keys[i], gen.text, gen.family))
-            cache.add(entries)
-            stats.tcots_generated += len(batch)
-        texts = [cache.get(key) for key in keys]
-        assert all(t is not None for t in texts)
-        return texts  # type: ignore[return-value]
+    def _write_predictions(
+        self, name: str, task: EvalTask, candidate_ids: Sequence[str], scores: np.ndarray, relevance: list[dict]
+    ) -> None:
+        """With ``out_dir``: ``predictions/<name>.jsonl``, one :meth:`_predictions` record per query, from its top
+        :attr:`prediction_depth` candidates (finite scores only: a local list's padding never counts)."""
+        if self.out_dir is None:
+            return
+        top = rank_candidates(scores, self.prediction_depth)
+        ranked = []
+        for i in range(len(task.queries)):
+            ids = candidate_ids if task.candidates is None else task.candidates[i]
+            columns = [int(j) for j in top[i] if np.isfinite(scores[i, j])]
+            ranked.append(Ranked([ids[j] for j in columns], [round(float(scores[i, j]), 6) for j in columns]))
+        records = self._predictions(name, task, ranked, scores, relevance)
+        lines = [json.dumps(record, ensure_ascii=False) for record in records]
+        write_text(self.out_dir / PREDICTIONS_DIR / f"{name}.jsonl", "\n".join(lines) + "\n")
 
-    def _embed(
-        self, task: str, inputs: Sequence[tuple[Item, str]], run: EvalRun, cache: EmbeddingCache, stats: TaskStats
-    ) -> np.ndarray:
-        """Embeddings ``[N, D]`` of ``(item, mode)`` inputs; each unique key is encoded once, batch by batch."""
-        keys = [embedding_key(item.id, run.embedder_id, mode, item.tcot) for item, mode in inputs]
-        todo: dict[str, list[int]] = {}  # mode -> first index of each key not cached yet
-        first: dict[str, int] = {}
-        for i, key in enumerate(keys):
-            if key not in cache and key not in first:
-                first[key] = i
-                todo.setdefault(inputs[i][1], []).append(i)
-        stats.embeddings_cached += len(set(keys)) - len(first)
-        batches = [
-            (mode, idx[j : j + self.batch_size])
-            for mode, idx in todo.items()
-            for j in range(0, len(idx), self.batch_size)
-        ]
-        bar = tqdm(batches, desc=f"{task} embed", disable=not self.show_progress_bar, leave=False)
-        for mode, batch in bar:
-            items = [inputs[i][0] for i in batch]
-            vectors = run.encoder.encode(items, batch_size=self.batch_size, show_progress_bar=False, mode=mode)
-            vectors = np.asarray(vectors, dtype=np.float32)
-            if vectors.ndim != 2 or vectors.shape[0] != len(batch) or not np.isfinite(vectors).all():
-                raise EvalError(
-                    f"{task}: the encoder returned {vectors.shape} (finite: {bool(np.isfinite(vectors).all())}) for "
-                    f"{len(batch)} items; it must return finite [n_items, D] vectors"
-                )
-            cache.add([keys[i] for i in batch], vectors)
-            stats.embedded += len(batch)
-        return np.stack([cache.get(key) for key in keys])  # type: ignore[misc]
+
+# ----------------------------------------------------------------------------------------------------------------
+# The `embedrl eval` stages
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def config_sha256(cfg: Any) -> str:
+    """SHA-256 of a config as canonical JSON (recorded with benchmark results)."""
+    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def run_eval_stage(
+    cfg: Any,
+    evaluator: Callable[..., TaskEvaluator[Any]],
+    data: str,
+    *,
+    embedder_path: str,
+    model_name: str,
+    settings: Mapping[str, Any] | None = None,
+    extra_metadata: Callable[[Embedder], dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """The body of ``embedrl eval world|mmeb|uvrb``: save the config, load the Embedder (and the Reasoner when
+    ``cfg.reasoner`` is set), build the evaluator, evaluate with the run's metadata, and return the report with
+    ``"markdown"`` and ``"files"``: the evaluator's :attr:`~TaskEvaluator.result_files` (name -> path under
+    ``cfg.out``).
+
+    Args:
+        evaluator: a :class:`TaskEvaluator` subclass, called with ``data``, ``cfg.tasks`` (None when empty) and as
+            keyword arguments: its :attr:`~TaskEvaluator.config_options` fields of ``cfg``, ``settings``, and the
+            settings every stage shares (decoding, batch sizes, caches in ``cfg.cache_dir`` or ``<out>/cache``,
+            ``out_dir``, progress bars).
+        embedder_path, model_name: the Embedder directory and the run's label (recorded in the metadata).
+        extra_metadata: more metadata from the loaded Embedder (e.g. its dimension), recorded before the config.
+    """
+    out = Path(cfg.out)
+    save_config(cfg, out)
+    embedder = load_embedder(cfg, embedder_path)
+    reasoner = load_reasoner(cfg, cfg.reasoner)
+    options = {name: getattr(cfg, name) for name in getattr(evaluator, "config_options", ())}
+    task_evaluator = evaluator(
+        data,
+        cfg.tasks or None,
+        **options,
+        **(settings or {}),
+        decoding=decoding_from_config(cfg),
+        batch_size=cfg.batch_size,
+        reasoner_batch_size=cfg.reasoner_batch_size,
+        cache_dir=cfg.cache_dir or out / "cache",
+        out_dir=out,
+        show_progress_bar=cfg.show_progress_bar,
+    )
+    report = task_evaluator.evaluate(
+        embedder,
+        reasoner,
+        embedder_id=cfg.embedder_id or None,
+        reasoner_id=cfg.reasoner_id or None,
+        metadata={
+            "model_name": model_name,
+            "embedder_path": embedder_path,
+            "reasoner_path": cfg.reasoner or None,
+            **(extra_metadata(embedder) if extra_metadata else {}),
+            "eval_config": config_to_dict(cfg),
+        },
+    )
+    files = {name: str(out / RESULT_FILES[name]) for name in task_evaluator.result_files}
+    return {**report.as_dict(), "markdown": report.markdown(), "files": files}

@@ -1,7 +1,7 @@
 """Retrieval metrics over score matrices: the MMEB-V2 metric set, as pure numpy functions.
 
 Every metric is a per-query value averaged over queries, with the definitions of the published MMEB-V2 score files
-(docs/benchmarks.md §1.4, in the shared folder). For one query the ranking is p₁, p₂, …, R is its set of relevant
+(docs/benchmarks.md §1.4). For one query the ranking is p₁, p₂, …, R is its set of relevant
 candidates and g(d) > 0 the grade of d (1 for binary relevance):
 
 ========================  ======================================================================================

@@ -1,7 +1,7 @@
 """MMEB-V2 on real data: the task registry, loaders for the distributed layout, and the ``embedrl eval mmeb`` harness.
 
 Reference: docs/benchmarks.md §1 (datasets, ranking modes, metrics, versions) and §2 (layout, row fields, score
-files), in the shared folder; docs/eval.md §5 documents the local layout this module reads.
+files); docs/eval.md §5 documents the local layout this module reads.
 
 - **Registry.** :data:`MMEB_TASKS` has the 78 scored datasets plus the three English-only ViDoRe-v2 variants
   (evaluated on request, never scored), each with its parser, ranking mode (``local``/``global``), media folder,
@@ -31,27 +31,38 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
-import io
 import json
 import logging
-import os
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from embedrl import __version__
+from embedrl.config import MMEBEvalConfig
 from embedrl.data.frames import sample_frames
-from embedrl.data.rows import BadRowPolicy, BadRows, RowError, find_rows_file, read_rows, require
+from embedrl.data.rows import (
+    BadRowPolicy,
+    BadRows,
+    RowError,
+    find_rows_file,
+    media_file,
+    read_rows,
+    require,
+    save_image_bytes,
+)
 from embedrl.data.schema import Item
-from embedrl.eval.evaluator import EvalError, TaskEvaluator, TaskStats
-from embedrl.eval.metrics import rank_candidates
+from embedrl.eval.benchmark import BenchmarkEvaluator, BenchmarkReport, run_benchmark_stage
+from embedrl.eval.evaluator import (
+    LEADERBOARD_JSON,
+    EvalError,
+    EvalRun,
+    Ranked,
+    TaskStats,
+)
 from embedrl.eval.scores import (
     MAIN_METRICS,
     MMEB_V2_BY_KEY,
@@ -65,15 +76,9 @@ from embedrl.eval.scores import (
     mmeb_v2_task_info,
     summarize_tasks,
     write_leaderboard,
-    write_task_scores,
 )
 from embedrl.eval.task import EvalTask
 from embedrl.prompts import MMEB_INSTRUCTIONS, VISDOC_INSTRUCTIONS
-
-if TYPE_CHECKING:
-    from embedrl.config import MMEBEvalConfig
-    from embedrl.models.embedder import Embedder
-    from embedrl.models.reasoner import Reasoner
 
 __all__ = [
     "MMEB_BY_KEY",
@@ -95,9 +100,6 @@ VISDOC_ROOT = "visdoc-tasks"
 REVISION_FILE = "REVISION"
 IMAGE_SOURCE = "ziyjiang/MMEB_Test_Instruct"
 PageLabels = Literal["fixed", "old"]
-SCORES_DIR, PREDICTIONS_DIR = "scores", "predictions"
-SUMMARY_MD, SUMMARY_JSON, LEADERBOARD_JSON = "summary.md", "summary.json", "leaderboard.json"
-PREDICTION_DEPTH = 10
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -312,15 +314,6 @@ class LoadedTask:
     files: list[str]
 
 
-def write_text(path: Path, text: str) -> Path:
-    """Write ``text`` through a temporary file, so a crash never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
-
-
 def _digest(*parts: Any) -> str:
     return hashlib.sha1(json.dumps(parts, default=str).encode("utf-8")).hexdigest()[:10]
 
@@ -425,15 +418,6 @@ def _parse_image_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: 
     if len(texts) != len(paths) or not texts:
         raise RowError(rows_file, lineno, f"tgt_text has {len(texts)} entries and tgt_img_path {len(paths)}")
     image_root = b.root / IMAGE_ROOT
-
-    def image(rel: str, what: str) -> list[Path]:
-        if not rel:
-            return []
-        file = image_root / rel
-        if not file.is_file():
-            raise RowError(rows_file, lineno, f"{what} {file} does not exist")
-        return [file]
-
     names = []
     for text, rel in zip(texts, paths, strict=True):
         parser = b.task.parser
@@ -445,12 +429,13 @@ def _parse_image_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: 
             name = f"{rel}:{text}"
         if not name:
             raise RowError(rows_file, lineno, f"a candidate has neither text nor image (parser {parser})")
-        names.append(b.candidate_with(name, text, str(row["tgt_inst"]), image(rel, "candidate image")))
+        images = media_file(image_root, rel, rows_file, lineno, "candidate image")
+        names.append(b.candidate_with(name, text, str(row["tgt_inst"]), images))
     b.query(
         f"{rows_file.name}:{lineno}",
         str(row["qry_text"]),
         instruction=str(row["qry_inst"]),
-        images=image(str(row["qry_img_path"]), "query image"),
+        images=media_file(image_root, str(row["qry_img_path"]), rows_file, lineno, "query image"),
         cand_names=names,
         labels={names[0]: 1.0},
     )
@@ -626,10 +611,7 @@ def _parse_momentseeker_row(b: _Builder, row: dict[str, Any], rows_file: Path, l
     if source.endswith(".mp4"):
         frames = _frames(b, base / "video_frames" / Path(source).stem, rows_file, lineno, num_frames)
     elif source.endswith(".jpg"):
-        image = base / f"query_{Path(source).stem}.jpg"
-        if not image.is_file():
-            raise RowError(rows_file, lineno, f"query image {image} does not exist")
-        images = [image]
+        images = media_file(base, f"query_{Path(source).stem}.jpg", rows_file, lineno, "query image")
     elif source:
         raise RowError(rows_file, lineno, f"input_frames={source!r} is neither .mp4, .jpg nor empty")
     positives = _clip_paths(row["positive_frames"], "positive_frames", rows_file, lineno)
@@ -661,20 +643,10 @@ def _page_file(task: MMEBTask, root: Path, corpus_id: str) -> Path:
 
 def _write_page(path: Path, image: Any, rows_file: Path, lineno: int) -> None:
     """Write a corpus row's page image (a ``{"bytes", "path"}`` struct or raw bytes) as PNG, atomically."""
-    from PIL import Image, UnidentifiedImageError
-
     data = image.get("bytes") if isinstance(image, dict) else image
     if not isinstance(data, bytes | bytearray):
         raise RowError(rows_file, lineno, f"page {path.name} is not on disk and the row carries no image bytes")
-    try:
-        page = Image.open(io.BytesIO(data))
-        page.load()
-    except (UnidentifiedImageError, OSError) as err:
-        raise RowError(rows_file, lineno, f"the image bytes do not decode ({err})") from None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    page.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    save_image_bytes(data, path, rows_file, lineno)
 
 
 def _load_visdoc(b: _Builder, ann_dir: Path, bad: BadRows, limit: int, files: list[str]) -> None:
@@ -829,36 +801,30 @@ def _to_eval_task(b: _Builder) -> EvalTask:
 
 
 @dataclass
-class MMEBReport:
-    """The result of one MMEB-V2 run: score objects, the summary over the scored datasets, and metadata."""
-
-    results: dict[str, dict[str, Any]]
-    summary: dict[str, Any] | None
-    metadata: dict[str, Any]
-    stats: dict[str, TaskStats] = field(default_factory=dict)
+class MMEBReport(BenchmarkReport):
+    """The result of one MMEB-V2 run: score objects, the summary over the scored datasets (None without one), and
+    metadata."""
 
     def markdown(self) -> str:
         m = self.metadata
-        lines = [
-            f"# {m['model_name']}: MMEB-V2",
-            "",
-            f"- Embedder: `{m['embedder']['id']}`; Reasoner: `{(m['reasoner'] or {}).get('id', '-')}`; "
-            f"cot_mode {m['cot_mode']}; modes: query {m['query_mode']}, candidate {m['candidate_mode']}",
+        header = self.header(
+            "MMEB-V2",
+            f"modes: query {m['query_mode']}, candidate {m['candidate_mode']}",
             f"- Split versions: {json.dumps(m['split_versions'])}; benchmark version {m['benchmark_version']}",
-            f"- Skipped rows: {sum(r['skipped'] for r in m['bad_rows'].values())} (on_bad_row={m['on_bad_row']})",
-            "",
-            "",
-        ]
-        body = format_summary(self.summary) if self.summary else "No scored MMEB-V2 dataset was evaluated.\n"
-        return "\n".join(lines) + body
+        )
+        return header + (
+            format_summary(self.summary) if self.summary else "No scored MMEB-V2 dataset was evaluated.\n"
+        )
 
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "metadata": self.metadata,
-            "summary": self.summary,
-            "results": self.results,
-            "stats": {k: dataclasses.asdict(s) for k, s in self.stats.items()},
-        }
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """``leaderboard.json`` (the scored datasets, if any), ``summary.md`` and ``summary.json``."""
+        out = Path(out_dir)
+        scored = {k: v for k, v in self.results.items() if MMEB_BY_KEY[k].scored}
+        paths = {}
+        if scored:
+            partial = bool(self.metadata["missing"])
+            paths["leaderboard"] = write_leaderboard(out / LEADERBOARD_JSON, scored, self.metadata, partial=partial)
+        return paths | super().write(out)
 
 
 def split_versions(results: Mapping[str, Mapping[str, Any]], page_labels: PageLabels) -> dict[str, str]:
@@ -879,7 +845,7 @@ def mmeb_summary(results: Mapping[str, Mapping[str, Any]], page_labels: PageLabe
     return summary
 
 
-class MMEBEvaluator(TaskEvaluator):
+class MMEBEvaluator(BenchmarkEvaluator[MMEBReport, LoadedTask]):
     """MMEB-V2 retrieval evaluation from the local data layout (the engine is :class:`TaskEvaluator`).
 
     Args:
@@ -887,11 +853,15 @@ class MMEBEvaluator(TaskEvaluator):
         tasks: registry keys; None = the 78 scored datasets.
         page_labels: ``fixed`` or ``old``: the labels of ViDoSeek-page and MMLongBench-page (recorded as the split
             version; the writer names those keys ``X-page-fixed`` only when fixed).
-        on_bad_row, limit, num_frames: see :func:`load_mmeb_task`.
         check_counts: require each dataset's query count to equal the registry's (off for partial data).
         benchmark_version: recorded in the metadata (``v2.1``: fixed page labels, MomentSeeker de-duplicated).
-        **engine: the :class:`TaskEvaluator` settings (mode, tcot_source, decoding, caches, batch sizes, …).
+        **options: ``on_bad_row``, ``limit`` and ``num_frames`` (see :func:`load_mmeb_task`) and the
+            :class:`TaskEvaluator` settings (mode, tcot_source, decoding, caches, batch sizes, …).
     """
+
+    benchmark = "MMEB-V2"
+    progress_label = "MMEB-V2 datasets"
+    config_options = (*BenchmarkEvaluator.config_options, "page_labels", "check_counts", "benchmark_version")
 
     def __init__(
         self,
@@ -899,45 +869,26 @@ class MMEBEvaluator(TaskEvaluator):
         tasks: Sequence[str] | None = None,
         *,
         page_labels: PageLabels = "fixed",
-        on_bad_row: BadRowPolicy = "stop",
-        limit: int = 0,
-        num_frames: int = 8,
         check_counts: bool = True,
         benchmark_version: str = "v2.1",
-        **engine: Any,
+        **options: Any,
     ) -> None:
-        super().__init__(**engine)
-        if self.tcot_source == "teacher":
-            raise EvalError("MMEB-V2 has no stored T-CoTs: use tcot_source 'reasoner' (with a Reasoner) or 'none'")
+        super().__init__(data_root, tasks, **options)
         if page_labels not in ("fixed", "old"):
             raise EvalError(f"page_labels={page_labels!r}; use 'fixed' or 'old'")
-        self.data_root = Path(data_root)
-        self.tasks = resolve_tasks(tasks)
         self.page_labels = page_labels
-        self.on_bad_row = on_bad_row
-        self.limit = limit
-        self.num_frames = num_frames
         self.check_counts = check_counts
         self.benchmark_version = benchmark_version
-        self.loaded: dict[str, LoadedTask] = {}
 
-    def load(self, name: str) -> LoadedTask:
-        if name not in self.loaded:
-            loaded = load_mmeb_task(
-                name,
-                self.data_root,
-                page_labels=self.page_labels,
-                on_bad_row=self.on_bad_row,
-                limit=self.limit,
-                num_frames=self.num_frames,
-                show_progress_bar=self.show_progress_bar,
-            )
-            self._check_count(loaded)
-            self.loaded[name] = loaded
-        return self.loaded[name]
+    def _resolve(self, names: Sequence[str] | None) -> list[str]:
+        return resolve_tasks(names)
 
-    def task(self, name: str) -> EvalTask:
-        return self.load(name).eval_task
+    def _read(self, name: str, **rows: Any) -> LoadedTask:
+        loaded = load_mmeb_task(
+            name, self.root, page_labels=self.page_labels, show_progress_bar=self.show_progress_bar, **rows
+        )
+        self._check_count(loaded)
+        return loaded
 
     def _check_count(self, loaded: LoadedTask) -> None:
         dataset = loaded.task.dataset
@@ -951,195 +902,47 @@ class MMEBEvaluator(TaskEvaluator):
             f"{loaded.bad_rows['skipped']}); fix the data, or set check_counts false for a partial run"
         )
 
-    def _task_scored(
-        self, name: str, task: EvalTask, candidate_ids: Sequence[str], scores: np.ndarray, relevance: list[dict]
-    ) -> None:
-        """Write ``predictions/<key>.jsonl``: per query the top-10 candidate names with scores, gold names, grades."""
-        if self.out_dir is None:
-            return
+    def _predictions(
+        self, name: str, task: EvalTask, ranked: list[Ranked], scores: np.ndarray, relevance: list[dict[int, int]]
+    ) -> list[dict[str, Any]]:
+        """Per query: its row, the top-10 candidate names with scores, the gold names and their grades."""
         names = self.loaded[name].names
-        top = rank_candidates(scores, PREDICTION_DEPTH)
-        lines = []
-        for i, query in enumerate(task.queries):
-            ids = candidate_ids if task.candidates is None else task.candidates[i]
-            ranked = [int(j) for j in top[i] if np.isfinite(scores[i, j])]
-            lines.append(
-                json.dumps(
-                    {
-                        "query": query.meta.get("row"),
-                        "top": [names[ids[j]] for j in ranked],
-                        "scores": [round(float(scores[i, j]), 6) for j in ranked],
-                        "labels": [names[cid] for cid in task.qrels[i]],
-                        "grades": list(task.qrels[i].values()),
-                    },
-                    ensure_ascii=False,
-                )
-            )
-        write_text(self.out_dir / PREDICTIONS_DIR / f"{name}.jsonl", "\n".join(lines) + "\n")
+        return [
+            {"query": query.meta.get("row"), "top": [names[cid] for cid in top.ids], "scores": top.scores,
+             "labels": [names[cid] for cid in qrels], "grades": list(qrels.values())}
+            for query, top, qrels in zip(task.queries, ranked, task.qrels, strict=True)
+        ]  # fmt: skip
 
-    def evaluate(
-        self,
-        embedder: Embedder | Any,
-        reasoner: Reasoner | None = None,
-        *,
-        embedder_id: str | None = None,
-        reasoner_id: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
+    def _report(
+        self, run: EvalRun, results: dict[str, dict[str, Any]], stats: dict[str, TaskStats], extra: dict[str, Any]
     ) -> MMEBReport:
-        """Evaluate the tasks; write score files as they finish, then summary and leaderboard (with ``out_dir``)."""
-        run = self._start(embedder, reasoner, embedder_id, reasoner_id)
-        results: dict[str, dict[str, Any]] = {}
-        stats: dict[str, TaskStats] = {}
-        for name in tqdm(self.tasks, desc="MMEB-V2 datasets", disable=not self.show_progress_bar):
-            results[name], stats[name] = self._evaluate_task(name, run)
-            if self.out_dir is not None:
-                write_task_scores(self.out_dir / SCORES_DIR, name, results[name])
         scored = {k: v for k, v in results.items() if MMEB_BY_KEY[k].scored}
-        summary = mmeb_summary(scored, self.page_labels) if scored else None
-        meta = self._metadata(run, scored, metadata or {})
-        report = MMEBReport(results, summary, meta, stats)
-        if self.out_dir is not None:
-            self.write(report)
-        return report
-
-    def _metadata(self, run: Any, scored: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-        extra = dict(extra)
-        reasoner = run.reasoner
-        missing = [d.key for d in MMEB_V2_DATASETS if d.key not in scored]
-        return {
-            "model_name": extra.pop("model_name", None) or f"{run.embedder_id} ({self.tcot_source}, {self.mode})",
-            "benchmark": "MMEB-V2",
-            "benchmark_version": self.benchmark_version,
-            "split_versions": split_versions(scored, self.page_labels),
-            "dataset_revisions": {
-                k: {
-                    "source": v.task.source,
-                    "config": v.task.source_config,
-                    "split": v.task.source_split,
-                    "revision": v.revision or "unknown",
-                }
-                for k, v in self.loaded.items()
-            },
-            "main_metrics": dict(MAIN_METRICS),
-            "cot_mode": "none" if self.tcot_source == "none" else "query+candidate",
-            "embedder": {"id": run.embedder_id, "path": extra.pop("embedder_path", None)},
-            "reasoner": None
-            if reasoner is None
-            else {
-                "id": run.reasoner_id,
-                "path": extra.pop("reasoner_path", None),
-                "compact_prompts": reasoner.compact_prompts,
-            },
-            "tcot_source": self.tcot_source,
-            "query_mode": self.mode,
-            "candidate_mode": self.mode,
-            "decoding": dataclasses.asdict(self.decoding) if reasoner is not None else None,
-            "tcot_fallbacks": run.fallbacks,
-            "num_frames": self.num_frames,
-            "frame_order": "natural",
-            "tasks": list(self.tasks),
-            "partial": bool(missing),
-            "missing": missing,
-            "query_counts": {k: len(v.eval_task.queries) for k, v in self.loaded.items()},
-            "candidate_collisions": {k: v.collisions for k, v in self.loaded.items()},
-            "on_bad_row": self.on_bad_row,
-            "bad_rows": {k: v.bad_rows for k, v in self.loaded.items()},
-            "limit": self.limit,
-            "embedrl_version": __version__,
-            "report_generated_date": datetime.now().isoformat(timespec="seconds"),
-            **extra,
+        revisions = {
+            k: {
+                "source": v.task.source,
+                "config": v.task.source_config,
+                "split": v.task.source_split,
+                "revision": v.revision or "unknown",
+            }
+            for k, v in self.loaded.items()
         }
-
-    def write(self, report: MMEBReport) -> None:
-        assert self.out_dir is not None
-        out = self.out_dir
-        scored = {k: v for k, v in report.results.items() if MMEB_BY_KEY[k].scored}
-        if scored:
-            write_leaderboard(
-                out / LEADERBOARD_JSON, scored, report.metadata, partial=bool(report.metadata["missing"])
-            )
-        write_text(out / SUMMARY_MD, report.markdown())
-        write_text(out / SUMMARY_JSON, json.dumps(report.as_dict(), indent=2, default=str) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# The `embedrl eval mmeb` stage (shared with `eval uvrb`)
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def load_models(cfg: Any) -> tuple[Embedder, Reasoner | None, Any]:
-    """The Embedder, the Reasoner (when ``cfg.reasoner`` is set) and the decoding of a benchmark eval config."""
-    import torch
-
-    from embedrl.models.embedder import Embedder
-    from embedrl.models.reasoner import Decoding, Reasoner
-
-    dtype: Any = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    embedder = Embedder.load(cfg.model, dtype=dtype, device=cfg.device)
-    reasoner = None
-    if cfg.reasoner:
-        reasoner = Reasoner.from_pretrained(
-            cfg.reasoner, dtype=dtype, device=cfg.device, compact_prompts=cfg.compact_prompts
+        metadata = self._run_metadata(
+            run,
+            extra,
+            head={
+                "benchmark": "MMEB-V2",
+                "benchmark_version": self.benchmark_version,
+                "split_versions": split_versions(scored, self.page_labels),
+                "dataset_revisions": revisions,
+                "main_metrics": dict(MAIN_METRICS),
+                "cot_mode": self.cot_mode,
+            },
+            settings=self._settings_metadata(run),
+            missing=[d.key for d in MMEB_V2_DATASETS if d.key not in scored],
+            data=self._data_metadata(candidate_collisions={k: v.collisions for k, v in self.loaded.items()}),
         )
-    decoding = Decoding(
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens,
-        greedy=cfg.greedy,
-        seed=cfg.seed,
-    )
-    return embedder, reasoner, decoding
-
-
-def engine_settings(cfg: Any, out: Path, decoding: Any) -> dict[str, Any]:
-    """The :class:`TaskEvaluator` keyword arguments of a benchmark eval config."""
-    return {
-        "mode": cfg.resolved_mode,
-        "tcot_source": "reasoner" if cfg.reasoner else "none",
-        "decoding": decoding,
-        "batch_size": cfg.batch_size,
-        "reasoner_batch_size": cfg.reasoner_batch_size,
-        "cache_dir": cfg.cache_dir or out / "cache",
-        "out_dir": out,
-        "show_progress_bar": cfg.show_progress_bar,
-    }
-
-
-def config_sha256(cfg: Any) -> str:
-    from embedrl.config import config_to_dict
-
-    return hashlib.sha256(json.dumps(config_to_dict(cfg), sort_keys=True).encode("utf-8")).hexdigest()
-
-
-def run_benchmark_stage(
-    cfg: Any,
-    make_evaluator: Callable[[dict[str, Any]], Any],
-    files: Sequence[tuple[str, str]],
-    extra_metadata: Callable[[Embedder], dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """The body of ``embedrl eval mmeb`` / ``eval uvrb``: save the config, load the models, build the evaluator from
-    the engine settings, evaluate with the run's metadata, and return the report with the written ``files``."""
-    from embedrl.config import config_to_dict, save_config
-
-    out = Path(cfg.out)
-    save_config(cfg, out)
-    embedder, reasoner, decoding = load_models(cfg)
-    evaluator = make_evaluator(engine_settings(cfg, out, decoding))
-    report = evaluator.evaluate(
-        embedder,
-        reasoner,
-        embedder_id=cfg.embedder_id or None,
-        reasoner_id=cfg.reasoner_id or None,
-        metadata={
-            "model_name": cfg.name or Path(cfg.model).name,
-            "embedder_path": cfg.model,
-            "reasoner_path": cfg.reasoner or None,
-            **(extra_metadata(embedder) if extra_metadata else {}),
-            "eval_config_sha256": config_sha256(cfg),
-            "eval_config": config_to_dict(cfg),
-        },
-    )
-    return {**report.as_dict(), "markdown": report.markdown(), "files": {name: str(out / f) for name, f in files}}
+        summary = mmeb_summary(scored, self.page_labels) if scored else None
+        return MMEBReport(results, summary, metadata, stats)
 
 
 def evaluate_mmeb(cfg: MMEBEvalConfig) -> dict[str, Any]:
@@ -1148,21 +951,4 @@ def evaluate_mmeb(cfg: MMEBEvalConfig) -> dict[str, Any]:
     Writes ``config.json``, ``scores/<key>_score.json``, ``predictions/<key>.jsonl``, ``summary.md``,
     ``summary.json`` and ``leaderboard.json`` (scored datasets only, page keys named after ``page_labels``).
     """
-    files = (("summary_md", SUMMARY_MD), ("summary_json", SUMMARY_JSON), ("leaderboard", LEADERBOARD_JSON),
-             ("config", "config.json"), ("scores", SCORES_DIR), ("predictions", PREDICTIONS_DIR))  # fmt: skip
-    return run_benchmark_stage(
-        cfg,
-        lambda engine: MMEBEvaluator(
-            cfg.data,
-            cfg.tasks or None,
-            page_labels=cfg.page_labels,
-            on_bad_row=cfg.on_bad_row,
-            limit=cfg.limit,
-            num_frames=cfg.num_frames,
-            check_counts=cfg.check_counts,
-            benchmark_version=cfg.benchmark_version,
-            **engine,
-        ),
-        files,
-        lambda embedder: {"embedding_dimension": str(embedder.dim)},
-    )
+    return run_benchmark_stage(cfg, MMEBEvaluator, lambda embedder: {"embedding_dimension": str(embedder.dim)})

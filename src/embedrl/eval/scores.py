@@ -1,7 +1,7 @@
 """Score files and aggregation: the MMEB-V2 dataset registry, per-task and leaderboard JSON, summaries.
 
 Reference: docs/benchmarks.md §1.1 (datasets and sub-groups), §1.4 (score keys), §1.5 (aggregation), §1.7 (versions
-and the ``-fixed`` page-set keys) and §2.3 (file formats), in the shared folder.
+and the ``-fixed`` page-set keys) and §2.3 (file formats).
 
 - **Registry.** :data:`MMEB_V2_DATASETS` lists the 78 scored datasets in score-file order with modality, meta-task,
   VisDoc group and expected query count. Every aggregate is computed over the registry, never over "whatever keys a
@@ -41,6 +41,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from embedrl import __version__
+from embedrl.config import UserError
 from embedrl.eval.metrics import metric_names
 
 logger = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ logger = logging.getLogger(__name__)
 Modality = Literal["image", "video", "visdoc"]
 
 
-class ScoreFileError(ValueError):
+class ScoreFileError(UserError, ValueError):
     """A score file or result set does not have the expected shape; the message names the file and the fix."""
 
 
@@ -209,25 +211,27 @@ def canonical_key(key: str) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def validate_score_object(obj: Any, where: str) -> dict[str, Any]:
-    """Check one MMEB score object (the 26 keys, fractions in [0, 1], integer counts); return it in file order."""
+def validate_score_object(obj: Any, where: str, keys: Sequence[str] = SCORE_KEYS) -> dict[str, Any]:
+    """Check one score object (by default MMEB's 26 keys; ``keys``: the metric keys, then ``num_pred`` and
+    ``num_data``): fractions in [0, 1], integer counts. Return it in file order."""
     if not isinstance(obj, Mapping):
-        raise ScoreFileError(f"{where}: expected an object with the {len(SCORE_KEYS)} score keys, got {type(obj)}")
-    missing = [k for k in SCORE_KEYS if k not in obj]
-    extra = [k for k in obj if k not in SCORE_KEYS]
+        raise ScoreFileError(f"{where}: expected an object with the {len(keys)} score keys, got {type(obj)}")
+    missing = [k for k in keys if k not in obj]
+    extra = [k for k in obj if k not in keys]
     if missing or extra:
+        mmeb = "hit/ndcg_linear/ndcg_exponential/precision/recall/f1/map/mrr @1/5/10 + num_pred/num_data"
         raise ScoreFileError(
-            f"{where}: not an MMEB score object (missing {missing}, unexpected {extra}); "
-            "it needs exactly hit/ndcg_linear/ndcg_exponential/precision/recall/f1/map/mrr @1/5/10 + num_pred/num_data"
+            f"{where}: not a score object (missing {missing}, unexpected {extra}); it needs exactly "
+            + (mmeb if tuple(keys) == SCORE_KEYS else ", ".join(keys))
         )
-    for k in SCORE_KEYS[:-2]:
+    for k in keys[:-2]:
         v = obj[k]
         if isinstance(v, bool) or not isinstance(v, int | float) or not -1e-9 <= v <= 1 + 1e-9:
             raise ScoreFileError(f"{where}: {k}={v!r} is not a fraction in [0, 1] (score files are not ×100)")
     for k in ("num_pred", "num_data"):
         if isinstance(obj[k], bool) or not isinstance(obj[k], int) or obj[k] < 0:
             raise ScoreFileError(f"{where}: {k}={obj[k]!r} must be a non-negative int")
-    return {k: obj[k] for k in SCORE_KEYS}
+    return {k: obj[k] for k in keys}
 
 
 def task_score_path(out_dir: str | Path, key: str) -> Path:
@@ -235,12 +239,18 @@ def task_score_path(out_dir: str | Path, key: str) -> Path:
     return Path(out_dir) / f"{key}_score.json"
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON through a temporary file, so a crash never leaves half a file."""
+def write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) through a temporary file, so a crash never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=4) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+    return path
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    """Write ``obj`` as indented JSON through a temporary file, so a crash never leaves half a file."""
+    write_text(path, json.dumps(obj, indent=4) + "\n")
 
 
 def _read_json(path: str | Path) -> Any:
@@ -253,10 +263,13 @@ def _read_json(path: str | Path) -> Any:
         raise ScoreFileError(f"{path}: not valid JSON ({err})") from None
 
 
-def write_task_scores(out_dir: str | Path, key: str, scores: Mapping[str, Any]) -> Path:
-    """Write one dataset's score object (e.g. from ``compute_metrics``) as ``<out_dir>/<key>_score.json``."""
+def write_task_scores(
+    out_dir: str | Path, key: str, scores: Mapping[str, Any], keys: Sequence[str] = SCORE_KEYS
+) -> Path:
+    """Write one dataset's score object (e.g. from ``compute_metrics``; ``keys`` in file order, see
+    :func:`validate_score_object`) as ``<out_dir>/<key>_score.json``."""
     path = task_score_path(out_dir, key)
-    _write_json(path, validate_score_object(scores, f"scores of {key}"))
+    _write_json(path, validate_score_object(scores, f"scores of {key}", keys))
     return path
 
 
@@ -416,8 +429,6 @@ def write_leaderboard(
 
     The page sets are written as ``X-page-fixed`` exactly when their split version is ``fixed``.
     """
-    from embedrl import __version__
-
     unknown = [k for k in results if k not in MMEB_V2_BY_KEY]
     if unknown:
         raise ScoreFileError(
@@ -626,7 +637,7 @@ def summarize(score_file: str | Path, *, partial: bool = False, check_counts: bo
     over the 74 non-OOD datasets, for comparisons across page-set versions).
 
     Example:
-        >>> s = summarize("../shared/fixtures/scores/embed-rl-2b.json")  # doctest: +SKIP
+        >>> s = summarize("tests/fixtures/scores/embed-rl-2b.json")  # doctest: +SKIP
         >>> round(s["overall"], 2), round(s["modality"]["visdoc"], 2)  # doctest: +SKIP
         (66.78, 74.06)
     """

@@ -1,13 +1,22 @@
-"""The task type every benchmark reader produces and the evaluator consumes."""
+"""The task type every benchmark reader produces and the evaluator consumes, and the evaluation errors."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
 
+from embedrl.config import UserError
 from embedrl.data.schema import Item
 
-__all__ = ["EvalTask"]
+__all__ = ["EvalError", "EvalTask", "MissingTCoTError"]
+
+
+class EvalError(UserError, ValueError):
+    """The evaluation inputs do not fit together (task names, qrels, encoder output); the message says how to fix."""
+
+
+class MissingTCoTError(EvalError):
+    """An item needs a T-CoT and has none (never silently embedded raw; see ``on_missing_tcot``)."""
 
 
 @dataclass(frozen=True)

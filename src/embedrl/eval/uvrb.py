@@ -1,6 +1,6 @@
 """UVRB (Universal Video Retrieval Benchmark): the 16 datasets, their loader, aggregates and ``embedrl eval uvrb``.
 
-Reference: docs/benchmarks.md §3 (in the shared folder); docs/eval.md §6 documents this module.
+Reference: docs/benchmarks.md §3; docs/eval.md §6 documents this module.
 
 - **Registry** (:data:`UVRB_DATASETS`): display name (the score key), reference config file and name, task type
   (TXT / CMP / VIS), domain (CG / FG / LC, TXT only) and FG sub-domain (S / T / PR), query form and headline metric:
@@ -24,35 +24,31 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import yaml
-from tqdm.auto import tqdm
 
-from embedrl import __version__
+from embedrl.config import UserError, UVRBEvalConfig
 from embedrl.data.frames import sample_frames
-from embedrl.data.rows import BadRowPolicy, BadRows, RowError, read_rows, require
+from embedrl.data.rows import BadRowPolicy, BadRows, RowError, media_file, read_rows, require
 from embedrl.data.schema import Item
-from embedrl.eval.evaluator import EvalError, TaskEvaluator, TaskStats
-from embedrl.eval.metrics import metric_names, rank_candidates
-from embedrl.eval.mmeb import run_benchmark_stage, write_text
+from embedrl.eval.benchmark import BenchmarkEvaluator, BenchmarkReport, run_benchmark_stage
+from embedrl.eval.evaluator import (
+    EvalError,
+    EvalRun,
+    Ranked,
+    TaskStats,
+)
+from embedrl.eval.metrics import metric_names
 from embedrl.eval.task import EvalTask
 from embedrl.prompts import UVRB_QUERY_INSTRUCTIONS
-
-if TYPE_CHECKING:
-    from embedrl.config import UVRBEvalConfig
-    from embedrl.models.embedder import Embedder
-    from embedrl.models.reasoner import Reasoner
 
 __all__ = [
     "UVRB_BY_NAME",
@@ -76,12 +72,9 @@ UVRB_SCORE_KEYS: tuple[str, ...] = (*metric_names(UVRB_KS), "num_pred", "num_dat
 HEADLINE_LABELS = {"hit@1": "R@1", "hit@10": "R@10", "precision@1": "P@1"}
 UVRB_COLUMNS: tuple[str, ...] = ("TXT", "CMP", "VIS", "CG", "FG", "LC")
 SUB_COLUMNS: tuple[str, ...] = ("S", "T", "PR")
-SCORES_DIR, PREDICTIONS_DIR = "scores", "predictions"
-SUMMARY_MD, SUMMARY_JSON = "summary.md", "summary.json"
-PREDICTION_DEPTH = 50
 
 
-class UVRBConfigError(ValueError):
+class UVRBConfigError(UserError, ValueError):
     """A UVRB per-dataset config is unreadable; the message names the file and line."""
 
 
@@ -286,13 +279,8 @@ def load_uvrb_task(
             if not positives.get(qid):
                 raise RowError(queries_file, lineno, f"query {qid!r} has no positive in {instances_file.name}")
             text = str(row.get("text") or "")[:max_text_chars]
-            images: list[Path] = []
+            images = media_file(base / "images", str(row.get("image") or ""), queries_file, lineno, "query image")
             frames: list[Path] = []
-            if row.get("image"):
-                image = base / "images" / str(row["image"])
-                if not image.is_file():
-                    raise RowError(queries_file, lineno, f"query image {image} does not exist")
-                images = [image]
             if row.get("video"):
                 frames = _video_frames(base, str(row["video"]), queries_file, lineno, num_frames)
             if not (text or images or frames):
@@ -417,34 +405,12 @@ def format_uvrb_summary(summary: Mapping[str, Any], decimals: int = 2) -> str:
 
 
 @dataclass
-class UVRBReport:
+class UVRBReport(BenchmarkReport):
     """Per-dataset metrics (fractions), the summary (headline ×100 and aggregates) and metadata."""
 
-    results: dict[str, dict[str, Any]]
-    summary: dict[str, Any]
-    metadata: dict[str, Any]
-    stats: dict[str, TaskStats] = field(default_factory=dict)
-
     def markdown(self) -> str:
-        m = self.metadata
-        head = [
-            f"# {m['model_name']}: UVRB",
-            "",
-            f"- Embedder: `{m['embedder']['id']}`; Reasoner: `{(m['reasoner'] or {}).get('id', '-')}`; "
-            f"cot_mode {m['cot_mode']}; query instructions: {m['query_instructions']}",
-            f"- Skipped rows: {sum(r['skipped'] for r in m['bad_rows'].values())} (on_bad_row={m['on_bad_row']})",
-            "",
-            "",
-        ]
-        return "\n".join(head) + format_uvrb_summary(self.summary)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "metadata": self.metadata,
-            "summary": self.summary,
-            "results": self.results,
-            "stats": {k: dataclasses.asdict(s) for k, s in self.stats.items()},
-        }
+        header = self.header("UVRB", f"query instructions: {self.metadata['query_instructions']}")
+        return header + format_uvrb_summary(self.summary or {})
 
 
 def summarize_uvrb(results: Mapping[str, Mapping[str, Any]], applied: Mapping[str, bool]) -> dict[str, Any]:
@@ -473,8 +439,22 @@ def summarize_uvrb(results: Mapping[str, Mapping[str, Any]], applied: Mapping[st
     }
 
 
-class UVRBEvaluator(TaskEvaluator):
-    """UVRB retrieval evaluation from the extracted layout; engine settings as :class:`TaskEvaluator`."""
+class UVRBEvaluator(BenchmarkEvaluator[UVRBReport, LoadedUVRB]):
+    """UVRB retrieval evaluation from the extracted layout (the engine is :class:`TaskEvaluator`).
+
+    Args:
+        root: the extracted UVRB folder; datasets: display or config names (None = all 16).
+        query_instructions, max_text_chars: see :func:`load_uvrb_task`.
+        **options: ``on_bad_row``, ``limit`` and ``num_frames`` (see :func:`load_uvrb_task`) and the
+            :class:`TaskEvaluator` settings (mode, tcot_source, decoding, caches, batch sizes, …).
+    """
+
+    benchmark = "UVRB"
+    progress_label = "UVRB datasets"
+    prediction_depth = 50
+    score_keys = UVRB_SCORE_KEYS
+    result_files = ("scores", "predictions", "summary_md", "summary_json", "config")  # no leaderboard format
+    config_options = (*BenchmarkEvaluator.config_options, "query_instructions", "max_text_chars")
 
     def __init__(
         self,
@@ -483,135 +463,55 @@ class UVRBEvaluator(TaskEvaluator):
         *,
         query_instructions: Literal["all", "reference"] = "all",
         max_text_chars: int = 8192,
-        num_frames: int = 8,
-        on_bad_row: BadRowPolicy = "stop",
-        limit: int = 0,
-        **engine: Any,
+        **options: Any,
     ) -> None:
-        super().__init__(metric_ks=UVRB_KS, **engine)
-        if self.tcot_source == "teacher":
-            raise EvalError("UVRB has no stored T-CoTs: use tcot_source 'reasoner' (with a Reasoner) or 'none'")
+        super().__init__(root, datasets, metric_ks=UVRB_KS, **options)
         if query_instructions not in ("all", "reference"):
             raise EvalError(f"query_instructions={query_instructions!r}; use 'all' or 'reference'")
-        self.root = Path(root)
-        self.tasks = resolve_names(datasets)
         self.query_instructions = query_instructions
         self.max_text_chars = max_text_chars
-        self.num_frames = num_frames
-        self.on_bad_row = on_bad_row
-        self.limit = limit
-        self.loaded: dict[str, LoadedUVRB] = {}
 
-    def load(self, name: str) -> LoadedUVRB:
-        if name not in self.loaded:
-            self.loaded[name] = load_uvrb_task(
-                name,
-                self.root,
-                query_instructions=self.query_instructions,
-                max_text_chars=self.max_text_chars,
-                num_frames=self.num_frames,
-                on_bad_row=self.on_bad_row,
-                limit=self.limit,
-            )
-        return self.loaded[name]
+    def _resolve(self, names: Sequence[str] | None) -> list[str]:
+        return resolve_names(names)
 
-    def task(self, name: str) -> EvalTask:
-        return self.load(name).eval_task
+    def _read(self, name: str, **rows: Any) -> LoadedUVRB:
+        return load_uvrb_task(
+            name, self.root, query_instructions=self.query_instructions, max_text_chars=self.max_text_chars, **rows
+        )
 
-    def _task_scored(
-        self, name: str, task: EvalTask, candidate_ids: Sequence[str], scores: np.ndarray, relevance: list[dict]
-    ) -> None:
-        if self.out_dir is None:
-            return
+    def _predictions(
+        self, name: str, task: EvalTask, ranked: list[Ranked], scores: np.ndarray, relevance: list[dict[int, int]]
+    ) -> list[dict[str, Any]]:
+        """Per query: its id, the top-50 corpus ids and the positives."""
         names = self.loaded[name].names
-        top = rank_candidates(scores, PREDICTION_DEPTH)
-        lines = [
-            json.dumps(
-                {
-                    "qid": q.meta["qid"],
-                    "top": [names[candidate_ids[j]] for j in top[i]],
-                    "positives": [names[c] for c in task.qrels[i]],
-                }
-            )
-            for i, q in enumerate(task.queries)
+        return [
+            {"qid": q.meta["qid"], "top": [names[cid] for cid in top.ids], "positives": [names[c] for c in qrels]}
+            for q, top, qrels in zip(task.queries, ranked, task.qrels, strict=True)
         ]
-        write_text(self.out_dir / PREDICTIONS_DIR / f"{name}.jsonl", "\n".join(lines) + "\n")
 
-    def evaluate(
-        self,
-        embedder: Embedder | Any,
-        reasoner: Reasoner | None = None,
-        *,
-        embedder_id: str | None = None,
-        reasoner_id: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
+    def _report(
+        self, run: EvalRun, results: dict[str, dict[str, Any]], stats: dict[str, TaskStats], extra: dict[str, Any]
     ) -> UVRBReport:
-        run = self._start(embedder, reasoner, embedder_id, reasoner_id)
-        results: dict[str, dict[str, Any]] = {}
-        stats: dict[str, TaskStats] = {}
-        for name in tqdm(self.tasks, desc="UVRB datasets", disable=not self.show_progress_bar):
-            results[name], stats[name] = self._evaluate_task(name, run)
-            if self.out_dir is not None:
-                ordered = {k: results[name][k] for k in UVRB_SCORE_KEYS}
-                write_text(self.out_dir / SCORES_DIR / f"{name}_score.json", json.dumps(ordered, indent=4) + "\n")
         applied = {k: v.instruction_applied for k, v in self.loaded.items()}
         summary = summarize_uvrb(results, applied)
-        extra = dict(metadata or {})
-        missing = summary["aggregates"]["missing"]
-        meta = {
-            "model_name": extra.pop("model_name", None) or f"{run.embedder_id} ({self.tcot_source}, {self.mode})",
-            "benchmark": "UVRB",
-            "uvrb_metric": {d.name: d.metric for d in UVRB_DATASETS},
-            "query_instructions": self.query_instructions,
-            "query_instruction_applied": applied,
-            "cot_mode": "none" if self.tcot_source == "none" else "query+candidate",
-            "embedder": {"id": run.embedder_id, "path": extra.pop("embedder_path", None)},
-            "reasoner": None
-            if run.reasoner is None
-            else {"id": run.reasoner_id, "path": extra.pop("reasoner_path", None)},
-            "tcot_source": self.tcot_source,
-            "query_mode": self.mode,
-            "candidate_mode": self.mode,
-            "decoding": dataclasses.asdict(self.decoding) if run.reasoner is not None else None,
-            "tcot_fallbacks": run.fallbacks,
-            "num_frames": self.num_frames,
-            "frame_order": "natural",
-            "max_text_chars": self.max_text_chars,
-            "ks": list(UVRB_KS),
-            "tasks": list(self.tasks),
-            "partial": bool(missing),
-            "missing": missing,
-            "query_counts": {k: len(v.eval_task.queries) for k, v in self.loaded.items()},
-            "on_bad_row": self.on_bad_row,
-            "bad_rows": {k: v.bad_rows for k, v in self.loaded.items()},
-            "limit": self.limit,
-            "embedrl_version": __version__,
-            "report_generated_date": datetime.now().isoformat(timespec="seconds"),
-            **extra,
-        }
-        report = UVRBReport(results, summary, meta, stats)
-        if self.out_dir is not None:
-            write_text(self.out_dir / SUMMARY_MD, report.markdown())
-            write_text(self.out_dir / SUMMARY_JSON, json.dumps(report.as_dict(), indent=2, default=str) + "\n")
-        return report
+        metadata = self._run_metadata(
+            run,
+            extra,
+            head={
+                "benchmark": "UVRB",
+                "uvrb_metric": {d.name: d.metric for d in UVRB_DATASETS},
+                "query_instructions": self.query_instructions,
+                "query_instruction_applied": applied,
+                "cot_mode": self.cot_mode,
+            },
+            settings=self._settings_metadata(run, max_text_chars=self.max_text_chars, ks=list(UVRB_KS)),
+            missing=summary["aggregates"]["missing"],
+            data=self._data_metadata(),
+        )
+        return UVRBReport(results, summary, metadata, stats)
 
 
 def evaluate_uvrb(cfg: UVRBEvalConfig) -> dict[str, Any]:
     """The ``embedrl eval uvrb`` stage: writes ``config.json``, ``scores/<DS>_score.json``, ``predictions/<DS>.jsonl``,
     ``summary.md`` and ``summary.json`` into ``cfg.out``."""
-    files = (("summary_md", SUMMARY_MD), ("summary_json", SUMMARY_JSON), ("scores", SCORES_DIR),
-             ("predictions", PREDICTIONS_DIR))  # fmt: skip
-    return run_benchmark_stage(
-        cfg,
-        lambda engine: UVRBEvaluator(
-            cfg.data,
-            cfg.tasks or None,
-            query_instructions=cfg.query_instructions,
-            max_text_chars=cfg.max_text_chars,
-            num_frames=cfg.num_frames,
-            on_bad_row=cfg.on_bad_row,
-            limit=cfg.limit,
-            **engine,
-        ),
-        files,
-    )
+    return run_benchmark_stage(cfg, UVRBEvaluator)

@@ -16,12 +16,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from PIL import Image
+from PIL import Image
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from embedrl.models.reasoner import Reasoner
+from embedrl.backbones import detect_family, get_adapter, load_backbone
+from embedrl.models.generation import generate_completions, stop_token_ids
+from embedrl.models.reasoner import Reasoner
 
 __all__ = ["ChatModel", "ChatOutput", "ChatParams", "Conversation"]
 
@@ -73,15 +75,10 @@ class ChatModel:
         self.vision = vision
         self.processor_kwargs: dict[str, Any] = {}
         if vision:
-            from embedrl.backbones import get_adapter
-
             adapter = get_adapter(model.config)
             self.processor_kwargs = adapter.processor_kwargs(budget or adapter.checkpoint_budget(model.config))
         self.tokenizer = processor.tokenizer if vision else processor
-        config = model.generation_config
-        eos = config.eos_token_id if config.eos_token_id is not None else self.tokenizer.eos_token_id
-        self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.pad_id = config.pad_token_id if config.pad_token_id is not None else self.tokenizer.pad_token_id
+        self.pad_id = stop_token_ids(model, processor)[1]
 
     @classmethod
     def from_reasoner(cls, reasoner: Reasoner) -> ChatModel:
@@ -91,10 +88,6 @@ class ChatModel:
     @classmethod
     def load(cls, path: str | Path, *, dtype: Any = "auto", device: str = "cpu") -> ChatModel:
         """A local checkpoint: a Qwen-VL family (by its ``model_type``) or any ``AutoModelForCausalLM``."""
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-        from embedrl.backbones import detect_family, load_backbone
-
         try:
             detect_family(AutoConfig.from_pretrained(path))
         except ValueError:  # not a Qwen-VL family: a text causal LM
@@ -130,44 +123,22 @@ class ChatModel:
 
         Greedy requests generate once and repeat the completion ``n`` times; sampled ones draw ``n`` sequences.
         """
-        import torch
-
         if not self.vision and any(c.images for c in conversations):
             raise ValueError("this chat model is text-only; send no images")
-        inputs = self._inputs(conversations)
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         draws = 1 if params.greedy else params.n
         sampling = {} if params.greedy else {"temperature": params.temperature, "top_p": params.top_p}
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.inference_mode():
-                if params.seed is not None:
-                    torch.manual_seed(params.seed)
-                out = self.model.generate(
-                    **inputs,
-                    do_sample=not params.greedy,
-                    max_new_tokens=params.max_tokens,
-                    num_return_sequences=draws,
-                    top_k=None,
-                    pad_token_id=self.pad_id,
-                    **sampling,
-                )
-        finally:
-            self.model.train(was_training)
-        new_tokens = out[:, inputs["input_ids"].shape[1] :].tolist()
+        out = generate_completions(
+            self.model, self.processor, self._inputs(conversations), seed=params.seed, do_sample=not params.greedy,
+            max_new_tokens=params.max_tokens, num_return_sequences=draws, top_k=None, pad_token_id=self.pad_id,
+            **sampling,
+        )  # fmt: skip
+        finish = ["length" if cut else "stop" for cut in out.truncated]
         results = []
-        for i, prompt_len in enumerate(prompt_tokens):
-            rows = [self._output(row, prompt_len) for row in new_tokens[i * draws : (i + 1) * draws]]
-            results.append(rows * params.n if params.greedy else rows)
+        for i, prompt_tokens in enumerate(out.prompt_tokens):
+            rows = range(i * draws, (i + 1) * draws)
+            outputs = [ChatOutput(out.texts[r], int(prompt_tokens), len(out.tokens[r]), finish[r]) for r in rows]
+            results.append(outputs * params.n if params.greedy else outputs)
         return results
-
-    def _output(self, tokens: list[int], prompt_tokens: int) -> ChatOutput:
-        end = next((j for j, t in enumerate(tokens) if t in self.eos_ids), None)
-        kept = tokens if end is None else tokens[:end]
-        text = self.tokenizer.decode(kept, skip_special_tokens=True)
-        count = len(tokens) if end is None else end + 1
-        return ChatOutput(text, int(prompt_tokens), count, "length" if end is None else "stop")
 
 
 def _text_only(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:

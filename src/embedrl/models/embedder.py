@@ -2,7 +2,7 @@
 
 One item becomes one chat (built by :func:`embedrl.evidence.build_embedder_messages`, the single builder shared by
 training, reward and inference); the batch runs through the **base** vision-language model (no LM head,
-environment.md §4) and the final-layer hidden state at the last ``<emb>`` of each row, L2-normalised, is the
+docs/embedder.md, throughput) and the final-layer hidden state at the last ``<emb>`` of each row, L2-normalised, is the
 embedding. :meth:`Embedder.encode` is the one public encode path (evaluation, rewards, serving);
 :meth:`Embedder.embed_batch` is the same computation with gradients, for training.
 

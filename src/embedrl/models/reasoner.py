@@ -4,6 +4,10 @@
 before the family prompt (images, then the video's frames as separate images, docs/method.md §4.1), samples with the
 configured decoding, and returns the raw text, the parsed T-CoT and its provenance (model, family, prompt hash,
 decoding: docs/method.md §1.3 invariant 5). It runs on HF ``generate``; ``backend="vllm"`` uses vLLM when installed.
+
+A Reasoner checkpoint carries its prompt style and default decoding in ``embedrl_reasoner.json``
+(:mod:`embedrl.backbones.records`): :meth:`Reasoner.save` writes it, :meth:`Reasoner.from_pretrained` reads it, and
+an explicit ``compact_prompts`` overrides it (logged).
 """
 
 from __future__ import annotations
@@ -20,14 +24,25 @@ from PIL import Image
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, ProcessorMixin
 
-from embedrl.backbones import get_adapter, load_backbone
+from embedrl.backbones import get_adapter, load_backbone, read_reasoner_settings, write_reasoner_settings
 from embedrl.backbones.adapters import PixelBudget
 from embedrl.data.schema import Item, Modality
 from embedrl.evidence import load_image
+from embedrl.models.generation import generate_texts
 from embedrl.prompts import PROMPT_FAMILIES, PromptFamily, Side, choose_family
 from embedrl.tcot import TCoT, parse_tcot
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "Decoding",
+    "Generation",
+    "Reasoner",
+    "ReasonerPrompt",
+    "build_reasoner_prompt",
+    "checkpoint_compact_prompts",
+    "checkpoint_decoding",
+]
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,23 @@ class Decoding:
             raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1")
+
+
+def checkpoint_decoding(path: str | Path) -> Decoding:
+    """The default decoding of the Reasoner checkpoint at ``path``: :class:`Decoding`'s defaults, updated with the
+    ``decoding`` its ``embedrl_reasoner.json`` records."""
+    return Decoding(**read_reasoner_settings(path).get("decoding", {}))
+
+
+def checkpoint_compact_prompts(path: str | Path, explicit: bool | None = None) -> bool:
+    """The prompt style to prompt the checkpoint at ``path`` with: ``explicit`` when given (logged where it overrides
+    the checkpoint's), else the checkpoint's ``compact_prompts``, else full prompts (False)."""
+    recorded = read_reasoner_settings(path).get("compact_prompts")
+    if explicit is None:
+        return bool(recorded)
+    if recorded is not None and explicit != recorded:
+        logger.info("compact_prompts=%s overrides the checkpoint's %s (%s)", explicit, recorded, path)
+    return explicit
 
 
 @dataclass
@@ -98,6 +130,7 @@ class Reasoner:
         model, processor: from :func:`embedrl.backbones.load_backbone` (or any matching pair).
         compact_prompts: use the families' short prompts (tiny models trained on them); real instruct
             checkpoints use the full five-part prompts.
+        decoding: the default decoding of :meth:`generate` (and the one :meth:`save` records).
         model_id: recorded with every generation; default the model's ``name_or_path``.
         budget: pixel budget; default the checkpoint's own (:meth:`FamilyAdapter.checkpoint_budget`).
         backend: ``hf`` (transformers ``generate``) or ``vllm`` (needs the ``gpu`` extra and a checkpoint path).
@@ -109,6 +142,7 @@ class Reasoner:
         processor: ProcessorMixin,
         *,
         compact_prompts: bool = False,
+        decoding: Decoding | None = None,
         model_id: str | None = None,
         budget: PixelBudget | None = None,
         backend: Literal["hf", "vllm"] = "hf",
@@ -118,6 +152,7 @@ class Reasoner:
         self.model = model
         self.processor = processor
         self.compact_prompts = compact_prompts
+        self.decoding = decoding or Decoding()
         self.model_id = model_id or str(model.config._name_or_path or type(model).__name__)
         self.adapter = get_adapter(model.config)
         self.budget = budget or self.adapter.checkpoint_budget(model.config)
@@ -131,16 +166,23 @@ class Reasoner:
         *,
         dtype: torch.dtype | str = "auto",
         device: str = "cpu",
-        compact_prompts: bool = False,
+        compact_prompts: bool | None = None,
         backend: Literal["hf", "vllm"] = "hf",
     ) -> Reasoner:
+        """The Reasoner checkpoint at ``path`` with the prompt style and default decoding it records
+        (``embedrl_reasoner.json``; full prompts and :class:`Decoding`'s defaults without one). An explicit
+        ``compact_prompts`` overrides the recorded one, with a log line."""
+        compact = checkpoint_compact_prompts(path, compact_prompts)
         model, processor = load_backbone(path, dtype=dtype, device=device)
-        return cls(model, processor, compact_prompts=compact_prompts, model_id=str(path), backend=backend)
+        return cls(model, processor, compact_prompts=compact, decoding=checkpoint_decoding(path), model_id=str(path),
+                   backend=backend)  # fmt: skip
 
     def save(self, path: str | Path) -> None:
-        """Save the model and processor (the directory reloads with :meth:`from_pretrained`)."""
+        """Save the model, the processor and ``embedrl_reasoner.json`` (prompt style and default decoding); the
+        directory reloads with :meth:`from_pretrained`."""
         self.model.save_pretrained(path)
         self.processor.save_pretrained(path)
+        write_reasoner_settings(path, compact_prompts=self.compact_prompts, decoding=dataclasses.asdict(self.decoding))
 
     def generate(
         self,
@@ -155,10 +197,10 @@ class Reasoner:
     ) -> list[list[Generation]]:
         """``num_return_sequences`` T-CoTs per item, in input order: ``result[i][g]`` for item ``i``.
 
-        The cue each T-CoT is parsed for is the family's required cue; key frames are checked against the item's
-        frame count.
+        ``decoding`` defaults to the Reasoner's own (:attr:`decoding`, the checkpoint's). The cue each T-CoT is parsed
+        for is the family's required cue; key frames are checked against the item's frame count.
         """
-        decoding = decoding or Decoding()
+        decoding = decoding or self.decoding
         prompts = [build_reasoner_prompt(it, side, target_modality, compact=self.compact_prompts) for it in items]
         generate = self._generate_vllm if self.backend == "vllm" else self._generate_hf
         results: list[list[Generation]] = []
@@ -197,28 +239,15 @@ class Reasoner:
         )
         return inputs.to(self.model.device)
 
-    @torch.inference_mode()
     def _generate_hf(self, prompts: Sequence[ReasonerPrompt], decoding: Decoding, n: int) -> list[str]:
-        inputs = self.chat_inputs(prompts)
-        if decoding.seed is not None:
-            torch.manual_seed(decoding.seed)
-        was_training = self.model.training
-        self.model.eval()
         sampling = {} if decoding.greedy else {"temperature": decoding.temperature, "top_p": decoding.top_p}
-        out = self.model.generate(
-            **inputs,
-            do_sample=not decoding.greedy,
-            max_new_tokens=decoding.max_new_tokens,
-            num_return_sequences=n,
-            top_k=None,
-            **sampling,
-        )
-        self.model.train(was_training)
-        new_tokens = out[:, inputs["input_ids"].shape[1] :]
-        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)
+        return generate_texts(
+            self.model, self.processor, self.chat_inputs(prompts), seed=decoding.seed, do_sample=not decoding.greedy,
+            max_new_tokens=decoding.max_new_tokens, num_return_sequences=n, top_k=None, **sampling,
+        )  # fmt: skip
 
     def _generate_vllm(self, prompts: Sequence[ReasonerPrompt], decoding: Decoding, n: int) -> list[str]:
-        try:
+        try:  # vLLM is optional (the ``gpu`` extra): imported only when this backend runs
             from vllm import LLM, SamplingParams
         except ImportError as err:
             raise ImportError(

@@ -1,9 +1,10 @@
-"""Teacher annotation and the relevance filter: ``embedrl annotate`` and ``embedrl filter`` (docs/method.md §5.2–§5.9).
+"""Annotation and the relevance filter: ``embedrl annotate`` and ``embedrl filter`` (docs/method.md §5.2–§5.9).
 
-**Annotate.** Every pair gets two T-CoTs from a teacher chat model at temperature 0: the query's, with the query-side
-family chosen from the query and target modalities, and the positive's, with the target-side family (it never sees
-the query). The teacher is a local transformers checkpoint (:class:`LocalTeacher`) or any OpenAI-compatible endpoint
-(:class:`OpenAITeacher`: concurrent requests, retries with exponential backoff on 429 / 5xx / network errors, and a
+**Annotate.** Every pair gets two T-CoTs from the annotator, a chat model at temperature 0 (the paper's "teacher";
+not the synthetic world's T-CoT writer, :mod:`embedrl.world.teacher`): the query's, with the query-side family
+chosen from the query and target modalities, and the positive's, with the target-side family (it never sees the
+query). The annotator is a local transformers checkpoint (:class:`LocalAnnotator`) or any OpenAI-compatible endpoint
+(:class:`OpenAIAnnotator`: concurrent requests, retries with exponential backoff on 429 / 5xx / network errors, and a
 loud error once the retries are spent). Each raw reply is stored with its parse result and provenance.
 
 Answer-conditioned prompting (docs/method.md §5.4) is an explicit option, off by default: a chosen share of the queries
@@ -15,9 +16,9 @@ written with one ``write`` and an ``fsync``. A rerun reads the journal (dropping
 the requests without a reply. The annotated pairs (``<out>/<name>.jsonl``) are written from the journal at the end,
 through a temporary file.
 
-**Filter.** The judge (the teacher at temperature 0) sees the query's task text and both T-CoTs and answers one word:
-"Yes" (clearly unrelated or contradictory: drop) or "No" (keep); an unparseable verdict keeps the pair and is
-counted. Kept pairs form the contrastive set (minus the excluded classification sets); the RL set takes
+**Filter.** The judge (the annotator model at temperature 0) sees the query's task text and both T-CoTs and answers
+one word: "Yes" (clearly unrelated or contradictory: drop) or "No" (keep); an unparseable verdict keeps the pair and
+is counted. Kept pairs form the contrastive set (minus the excluded classification sets); the RL set takes
 ``rl_counts[dataset]`` pairs per dataset from the rejected (default) or the kept pool, equidistantly:
 indices ``floor(k * n / m)``. Outputs: ``contrastive/<dataset>.jsonl``, ``rl.jsonl``, ``filtered.jsonl`` (every pair
 with its ``filter`` and ``split``), ``filter.json`` (counts).
@@ -36,32 +37,33 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
+import torch
+from PIL import Image
 from tqdm.auto import tqdm
 
+from embedrl.config import AnnotateConfig, AnnotatorSettings, FilterConfig, UserError, config_to_dict, save_config
 from embedrl.data.rows import BadRows, RowError, read_rows
 from embedrl.data.schema import Item, Pair
 from embedrl.evidence import image_data_url
+from embedrl.models.chat import ChatModel, ChatParams, Conversation
+from embedrl.models.reasoner import build_reasoner_prompt, checkpoint_compact_prompts
 from embedrl.prompts import ANSWER_HINT, JUDGE, join_task_text, prompt_hash
 from embedrl.tcot import format_ok, parse_tcot
 
-if TYPE_CHECKING:
-    from PIL import Image
-
-    from embedrl.config import AnnotateConfig, FilterConfig, TeacherSettings
-
 __all__ = [
     "AnnotationError",
+    "Annotator",
     "ChatRequest",
     "Journal",
-    "LocalTeacher",
-    "OpenAITeacher",
-    "Teacher",
+    "LocalAnnotator",
+    "OpenAIAnnotator",
     "annotate",
+    "annotator_compact_prompts",
     "filter_pairs",
     "judge_verdict",
-    "make_teacher",
+    "make_annotator",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,18 +72,18 @@ JOURNAL_SUFFIX = ".journal.jsonl"
 RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
-class AnnotationError(RuntimeError):
-    """A teacher request failed for good, or the inputs do not fit together; the message names the request."""
+class AnnotationError(UserError, RuntimeError):
+    """An annotator request failed for good, or the inputs do not fit together; the message names the request."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Teachers
+# Annotators
 # ----------------------------------------------------------------------------------------------------------------
 
 
 @dataclass
 class ChatRequest:
-    """One teacher call: a user turn in the HF chat format (``{"type": "image"}`` placeholders, then text) and the
+    """One annotator call: a user turn in the HF chat format (``{"type": "image"}`` placeholders, then text) and the
     images of its placeholders, in order. ``key`` identifies it in the journal."""
 
     key: str
@@ -89,7 +91,7 @@ class ChatRequest:
     images: list[Image.Image] = dataclasses.field(default_factory=list)
 
 
-class Teacher(Protocol):
+class Annotator(Protocol):
     """What annotation needs of a chat model: complete requests, yielding each ``(request, reply)`` when done."""
 
     name: str
@@ -99,14 +101,10 @@ class Teacher(Protocol):
     def decoding(self) -> dict[str, Any]: ...
 
 
-class LocalTeacher:
+class LocalAnnotator:
     """A local checkpoint (Qwen-VL or a text causal LM) through :class:`embedrl.models.chat.ChatModel`, in batches."""
 
-    def __init__(self, settings: TeacherSettings) -> None:
-        import torch
-
-        from embedrl.models.chat import ChatModel
-
+    def __init__(self, settings: AnnotatorSettings) -> None:
         dtype: Any = "auto" if settings.dtype == "auto" else getattr(torch, settings.dtype)
         self.settings = settings
         self.model = ChatModel.load(settings.model, dtype=dtype, device=settings.device)
@@ -117,8 +115,6 @@ class LocalTeacher:
         return {"temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens, "seed": s.seed}
 
     def complete(self, requests: Sequence[ChatRequest]) -> Iterator[tuple[ChatRequest, str]]:
-        from embedrl.models.chat import ChatParams, Conversation
-
         s = self.settings
         params = ChatParams(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
         for start in range(0, len(requests), s.batch_size):
@@ -143,13 +139,13 @@ def openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
     return messages
 
 
-class OpenAITeacher:
+class OpenAIAnnotator:
     """Any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, ``embedrl serve``, …), ``concurrency`` requests
     at a time. 429, 5xx and network errors are retried ``max_retries`` times with exponential backoff; any other
     error, or a request still failing after its retries, raises :class:`AnnotationError`."""
 
-    def __init__(self, settings: TeacherSettings, *, sleep: Any = time.sleep) -> None:
-        import httpx
+    def __init__(self, settings: AnnotatorSettings, *, sleep: Any = time.sleep) -> None:
+        import httpx  # optional (the ``serve`` extra): only this endpoint client needs it
 
         self.settings = settings
         self.name = f"openai:{settings.model}@{settings.base_url}"
@@ -164,7 +160,7 @@ class OpenAITeacher:
         return {"temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens, "seed": s.seed}
 
     def _post(self, request: ChatRequest) -> str:
-        import httpx
+        import httpx  # optional (the ``serve`` extra), as in __init__
 
         s = self.settings
         body = {
@@ -209,8 +205,16 @@ class OpenAITeacher:
                     future.cancel()
 
 
-def make_teacher(settings: TeacherSettings) -> Teacher:
-    return OpenAITeacher(settings) if settings.backend == "openai" else LocalTeacher(settings)
+def make_annotator(settings: AnnotatorSettings) -> Annotator:
+    return OpenAIAnnotator(settings) if settings.backend == "openai" else LocalAnnotator(settings)
+
+
+def annotator_compact_prompts(settings: AnnotatorSettings) -> bool:
+    """The annotator's prompt style: ``settings.compact_prompts``, or when null a local checkpoint's own
+    (``embedrl_reasoner.json``), else the full prompts."""
+    if settings.backend == "local":
+        return checkpoint_compact_prompts(settings.model, settings.compact_prompts)
+    return bool(settings.compact_prompts)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -331,10 +335,8 @@ def conditioned(index: int, pair_id: str, cfg: AnnotateConfig) -> bool:
     return random.Random(f"{cfg.seed}:{pair_id}").random() < cfg.answer_conditioned_fraction
 
 
-def teacher_request(pair: Pair, side: str, compact: bool, hint: bool) -> tuple[ChatRequest, dict[str, Any]]:
+def annotation_request(pair: Pair, side: str, compact: bool, hint: bool) -> tuple[ChatRequest, dict[str, Any]]:
     """The chat request of one side of a pair, and the provenance fields of its T-CoT."""
-    from embedrl.models.reasoner import build_reasoner_prompt
-
     item = pair.query if side == "query" else pair.target
     target_modality = pair.target.modality if side == "query" else None
     prompt = build_reasoner_prompt(item, side, target_modality, compact=compact)  # type: ignore[arg-type]
@@ -355,32 +357,31 @@ def teacher_request(pair: Pair, side: str, compact: bool, hint: bool) -> tuple[C
     return request, info
 
 
-def _tcot_record(key: str, text: str, info: Mapping[str, Any], teacher: Teacher) -> dict[str, Any]:
+def _tcot_record(key: str, text: str, info: Mapping[str, Any], annotator: Annotator) -> dict[str, Any]:
     tcot = parse_tcot(text, cue_key=info["cue_key"], n_frames=info["n_frames"])
     return {
         "key": key,
         "text": text,
         "family": info["family"],
         "prompt_hash": info["prompt_hash"],
-        "generator": teacher.name,
-        "decoding": teacher.decoding(),
+        "generator": annotator.name,
+        "decoding": annotator.decoding(),
         "answer_conditioned": info["answer_conditioned"],
         "parsed": {**dataclasses.asdict(tcot), "format_ok": format_ok(text, info["cue_key"], info["n_frames"])},
     }
 
 
-def annotate(cfg: AnnotateConfig, teacher: Teacher | None = None) -> dict[str, Any]:
-    """The ``embedrl annotate`` stage over every input file; ``teacher`` overrides ``cfg.teacher`` (tests).
+def annotate(cfg: AnnotateConfig, annotator: Annotator | None = None) -> dict[str, Any]:
+    """The ``embedrl annotate`` stage over every input file; ``annotator`` overrides ``cfg.annotator`` (tests).
 
     Returns ``{"files": {name: {"pairs", "requests_sent", "reused", "skipped_rows", "out"}}}``.
     """
-    from embedrl.config import save_config
-
     out_dir = Path(cfg.out)
     save_config(cfg, out_dir)
     files = input_files(cfg.input)
-    teacher = teacher or make_teacher(cfg.teacher)
-    summary: dict[str, Any] = {"teacher": teacher.name, "files": {}}
+    annotator = annotator or make_annotator(cfg.annotator)
+    compact = annotator_compact_prompts(cfg.annotator)
+    summary: dict[str, Any] = {"annotator": annotator.name, "files": {}}
     for path in files:
         bad = BadRows(cfg.on_bad_row)
         rows = read_pair_rows(path, bad, cfg.limit)
@@ -390,14 +391,14 @@ def annotate(cfg: AnnotateConfig, teacher: Teacher | None = None) -> dict[str, A
         for index, (pair, _) in enumerate(rows):
             hint = conditioned(index, pair.pair_id, cfg)
             for side in ("query", "target"):
-                request, info = teacher_request(pair, side, cfg.teacher.compact_prompts, hint and side == "query")
+                request, info = annotation_request(pair, side, compact, hint and side == "query")
                 infos[request.key] = info
                 if request.key not in journal:
                     todo.append(request)
         reused = len(infos) - len(todo)
         bar = tqdm(total=len(todo), desc=f"annotate {path.stem}", disable=not cfg.show_progress_bar)
-        for request, text in teacher.complete(todo):
-            journal.append(_tcot_record(request.key, text, infos[request.key], teacher))
+        for request, text in annotator.complete(todo):
+            journal.append(_tcot_record(request.key, text, infos[request.key], annotator))
             bar.update()
         bar.close()
         records = []
@@ -455,13 +456,11 @@ def equidistant(n: int, m: int) -> list[int]:
     return [k * n // m for k in range(m)]
 
 
-def filter_pairs(cfg: FilterConfig, judge: Teacher | None = None) -> dict[str, Any]:
+def filter_pairs(cfg: FilterConfig, judge: Annotator | None = None) -> dict[str, Any]:
     """The ``embedrl filter`` stage; ``judge`` overrides ``cfg.judge`` (tests). Returns the ``filter.json`` content."""
-    from embedrl.config import config_to_dict, save_config
-
     out_dir = Path(cfg.out)
     save_config(cfg, out_dir)
-    judge = judge or make_teacher(cfg.judge)
+    judge = judge or make_annotator(cfg.judge)
     rows: list[tuple[Pair, dict[str, Any]]] = []
     bad = BadRows(cfg.on_bad_row)
     for path in input_files(cfg.input):

@@ -24,24 +24,22 @@ used in full.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tqdm.auto import tqdm
 
+from embedrl import __version__
+from embedrl.config import ConvertConfig, ConvertDataset, config_to_dict, save_config
 from embedrl.data.frames import sample_frames
-from embedrl.data.rows import BadRows, RowError, find_rows_file, read_rows, require
+from embedrl.data.rows import BadRows, RowError, find_rows_file, media_file, read_rows, require, save_image_bytes
 from embedrl.data.schema import Item, Pair
 from embedrl.prompts import TRAIN_INSTRUCTIONS, join_task_text
-
-if TYPE_CHECKING:
-    from embedrl.config import ConvertConfig, ConvertDataset
 
 __all__ = ["CONVERTERS", "convert", "convert_dataset"]
 
@@ -54,15 +52,6 @@ Converted = tuple[str, Item, Item]
 
 def _rel_media(paths: list[Path], out_dir: Path) -> list[str]:
     return [os.path.relpath(p.resolve(), out_dir.resolve()) for p in paths]
-
-
-def _existing(root: Path, rel: str, rows_file: Path, lineno: int, what: str) -> list[Path]:
-    if not rel:
-        return []
-    path = root / rel
-    if not path.is_file():
-        raise RowError(rows_file, lineno, f"{what} {path} does not exist")
-    return [path]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -78,11 +67,11 @@ def _mmeb_train(root: Path, spec: ConvertDataset, name: str, ctx: _Context) -> I
             require(row, ("qry", "qry_image_path", "pos_text", "pos_image_path"), rows_file, lineno)
             query = Item(
                 text=join_task_text("", str(row["qry"])),
-                images=tuple(_existing(root, str(row["qry_image_path"] or ""), rows_file, lineno, "query image")),
+                images=tuple(media_file(root, str(row["qry_image_path"] or ""), rows_file, lineno, "query image")),
             )
             target = Item(
                 text=join_task_text("", str(row["pos_text"])),
-                images=tuple(_existing(root, str(row["pos_image_path"] or ""), rows_file, lineno, "target image")),
+                images=tuple(media_file(root, str(row["pos_image_path"] or ""), rows_file, lineno, "target image")),
             )
             if not (query.text or query.images) or not (target.text or target.images):
                 raise RowError(rows_file, lineno, "the query or the target has neither text nor image")
@@ -141,23 +130,11 @@ def _page(root: Path, row: dict[str, Any], name: str, rows_file: Path, lineno: i
     data = image.get("bytes") if isinstance(image, dict) else image if isinstance(image, bytes) else None
     if data:
         path = ctx.out_dir / "media" / name / f"{hashlib.sha1(data).hexdigest()[:20]}.png"
-        if not path.is_file():
-            from PIL import Image, UnidentifiedImageError
-
-            try:
-                page = Image.open(io.BytesIO(data))
-                page.load()
-            except (UnidentifiedImageError, OSError) as err:
-                raise RowError(rows_file, lineno, f"the image bytes do not decode ({err})") from None
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            page.save(tmp, format="PNG")
-            os.replace(tmp, path)
-        return path
+        return path if path.is_file() else save_image_bytes(data, path, rows_file, lineno)
     rel = row.get("image_filename") or (image.get("path") if isinstance(image, dict) else image)
     if not isinstance(rel, str) or not rel:
         raise RowError(rows_file, lineno, "the row has neither image bytes nor an image path")
-    return _existing(root, rel, rows_file, lineno, "page image")[0]
+    return media_file(root, rel, rows_file, lineno, "page image")[0]
 
 
 def _documents(root: Path, spec: ConvertDataset, name: str, ctx: _Context) -> Iterator[Converted]:
@@ -251,9 +228,6 @@ def convert(cfg: ConvertConfig) -> dict[str, Any]:
     A dataset named in ``only`` whose source folder is not set is an error; without ``only``, datasets of unset
     sources are listed under ``not_converted``. Writes ``<out>/convert.json`` and returns it.
     """
-    from embedrl import __version__
-    from embedrl.config import config_to_dict, save_config
-
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir)

@@ -25,7 +25,7 @@ from transformers import GenerationConfig
 from embedrl.data.schema import Item
 from embedrl.evidence import image_data_url
 from embedrl.models.embedder import Embedder
-from embedrl.models.generation import stop_token_ids, vision_token_ids
+from embedrl.models.generation import generate_texts, stop_token_ids, vision_token_ids
 from embedrl.models.reasoner import Reasoner, ReasonerPrompt
 
 __all__ = [
@@ -75,15 +75,11 @@ class ChatDiscriminator:
             suppress_tokens=vision_token_ids(chat.processor) or None,
         )  # fmt: skip
 
-    @torch.inference_mode()
     def __call__(self, prompts: list[str]) -> list[str]:
         replies: list[str] = []
         for start in range(0, len(prompts), self.batch_size):
             inputs = self.chat.chat_inputs([_text_prompt(p) for p in prompts[start : start + self.batch_size]])
-            out = self.chat.model.generate(**inputs, generation_config=self.generation_config)
-            replies += self.chat.processor.batch_decode(
-                out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True
-            )
+            replies += generate_texts(self.chat.model, self.chat.processor, inputs, self.generation_config)
         return replies
 
 

@@ -580,13 +580,53 @@ def _side_means(values: Mapping[RolloutKey, float], prefix: str) -> dict[str, fl
     return stats
 
 
+class _ScoredReward:
+    """A reward over the scorer's similarity batch, called in TRL's reward-function signature:
+    ``reward(prompts, completions, pair_id=..., side=..., [rollout=...], **columns) -> list``. A subclass computes
+    its values per rollout key in :meth:`_rewards`; ``required`` names the columns it needs besides the keys."""
+
+    scorer: RolloutScorer
+    num_generations: int | None
+    last_stats: dict[str, float]
+    required: tuple[str, ...] = ()
+
+    def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[Any],
+        *,
+        pair_id: Sequence[Any],
+        side: Sequence[str],
+        rollout: Sequence[int] | None = None,
+        log_metric: Callable[[str, float], None] | None = None,
+        **columns: Any,
+    ) -> list[float | None]:
+        missing = [name for name in self.required if name not in columns]
+        if missing:
+            raise ValueError(f"the {type(self).__name__} needs the column(s) {missing}")
+        keys = rollout_keys(pair_id, side, rollout)
+        G = _group_size(keys, self.num_generations)
+        texts = [completion_text(c) for c in completions]
+        batch = self.scorer(
+            keys, texts, {"pair_id": list(pair_id), "side": list(side), **_columns(len(keys), columns)}
+        )
+        out = self._rewards(batch, keys, G, texts, columns)
+        _log(self.last_stats, log_metric)
+        return scatter(out, keys)
+
+    def _rewards(
+        self, batch: SimilarityBatch, keys: list[RolloutKey], G: int, texts: list[str], columns: Mapping[str, Any]
+    ) -> Mapping[RolloutKey, float | None]:
+        raise NotImplementedError
+
+
 def _log(stats: Mapping[str, float], log_metric: Callable[[str, float], None] | None) -> None:
     if log_metric is not None:
         for name, value in stats.items():
             log_metric(name, value)
 
 
-class OutcomeReward:
+class OutcomeReward(_ScoredReward):
     """``R_out`` (docs/method.md §4.6) as a TRL reward: ``reward(prompts, completions, pair_id, side, ...) -> list``.
 
     Symmetric over the whole batch: each query-side rollout is ranked against all target-side rollouts and vice
@@ -625,29 +665,13 @@ class OutcomeReward:
         self.last_terms = terms
         return terms
 
-    def __call__(
-        self,
-        prompts: Sequence[Any],
-        completions: Sequence[Any],
-        *,
-        pair_id: Sequence[Any],
-        side: Sequence[str],
-        rollout: Sequence[int] | None = None,
-        log_metric: Callable[[str, float], None] | None = None,
-        **columns: Any,
-    ) -> list[float | None]:
-        keys = rollout_keys(pair_id, side, rollout)
-        G = _group_size(keys, self.num_generations)
-        texts = [completion_text(c) for c in completions]
-        batch = self.scorer(
-            keys, texts, {"pair_id": list(pair_id), "side": list(side), **_columns(len(keys), columns)}
-        )
-        terms = self.score(batch, G)
-        _log(self.last_stats, log_metric)
-        return [None if t is None else t.reward for t in scatter(terms, keys)]
+    def _rewards(
+        self, batch: SimilarityBatch, keys: list[RolloutKey], G: int, texts: list[str], columns: Mapping[str, Any]
+    ) -> dict[RolloutKey, float | None]:
+        return {k: None if t is None else t.reward for k, t in self.score(batch, G).items()}
 
 
-class ProcessReward:
+class ProcessReward(_ScoredReward):
     """``R_proc`` (docs/method.md §4.7) as a TRL reward; the Discriminator is an injected ``prompts -> replies``
     callable.
 
@@ -671,6 +695,8 @@ class ProcessReward:
     >>> reward.last_stats["reward/process/chance"]
     0.5
     """
+
+    required = ("input_text",)  # each rollout's textual input, shown to the Discriminator
 
     def __init__(
         self,
@@ -747,30 +773,13 @@ class ProcessReward:
         }
         return out
 
-    def __call__(
-        self,
-        prompts: Sequence[Any],
-        completions: Sequence[Any],
-        *,
-        pair_id: Sequence[Any],
-        side: Sequence[str],
-        input_text: Sequence[str],
-        rollout: Sequence[int] | None = None,
-        trainer_state: Any = None,
-        log_metric: Callable[[str, float], None] | None = None,
-        **columns: Any,
-    ) -> list[float | None]:
-        keys = rollout_keys(pair_id, side, rollout)
-        G = _group_size(keys, self.num_generations)
-        if len(input_text) != len(keys):
-            raise ValueError(f"column 'input_text' has {len(input_text)} values for {len(keys)} completions")
-        texts = [completion_text(c) for c in completions]
-        cols = {"pair_id": list(pair_id), "side": list(side), "input_text": list(input_text)}
-        batch = self.scorer(keys, texts, {**cols, **_columns(len(keys), columns)})
+    def _rewards(
+        self, batch: SimilarityBatch, keys: list[RolloutKey], G: int, texts: list[str], columns: Mapping[str, Any]
+    ) -> dict[RolloutKey, float | None]:
+        trainer_state = columns.get("trainer_state")
         step = trainer_state.global_step if trainer_state is not None else self.counts["batches"]
-        out = self.score(batch, dict(zip(keys, texts, strict=True)), dict(zip(keys, input_text, strict=True)), G, step)
-        _log(self.last_stats, log_metric)
-        return scatter(out, keys)
+        inputs = dict(zip(keys, columns["input_text"], strict=True))
+        return self.score(batch, dict(zip(keys, texts, strict=True)), inputs, G, step)
 
 
 # ----------------------------------------------------------------------------------------------------------------

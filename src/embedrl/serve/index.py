@@ -1,9 +1,10 @@
-"""Search over a corpus: the item -> T-CoT -> Embedder pipeline, a persisted FAISS index, and the index stages.
+"""Search over a corpus: a persisted FAISS index over the vectors of the item -> T-CoT -> Embedder pipeline, and
+the index stages.
 
-- :class:`EmbedPipeline` is the one path from items to vectors outside training: items without a T-CoT get one from
-  the Reasoner (each unique item once), then the Embedder encodes them in the requested mode. With a cache directory
-  both steps go through the caches of :mod:`embedrl.eval.cache`, batch by batch, so a killed build resumes where it
-  stopped; without one (the server) nothing is cached.
+- :class:`~embedrl.eval.pipeline.EmbedPipeline` (the evaluator's too) is the one path from items to vectors
+  outside training: items without a T-CoT get one from the Reasoner (each unique item once), then the Embedder
+  encodes them in the requested mode. An index build keeps both steps' caches under ``<index>/cache``, batch by
+  batch, so a killed build resumes where it stopped; queries (and the server) are not cached.
 - :class:`SearchIndex` wraps a FAISS index (exact inner product ``IndexFlatIP`` by default, HNSW or IVF for large
   corpora) in an ``IndexIDMap2`` whose ids are row numbers into the stored items; it adds incrementally, searches,
   saves and loads.
@@ -32,22 +33,28 @@ import math
 import os
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from types import ModuleType
+from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from embedrl import __version__
-from embedrl.config import IndexConfig, config_from_dict, save_config
+from embedrl.config import IndexConfig, UserError, config_from_dict, save_config
 from embedrl.data.schema import Item, Modality, read_jsonl
-from embedrl.eval.cache import EmbeddingCache, TCoTCache, TCoTKey, atomic_write_bytes, decoding_key, embedding_key
-from embedrl.prompts import PROMPT_FAMILIES, Side, choose_family
-
-if TYPE_CHECKING:
-    from embedrl.models.embedder import Embedder
-    from embedrl.models.reasoner import Decoding, Reasoner
+from embedrl.eval.cache import EmbeddingCache, atomic_write_bytes
+from embedrl.eval.pipeline import (
+    EMBEDDINGS_DIR,
+    EmbedPipeline,
+    decoding_from_config,
+    load_embedder,
+    load_reasoner,
+)
+from embedrl.eval.task import MissingTCoTError
+from embedrl.evidence import build_embedder_messages
+from embedrl.models.embedder import Embedder
+from embedrl.models.reasoner import Reasoner
 
 __all__ = [
     "EmbedPipeline",
@@ -72,7 +79,7 @@ INFO_FILE = "index.json"
 CACHE_DIR = "cache"
 
 
-class IndexFormatError(ValueError):
+class IndexFormatError(UserError, ValueError):
     """An index directory or corpus is missing, inconsistent or does not match the models. Says how to fix it."""
 
 
@@ -104,172 +111,8 @@ def _check_ids(items: Sequence[Item], where: str) -> None:
         raise IndexFormatError(f"{where}: ids {repeated[:5]} occur more than once; ids must be unique")
 
 
-def decoding_from_config(cfg: IndexConfig) -> Decoding:
-    from embedrl.models.reasoner import Decoding
-
-    return Decoding(
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens,
-        greedy=cfg.greedy,
-        seed=cfg.seed,
-    )
-
-
-class EmbedPipeline:
-    """Items -> Reasoner T-CoT (when missing) -> Embedder vectors: the path of index builds, search and the server.
-
-    Args:
-        embedder: the Embedder (or any object with its ``encode`` signature; then pass ``embedder_id`` with a cache).
-        reasoner: generates T-CoTs for items that have none; None = such items are an error outside ``raw`` mode.
-        decoding: the Reasoner's decoding (default greedy, so a T-CoT is reproducible).
-        cache_dir: T-CoT and embedding caches (``tcots.jsonl``, ``embeddings/``); None = no caching (then item ids
-            need not be unique).
-        embedder_id, reasoner_id: cache ids; default fingerprints of the weights and settings.
-        batch_size: items per Embedder call (one cache shard each); reasoner_batch_size: items per generate call.
-        show_progress_bar: tqdm bars over generation and embedding batches.
-    """
-
-    def __init__(
-        self,
-        embedder: Embedder,
-        reasoner: Reasoner | None = None,
-        *,
-        decoding: Decoding | None = None,
-        cache_dir: str | Path | None = None,
-        embedder_id: str | None = None,
-        reasoner_id: str | None = None,
-        batch_size: int = 16,
-        reasoner_batch_size: int = 8,
-        show_progress_bar: bool = False,
-    ) -> None:
-        from embedrl.models.reasoner import Decoding
-
-        self.embedder = embedder
-        self.reasoner = reasoner
-        self.decoding = decoding or Decoding(greedy=True)
-        self.batch_size = batch_size
-        self.reasoner_batch_size = reasoner_batch_size
-        self.show_progress_bar = show_progress_bar
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
-        self._embedder_id = embedder_id
-        self._reasoner_id = reasoner_id
-
-    @property
-    def embedder_id(self) -> str:
-        if self._embedder_id is None:
-            from embedrl.eval.evaluator import embedder_fingerprint
-
-            self._embedder_id = embedder_fingerprint(self.embedder)
-        return self._embedder_id
-
-    @property
-    def reasoner_id(self) -> str | None:
-        if self._reasoner_id is None and self.reasoner is not None:
-            from embedrl.eval.evaluator import reasoner_fingerprint
-
-            self._reasoner_id = reasoner_fingerprint(self.reasoner)
-        return self._reasoner_id
-
-    def annotate(self, items: Sequence[Item], side: Side, target_modality: Modality | None = None) -> list[Item]:
-        """The items with a T-CoT each: their own, or one generated by the Reasoner on ``side``.
-
-        Raises:
-            IndexFormatError: an item has no T-CoT and there is no Reasoner.
-        """
-        todo = [i for i, item in enumerate(items) if item.tcot is None]
-        if not todo:
-            return list(items)
-        if self.reasoner is None:
-            raise IndexFormatError(
-                f"{len(todo)} item(s) have no T-CoT (e.g. {items[todo[0]].id!r}) and no Reasoner is loaded; load a "
-                "Reasoner, give the items a tcot, or use mode raw"
-            )
-        texts = self._generate([items[i] for i in todo], side, target_modality)
-        out = list(items)
-        for i, text in zip(todo, texts, strict=True):
-            out[i] = items[i].with_tcot(text)
-        return out
-
-    def _generate(self, items: Sequence[Item], side: Side, target_modality: Modality | None) -> list[str]:
-        reasoner = self.reasoner
-        assert reasoner is not None
-        cache = TCoTCache(self.cache_dir / "tcots.jsonl" if self.cache_dir is not None else None)
-        if self.cache_dir is None:  # no stable ids to key by: generate every item
-            keys: list[Any] = list(range(len(items)))
-            todo = keys
-        else:
-            decoding = decoding_key(self.decoding)
-            keys = [
-                TCoTKey(
-                    item.id,
-                    side,
-                    str(self.reasoner_id),
-                    PROMPT_FAMILIES[choose_family(side, item.modality, target_modality)].hash(
-                        reasoner.compact_prompts
-                    ),
-                    decoding,
-                )
-                for item in items
-            ]
-            todo = [i for i, key in enumerate(keys) if key not in cache]
-        texts: dict[Any, str] = {}
-        batches = [todo[i : i + self.reasoner_batch_size] for i in range(0, len(todo), self.reasoner_batch_size)]
-        for batch in tqdm(batches, desc=f"T-CoTs ({side})", disable=not self.show_progress_bar):
-            generations = reasoner.generate(
-                [items[i] for i in batch],
-                side,
-                target_modality,
-                decoding=self.decoding,
-                batch_size=len(batch),
-                show_progress_bar=False,
-            )
-            entries = [(keys[i], outs[0].text, outs[0].family) for i, outs in zip(batch, generations, strict=True)]
-            if self.cache_dir is None:
-                texts.update({key: text for key, text, _ in entries})
-            else:
-                cache.add(entries)
-        if self.cache_dir is None:
-            return [texts[key] for key in keys]
-        return [cache.get(key) for key in keys]  # type: ignore[misc]
-
-    def embed(self, items: Sequence[Item], mode: str) -> np.ndarray:
-        """Unit-norm float32 vectors ``[N, D]`` of items (which carry their T-CoT unless ``mode`` is raw)."""
-        if self.cache_dir is None:
-            return self._encode(items, mode)
-        cache = EmbeddingCache(self.cache_dir / "embeddings")
-        keys = [embedding_key(item.id, self.embedder_id, mode, item.tcot) for item in items]
-        todo = [i for i, key in enumerate(keys) if key not in cache]
-        batches = [todo[i : i + self.batch_size] for i in range(0, len(todo), self.batch_size)]
-        for batch in tqdm(batches, desc="embed", disable=not self.show_progress_bar):
-            cache.add([keys[i] for i in batch], self._encode([items[i] for i in batch], mode))
-        if len(items):
-            return np.stack([cache.get(key) for key in keys])  # type: ignore[misc]
-        return np.empty((0, self.embedder.dim), dtype=np.float32)
-
-    def _encode(self, items: Sequence[Item], mode: str) -> np.ndarray:
-        if not items:
-            return np.empty((0, self.embedder.dim), dtype=np.float32)
-        vectors = np.asarray(
-            self.embedder.encode(items, batch_size=self.batch_size, show_progress_bar=False, mode=mode),
-            dtype=np.float32,
-        )
-        if vectors.ndim != 2 or vectors.shape[0] != len(items) or not np.isfinite(vectors).all():
-            raise FloatingPointError(f"the Embedder returned {vectors.shape} non-finite or misshapen vectors")
-        return vectors
-
-    def run(
-        self, items: Sequence[Item], mode: str, side: Side, target_modality: Modality | None = None
-    ) -> tuple[np.ndarray, list[Item]]:
-        """``(vectors [N, D], items with their T-CoTs)``: :meth:`annotate` (unless raw), then :meth:`embed`."""
-        annotated = list(items) if mode == "raw" else self.annotate(items, side, target_modality)
-        return self.embed(annotated, mode), annotated
-
-
 def evidence_summary(item: Item, mode: str, video_as: str = "video") -> dict[str, Any]:
     """What the Embedder sees of an item's T-CoT: the parsed cue (1-based key frames), evidence count, repairs."""
-    from embedrl.evidence import build_embedder_messages
-
     if mode == "raw" or item.tcot is None:
         return {"cue": None, "values": [], "evidence_images": 0, "problems": []}
     built = build_embedder_messages(item, mode, video_as=video_as)  # type: ignore[arg-type]
@@ -305,9 +148,15 @@ class SearchHit:
         return {"rank": self.rank, "id": self.id, "score": self.score, "item": record, "tcot": self.tcot}
 
 
-def _new_faiss_index(cfg: IndexConfig, dim: int) -> Any:
+def _faiss() -> ModuleType:
+    # faiss loads its SWIG bindings and BLAS on import: only code that builds, searches or saves an index pays it.
     import faiss
 
+    return faiss
+
+
+def _new_faiss_index(cfg: IndexConfig, dim: int) -> Any:
+    faiss = _faiss()
     if cfg.index_type == "flat":
         inner = faiss.IndexFlatIP(dim)
     elif cfg.index_type == "hnsw":
@@ -319,6 +168,7 @@ def _new_faiss_index(cfg: IndexConfig, dim: int) -> Any:
     return None if inner is None else faiss.IndexIDMap2(inner)
 
 
+@dataclass(eq=False, repr=False)
 class SearchIndex:
     """A FAISS inner-product index over unit vectors whose ids are row numbers of the stored items.
 
@@ -326,31 +176,28 @@ class SearchIndex:
         cfg: the index settings (type and its parameters; mode and T-CoT source are recorded with it).
         dim: vector size.
         embedder_id, reasoner_id: fingerprints of the models that embedded the items (checked by :class:`Searcher`).
-        target_modality: the candidates' prevailing modality (routes text queries); default from the added items.
+        faiss_index, items, tcots, modality_counts: the state of a saved index (:meth:`load`); the modality
+            counts give the candidates' prevailing modality (routes text queries).
     """
 
-    def __init__(
-        self,
-        cfg: IndexConfig,
-        dim: int,
-        *,
-        embedder_id: str = "",
-        reasoner_id: str | None = None,
-        faiss_index: Any = None,
-        items: Sequence[Item] = (),
-        tcots: Sequence[str | None] = (),
-        modality_counts: dict[str, int] | None = None,
-    ) -> None:
-        if dim < 1:
-            raise ValueError(f"dim={dim} must be >= 1")
-        self.cfg = cfg
-        self.dim = dim
-        self.embedder_id = embedder_id
-        self.reasoner_id = reasoner_id
-        self.faiss_index = faiss_index if faiss_index is not None else _new_faiss_index(cfg, dim)
-        self.items: list[Item] = list(items)
-        self.tcots: list[str | None] = list(tcots) or [None] * len(self.items)
-        self.modality_counts: Counter[str] = Counter(modality_counts or {})
+    cfg: IndexConfig
+    dim: int
+    _: dataclasses.KW_ONLY
+    embedder_id: str = ""
+    reasoner_id: str | None = None
+    faiss_index: Any = None
+    items: list[Item] = field(default_factory=list)
+    tcots: list[str | None] = field(default_factory=list)
+    modality_counts: Counter[str] = field(default_factory=Counter)
+
+    def __post_init__(self) -> None:
+        if self.dim < 1:
+            raise ValueError(f"dim={self.dim} must be >= 1")
+        if self.faiss_index is None:
+            self.faiss_index = _new_faiss_index(self.cfg, self.dim)
+        self.items = list(self.items)
+        self.tcots = list(self.tcots) or [None] * len(self.items)
+        self.modality_counts = Counter(self.modality_counts)
         self._rows = {item.id: row for row, item in enumerate(self.items)}
         self._configure_search()
 
@@ -366,19 +213,16 @@ class SearchIndex:
         return self.modality_counts.most_common(1)[0][0] if self.modality_counts else None  # type: ignore[return-value]
 
     def _configure_search(self) -> None:
-        import faiss
-
         if self.faiss_index is None:
             return
-        inner = faiss.downcast_index(self.faiss_index.index)
+        inner = _faiss().downcast_index(self.faiss_index.index)
         if self.cfg.index_type == "hnsw":
             inner.hnsw.efSearch = self.cfg.hnsw_ef_search
         elif self.cfg.index_type == "ivf":
             inner.nprobe = self.cfg.ivf_nprobe
 
     def _train_ivf(self, vectors: np.ndarray) -> None:
-        import faiss
-
+        faiss = _faiss()
         nlist = self.cfg.ivf_nlist or max(1, round(4 * math.sqrt(len(vectors))))
         if len(vectors) < nlist:
             raise IndexFormatError(
@@ -451,8 +295,6 @@ class SearchIndex:
 
     def save(self, path: str | Path) -> Path:
         """Write the index directory (each file through a temporary name; ``index.json`` last)."""
-        import faiss
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         save_config(self.cfg, path)
@@ -463,7 +305,7 @@ class SearchIndex:
         atomic_write_bytes(path / ITEMS_FILE, "".join(line + "\n" for line in lines).encode("utf-8"))
         if self.faiss_index is not None:
             tmp = path / (INDEX_FILE + ".tmp")
-            faiss.write_index(self.faiss_index, str(tmp))
+            _faiss().write_index(self.faiss_index, str(tmp))
             os.replace(tmp, path / INDEX_FILE)
         info = {
             "format_version": FORMAT_VERSION,
@@ -487,8 +329,6 @@ class SearchIndex:
         Raises:
             IndexFormatError: a missing file, another format version, or counts that disagree.
         """
-        import faiss
-
         path = Path(path)
         info_file = path / INFO_FILE
         if not info_file.is_file():
@@ -507,7 +347,7 @@ class SearchIndex:
                 raise IndexFormatError(f"{path / ITEMS_FILE}: row {record['row']} where {expected} was expected")
             items.append(Item.from_record(record["item"]))
             tcots.append(record["tcot"])
-        faiss_index = faiss.read_index(str(path / INDEX_FILE)) if (path / INDEX_FILE).is_file() else None
+        faiss_index = _faiss().read_index(str(path / INDEX_FILE)) if (path / INDEX_FILE).is_file() else None
         ntotal = faiss_index.ntotal if faiss_index is not None else 0
         if len(items) != info["count"] or ntotal != info["count"]:
             raise IndexFormatError(
@@ -531,12 +371,6 @@ class SearchIndex:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _torch_dtype(name: str) -> Any:
-    import torch
-
-    return "auto" if name == "auto" else getattr(torch, name)
-
-
 def _resolved(path: str) -> str:
     """An existing local path made absolute (so the saved config works from any directory); else unchanged."""
     return str(Path(path).resolve()) if path and Path(path).exists() else path
@@ -544,17 +378,7 @@ def _resolved(path: str) -> str:
 
 def load_index_models(cfg: IndexConfig) -> tuple[Embedder, Reasoner | None]:
     """The Embedder (and the Reasoner, with ``tcot_source: reasoner``) named by an index config."""
-    from embedrl.models.embedder import Embedder
-    from embedrl.models.reasoner import Reasoner
-
-    dtype = _torch_dtype(cfg.dtype)
-    embedder = Embedder.load(cfg.model, dtype=dtype, device=cfg.device)
-    reasoner = None
-    if cfg.reasoner:
-        reasoner = Reasoner.from_pretrained(
-            cfg.reasoner, dtype=dtype, device=cfg.device, compact_prompts=cfg.compact_prompts
-        )
-    return embedder, reasoner
+    return load_embedder(cfg, cfg.model), load_reasoner(cfg, cfg.reasoner)
 
 
 def _pipeline(
@@ -614,7 +438,7 @@ def build_index(
     index = SearchIndex(cfg, embedder.dim, embedder_id=pipeline.embedder_id, reasoner_id=pipeline.reasoner_id)
     index.add(items, vectors, [item.tcot for item in annotated])
     index.save(out)
-    EmbeddingCache(out / CACHE_DIR / "embeddings").compact()
+    EmbeddingCache(out / CACHE_DIR / EMBEDDINGS_DIR).compact()
     logger.info("indexed %d items (%s, mode %s) in %s", len(index), cfg.index_type, cfg.mode, out)
     return index
 
@@ -717,7 +541,10 @@ class Searcher:
 
     def search(self, queries: Sequence[Item], k: int = 10) -> list[SearchResult]:
         mode = self.index.cfg.mode
-        vectors, annotated = self.pipeline.run(queries, mode, "query", self.index.target_modality)
+        try:
+            vectors, annotated = self.pipeline.run(queries, mode, "query", self.index.target_modality)
+        except MissingTCoTError as err:
+            raise IndexFormatError(str(err)) from err
         hits = self.index.search(vectors, k) if len(queries) else []
         video_as = self.pipeline.embedder.video_as
         return [

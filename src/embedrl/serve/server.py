@@ -12,7 +12,7 @@ settings are merged into one batch. Input limits, malformed bodies, unknown mode
 answered with a 4xx JSON error ``{"error": {"message", "type", "param", "code"}}`` that names the problem.
 
 Example:
-    >>> from embedrl.config import ServeConfig
+    >>> from embedrl.config import ConfigError, ServeConfig
     >>> app = create_app(ServeConfig(model="runs/demo/embedder/final"))  # doctest: +SKIP
     >>> with serve_in_background(app) as base:  # doctest: +SKIP
     ...     client = openai.OpenAI(base_url=base + "/v1", api_key="unused")
@@ -43,14 +43,17 @@ import numpy as np
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from embedrl.config import ServeConfig
+from embedrl.config import ConfigError, ServeConfig
 from embedrl.data.schema import Item
+from embedrl.eval.pipeline import EmbedPipeline, load_embedder, load_reasoner, torch_dtype
 from embedrl.models.chat import ChatModel, ChatParams, Conversation
+from embedrl.models.reasoner import Decoding, Reasoner
 from embedrl.serve.batching import MicroBatcher
-from embedrl.serve.index import EmbedPipeline, IndexFormatError, Searcher, SearchIndex
+from embedrl.serve.index import IndexFormatError, Searcher, SearchIndex
 
 __all__ = ["APIError", "create_app", "serve", "serve_in_background"]
 
@@ -185,8 +188,6 @@ class MediaReader:
         return resolved
 
     def image(self, ref: MediaRef, where: str) -> Any:
-        from PIL import Image
-
         if isinstance(ref, MediaPath):
             data = self.path(ref.path, where).read_bytes()
         elif ref.startswith("file://"):
@@ -349,41 +350,27 @@ def _search_batch(searcher: Searcher, payloads: Sequence[tuple[Item, int]]) -> l
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _dtype(name: str) -> Any:
-    import torch
-
-    return "auto" if name == "auto" else getattr(torch, name)
-
-
 def _load_models(
     cfg: ServeConfig, embedder: Any, reasoner: Any, chat_model: Any, index: Any
 ) -> tuple[Any, Any, ChatModel | None, SearchIndex | None]:
-    from embedrl.models.embedder import Embedder
-    from embedrl.models.reasoner import Reasoner
-
-    dtype = _dtype(cfg.dtype)
     if embedder is None and cfg.model:
-        embedder = Embedder.load(cfg.model, dtype=dtype, device=cfg.device)
-    if reasoner is None and cfg.reasoner:
-        reasoner = Reasoner.from_pretrained(
-            cfg.reasoner, dtype=dtype, device=cfg.device, compact_prompts=cfg.compact_prompts
-        )
+        embedder = load_embedder(cfg, cfg.model)
+    if reasoner is None:
+        reasoner = load_reasoner(cfg, cfg.reasoner)
     if isinstance(chat_model, Reasoner):
         chat_model = ChatModel.from_reasoner(chat_model)
     if chat_model is None and cfg.chat_model:
-        chat_model = ChatModel.load(cfg.chat_model, dtype=dtype, device=cfg.device)
+        chat_model = ChatModel.load(cfg.chat_model, dtype=torch_dtype(cfg.dtype), device=cfg.device)
     if index is None and cfg.index:
         index = SearchIndex.load(cfg.index)
     return embedder, reasoner, chat_model, index
 
 
 def _build_state(cfg: ServeConfig, embedder: Any, reasoner: Any, chat_model: Any, index: Any) -> _State:
-    from embedrl.models.reasoner import Decoding
-
     token = cfg.bearer_token()  # before the (slow) model loading: a missing key variable fails at once
     embedder, reasoner, chat_model, index = _load_models(cfg, embedder, reasoner, chat_model, index)
     if embedder is None and reasoner is None and chat_model is None:
-        raise ValueError("nothing to serve: set model (an Embedder), reasoner or chat_model")
+        raise ConfigError("nothing to serve: set model (an Embedder), reasoner or chat_model")
     state = _State(cfg=cfg, media=MediaReader(cfg), token=token, embedder=embedder, reasoner=reasoner)
     if embedder is not None:
         decoding = Decoding(
@@ -396,11 +383,11 @@ def _build_state(cfg: ServeConfig, embedder: Any, reasoner: Any, chat_model: Any
         state.embedder_names = {cfg.embedder_name} | ({cfg.model} if cfg.model else set())
     if index is not None:
         if embedder is None:
-            raise ValueError("an index needs the Embedder it was built with: set model")
+            raise ConfigError("an index needs the Embedder it was built with: set model")
         try:
             state.searcher = Searcher(index, embedder, reasoner if index.cfg.tcot_source == "reasoner" else None)
         except IndexFormatError as err:
-            raise ValueError(f"cannot serve the index: {err}") from err
+            raise ConfigError(f"cannot serve the index: {err}") from err
     for name, path, model in (
         (cfg.reasoner_name, cfg.reasoner, reasoner),
         (cfg.chat_model_name, cfg.chat_model, chat_model),
@@ -718,7 +705,7 @@ def serve_in_background(
         ...     httpx.get(base + "/health").json()["status"]
         'ok'
     """
-    import uvicorn
+    import uvicorn  # only running the app needs the server (create_app does not); optional: the serve extra
 
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -743,7 +730,7 @@ def serve_in_background(
 
 def serve(cfg: ServeConfig) -> None:
     """The ``embedrl serve`` stage: load the models named in ``cfg`` and serve until interrupted."""
-    import uvicorn
+    import uvicorn  # only running the app needs the server (create_app does not); optional: the serve extra
 
     app = create_app(cfg)
     logger.info("serving on http://%s:%d (OpenAI base URL http://%s:%d/v1)", cfg.host, cfg.port, cfg.host, cfg.port)

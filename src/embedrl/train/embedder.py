@@ -27,12 +27,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
 from embedrl.config import EmbedderTrainConfig, save_config
 from embedrl.data.sampler import DatasetInfo, SubBatchSampler, split_for_rank
 from embedrl.data.schema import Item, Pair, read_pairs
 from embedrl.losses import cached_info_nce, info_nce
+from embedrl.models.embedder import Embedder
 from embedrl.tcot import TCoT, parse_tcot, render_tcot
 
 logger = logging.getLogger(__name__)
@@ -105,8 +107,6 @@ def prepare_model(model: torch.nn.Module, cfg: EmbedderTrainConfig) -> torch.nn.
     if cfg.finetune == "full":
         model.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
-
     lora = LoraConfig(
         r=cfg.lora.rank,
         lora_alpha=cfg.lora.alpha,
@@ -292,8 +292,6 @@ def train_embedder(cfg: EmbedderTrainConfig, on_step: StepCallback | None = None
 
     ``on_step(step, metrics)`` is called after every step (tests use it to interrupt a run).
     """
-    from embedrl.models.embedder import Embedder
-
     out = Path(cfg.out)
     rank, world = init_distributed(cfg.device)
     if cfg.sub_batch_size % world:

@@ -1,6 +1,6 @@
 """EG-RL (docs/method.md §4): GRPO on the Reasoner, rewarded by the frozen Embedder and a frozen Discriminator.
 
-``train_rl(cfg)`` runs our own small GRPO loop (docs/rl.md says why not TRL's ``GRPOTrainer``). It reads top to
+``train_rl(cfg)`` runs our own small GRPO loop (``engine: native``; docs/rl.md compares the engines). It reads top to
 bottom: build (data, models, optimiser) → resume → per step:
 
 1. **batch**: ``B`` whole pairs of ONE dataset (:func:`step_batches`: shuffle each dataset's pairs, cut into
@@ -22,6 +22,8 @@ a failure raises, never a zero vector.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import logging
 import math
@@ -37,15 +39,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from peft import LoraConfig, get_peft_model
 from torch import Tensor
 from transformers import GenerationConfig, PreTrainedModel
 
 from embedrl import prompts as P
+from embedrl.backbones import write_reasoner_settings
 from embedrl.config import GRPOTrainConfig, RewardConfig, save_config
 from embedrl.data.schema import Item, Pair, read_pairs
 from embedrl.models.embedder import Embedder
-from embedrl.models.generation import stop_token_ids, vision_token_ids
-from embedrl.models.reasoner import Reasoner, ReasonerPrompt, build_reasoner_prompt
+from embedrl.models.generation import generate_completions, stop_token_ids, vision_token_ids
+from embedrl.models.reasoner import Decoding, Reasoner, ReasonerPrompt, build_reasoner_prompt
 from embedrl.rewards.judges import (
     ENDPOINT_TOKEN_ENV,
     ChatDiscriminator,
@@ -81,12 +85,15 @@ __all__ = [
     "pair_prompts",
     "reward_columns",
     "reward_embedder",
+    "rollout_decoding",
     "sample_table",
     "score_rollouts",
     "step_batches",
     "step_metrics",
     "train_rl",
+    "trained_reasoner",
     "update_policy",
+    "write_policy_settings",
 ]
 
 logger = logging.getLogger(__name__)
@@ -216,11 +223,9 @@ def _freeze(model: torch.nn.Module) -> torch.nn.Module:
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def lora_config(model: PreTrainedModel, rank: int) -> Any:
+def lora_config(model: PreTrainedModel, rank: int) -> LoraConfig:
     """LoRA rank ``rank`` (alpha 2r, no dropout) on the language model's attention and MLP projections, never on the
     vision tower (a ``peft.LoraConfig``; both GRPO engines use it)."""
-    from peft import LoraConfig
-
     vision = {id(m) for m in model.get_submodule("model.visual").modules()}
     names = [
         name for name, module in model.named_modules()
@@ -232,8 +237,6 @@ def lora_config(model: PreTrainedModel, rank: int) -> Any:
 
 
 def _add_lora(model: PreTrainedModel, rank: int) -> torch.nn.Module:
-    from peft import get_peft_model
-
     return get_peft_model(model, lora_config(model, rank))
 
 
@@ -251,13 +254,10 @@ def load_models(cfg: GRPOTrainConfig, *, reference: bool = True, lora: bool = Tr
     ``reference=False`` / ``lora=False`` leave the reference model and the LoRA adapters to the caller (TRL's
     ``GRPOTrainer`` builds its own from ``peft_config`` and the policy's checkpoint path).
     """
-    if cfg.use_vllm:
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise ImportError(
-                "use_vllm=true needs vLLM: pip install 'embedrl[gpu]' on a GPU machine, or set use_vllm: false"
-            )
+    if cfg.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise ImportError(
+            "use_vllm=true needs vLLM: pip install 'embedrl[gpu]' on a GPU machine, or set use_vllm: false"
+        )
     dtype = getattr(torch, cfg.dtype)
     policy = Reasoner.from_pretrained(
         cfg.reasoner, dtype=dtype, device=cfg.device, compact_prompts=cfg.compact_prompts
@@ -339,15 +339,6 @@ def pair_prompts(pair: Pair, compact: bool) -> list[tuple[str, ReasonerPrompt, I
     ]
 
 
-def _trim_at_eos(tokens: Tensor, eos_ids: Sequence[int]) -> tuple[Tensor, bool]:
-    """The response through its first EOS, and whether it was truncated (no EOS)."""
-    is_eos = torch.isin(tokens, torch.tensor(list(eos_ids), device=tokens.device))
-    if bool(is_eos.any()):
-        return tokens[: int(is_eos.nonzero()[0]) + 1], False
-    return tokens, True
-
-
-@torch.no_grad()
 def generate_rollouts(
     policy: Reasoner, step: int, dataset: str, pairs: Sequence[Pair], cfg: GRPOTrainConfig
 ) -> RolloutBatch:
@@ -356,46 +347,38 @@ def generate_rollouts(
     Sampling is seeded from ``(seed, step)``, so a resumed run draws the same rollouts from the same weights.
     """
     G = cfg.group_size
-    prompts = {p.pair_id: pair_prompts(p, cfg.compact_prompts) for p in pairs}
+    prompts = {p.pair_id: pair_prompts(p, policy.compact_prompts) for p in pairs}
     flat = [pr for p in pairs for _, pr, _ in prompts[p.pair_id]]
     lengths = policy.chat_inputs(flat)["attention_mask"].sum(1).tolist()  # [2B], query then target per pair
     over = {pairs[i // 2].pair_id for i, n in enumerate(lengths) if n > cfg.max_prompt_tokens}
     kept = [p for p in pairs if p.pair_id not in over]
     eos_ids, pad_id = stop_token_ids(policy.model, policy.processor)
     gen = GenerationConfig(
-        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=None, max_new_tokens=cfg.max_new_tokens,
+        do_sample=True, temperature=cfg.temperature, top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens,
         num_return_sequences=G, eos_token_id=eos_ids, pad_token_id=pad_id,
         suppress_tokens=vision_token_ids(policy.processor) or None,
     )  # fmt: skip
     rows = [(p, side, pr, item) for p in kept for side, pr, item in prompts[p.pair_id]]
     chunk = cfg.generation_batch_size or max(1, len(rows))
-    torch.manual_seed(derive_seed(cfg.seed, "rollouts", step))
-    keys, row_prompts, items, responses, truncated = [], [], [], [], []
-    was_training = policy.model.training
-    policy.model.eval()
+    torch.manual_seed(derive_seed(cfg.seed, "rollouts", step))  # once per step: the chunks draw in sequence
+    keys, row_prompts, items, responses, texts, truncated = [], [], [], [], [], []
     for start in range(0, len(rows), chunk):
         part = rows[start : start + chunk]
         inputs = policy.chat_inputs([pr for _, _, pr, _ in part])
-        out = policy.model.generate(**inputs, generation_config=gen)
-        new = out[:, inputs["input_ids"].shape[1] :]  # [len(part)·G, T'] rows: prompt 0 × G, prompt 1 × G, ...
-        for r, (pair, side, pr, item) in enumerate(part):
-            for g in range(G):
-                tokens, cut = _trim_at_eos(new[r * G + g], eos_ids)
-                keys.append(RolloutKey(pair.pair_id, side, g))
-                row_prompts.append(pr)
-                items.append(item)
-                responses.append(tokens.cpu())
-                truncated.append(cut)
-    policy.model.train(was_training)
+        out = generate_completions(policy.model, policy.processor, inputs, gen)  # rows: prompt 0 × G, prompt 1 × G, …
+        for pair, side, pr, item in part:
+            keys += [RolloutKey(pair.pair_id, side, g) for g in range(G)]
+            row_prompts += [pr] * G
+            items += [item] * G
+        responses += out.tokens
+        texts += out.texts  # the T-CoTs the rewards read
+        truncated += out.truncated
     width = max((len(t) for t in responses), default=0)
     ids = torch.full((len(responses), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(responses), width), dtype=torch.long)
     for i, tokens in enumerate(responses):
-        ids[i, : len(tokens)] = tokens
+        ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         mask[i, : len(tokens)] = 1
-    texts = policy.processor.batch_decode(
-        [t.tolist() for t in responses], skip_special_tokens=True
-    )  # the T-CoTs the rewards read
     batch = RolloutBatch(step, dataset, kept, keys, row_prompts, items, ids, mask, texts, torch.tensor(truncated),
                          sorted(over))  # fmt: skip
     if kept:
@@ -688,6 +671,23 @@ def step_metrics(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def rollout_decoding(cfg: GRPOTrainConfig) -> Decoding:
+    """The decoding the policy is trained with: its checkpoints record it as their default."""
+    return Decoding(temperature=cfg.temperature, top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens)
+
+
+def trained_reasoner(model: PreTrainedModel, policy: Reasoner, cfg: GRPOTrainConfig) -> Reasoner:
+    """The trained (merged) policy as a Reasoner with its prompt style and rollout decoding, ready to save."""
+    return Reasoner(model, policy.processor, compact_prompts=policy.compact_prompts, decoding=rollout_decoding(cfg))
+
+
+def write_policy_settings(path: Path, policy: Reasoner, cfg: GRPOTrainConfig) -> None:
+    """``embedrl_reasoner.json`` of a resumable RL checkpoint (the same settings ``final/`` gets)."""
+    write_reasoner_settings(
+        path, compact_prompts=policy.compact_prompts, decoding=dataclasses.asdict(rollout_decoding(cfg))
+    )
+
+
 def _meta(cfg: GRPOTrainConfig, reward_cfg: RewardConfig, step: int) -> dict[str, Any]:
     return {"step": step, "embedder": cfg.embedder, "reasoner_init": cfg.reasoner,
             "discriminator": cfg.discriminator or cfg.reasoner, "discriminator_url": cfg.discriminator_url,
@@ -786,12 +786,13 @@ def train_rl(cfg: GRPOTrainConfig, models: RLModels | None = None, on_step: Step
             if step % cfg.save_every == 0 or step == total:
                 path = save_checkpoint(out, step, models.policy.model, optimizer, constant)
                 (path / RL_META_FILE).write_text(json.dumps(_meta(cfg, reward_cfg, step), indent=2) + "\n")
+                write_policy_settings(path, models.policy, cfg)
 
     final = out / FINAL_DIR
     model = models.policy.model
     merged = model.merge_and_unload() if cfg.lora else model
     merged.eval()
-    Reasoner(merged, models.policy.processor).save(final)
+    trained_reasoner(merged, models.policy, cfg).save(final)
     save_config(cfg, final, filename="train_config.json")
     (final / RL_META_FILE).write_text(json.dumps(_meta(cfg, reward_cfg, step), indent=2) + "\n")
     return final

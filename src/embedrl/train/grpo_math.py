@@ -11,13 +11,10 @@ Pure tensor functions with hand-computed tests (``tests/test_grpo_math.py``); no
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
-from typing import TYPE_CHECKING, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["GroupStats", "group_advantages", "group_stats", "grpo_loss"]
 

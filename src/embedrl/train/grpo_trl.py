@@ -30,6 +30,7 @@ and the logging interval are converted accordingly.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -40,13 +41,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import PartialState
+from datasets import Dataset
+from transformers import TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from trl import GRPOConfig, GRPOTrainer
 
 from embedrl.config import GRPOTrainConfig, RewardConfig, save_config
 from embedrl.data.schema import Item, Pair, read_pairs
 from embedrl.models.generation import stop_token_ids
 from embedrl.models.reasoner import Reasoner, build_reasoner_prompt
 from embedrl.prompts import join_task_text
-from embedrl.rewards.terms import check_groups, rollout_keys, total_reward
+from embedrl.rewards.terms import build_reward_funcs, check_groups, rollout_keys, total_reward
 from embedrl.train.grpo import (
     COMPONENTS,
     FINAL_DIR,
@@ -66,10 +72,12 @@ from embedrl.train.grpo import (
     sample_table,
     step_line,
     step_metrics,
+    trained_reasoner,
+    write_policy_settings,
 )
 from embedrl.train.grpo_math import group_advantages
 
-__all__ = ["StepClock", "TRLRewards", "build_trl_dataset", "rl_step_geometry", "train_rl_trl"]
+__all__ = ["EGRLLogger", "StepClock", "TRLRewards", "build_trl_dataset", "rl_step_geometry", "train_rl_trl"]
 
 logger = logging.getLogger(__name__)
 
@@ -158,8 +166,6 @@ def _row(pair: Pair, side: str, block: int, compact: bool) -> dict[str, Any]:
 
 def build_trl_dataset(data: RLData, blocks: int, compact: bool) -> Any:
     """``blocks`` step blocks in training order: block ``s`` = both sides of the pairs of step batch ``s``."""
-    from datasets import Dataset
-
     rows = []
     for s in range(blocks):
         _, _, pairs = data.batch(s)
@@ -298,8 +304,6 @@ def mixed_batch_processor(processor: Any) -> Any:
     (a text query with an image target), so the copy maps ``None`` to ``[]``. The class keeps the original's name,
     so a processor saved from it reloads as the original class.
     """
-    import copy
-
     base = type(processor)
 
     def __call__(self: Any, images: Any = None, text: Any = None, **kwargs: Any) -> Any:
@@ -325,37 +329,41 @@ def _drop_empty_images(module: torch.nn.Module, args: tuple, kwargs: dict[str, A
     return args, kwargs
 
 
-def _callback(clock: StepClock, out: Path, total: int, steps_per_rl_step: int) -> Any:
-    from transformers import TrainerCallback
+class EGRLLogger(TrainerCallback):
+    """Stamps the start of each RL step, writes its metrics line when TRL logs (once per RL step), and gives every
+    TRL checkpoint the policy's ``embedrl_reasoner.json`` (``on_checkpoint(path)``)."""
 
-    class EGRLLogger(TrainerCallback):
-        """Stamps the start of each RL step and writes its metrics line when TRL logs (once per RL step)."""
+    def __init__(
+        self, clock: StepClock, out: Path, total: int, steps_per_rl_step: int, on_checkpoint: Callable[[Path], None]
+    ) -> None:
+        self.clock, self.out, self.total, self.steps_per_rl_step = clock, out, total, steps_per_rl_step
+        self.on_checkpoint = on_checkpoint
 
-        def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if state.global_step % steps_per_rl_step == 0:
-                clock.step_begin = time.perf_counter()
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if state.global_step % self.steps_per_rl_step == 0:
+            self.clock.step_begin = time.perf_counter()
 
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
-            if not logs or "loss" not in logs or not clock.record:
-                return
-            record = dict(clock.record)
-            record["time/update"] = time.perf_counter() - clock.reward_end
-            record["time/step"] = time.perf_counter() - clock.step_begin
-            record.update({f"trl/{k}": v for k, v in logs.items() if isinstance(v, int | float)})
-            with (out / METRICS_FILE).open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
-            logger.info(step_line(record["step"], total, record["dataset"], record))
-            clock.record = {}
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kw: Any) -> None:
+        clock = self.clock
+        if not logs or "loss" not in logs or not clock.record:
+            return
+        record = dict(clock.record)
+        record["time/update"] = time.perf_counter() - clock.reward_end
+        record["time/step"] = time.perf_counter() - clock.step_begin
+        record.update({f"trl/{k}": v for k, v in logs.items() if isinstance(v, int | float)})
+        with (self.out / METRICS_FILE).open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        logger.info(step_line(record["step"], self.total, record["dataset"], record))
+        clock.record = {}
 
-    return EGRLLogger()
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        path = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if path.is_dir():
+            self.on_checkpoint(path)
 
 
 def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
     """Run EG-RL with TRL's ``GRPOTrainer`` and return the directory of the trained Reasoner (``out/final``)."""
-    from accelerate import PartialState
-    from transformers.trainer_utils import get_last_checkpoint
-    from trl import GRPOConfig, GRPOTrainer
-
     out = Path(cfg.out)
     save_config(cfg, out)
     reward_cfg = cfg.reward_config()
@@ -368,10 +376,10 @@ def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
     models = models or load_models(cfg, reference=False, lora=False)
     policy = models.policy
     policy.processor.image_processor.size = policy.adapter.image_size(policy.budget)  # the checkpoint's budget
-    pairs = drop_overlong(read_pairs(cfg.data), policy, cfg.max_prompt_tokens, cfg.compact_prompts)
+    pairs = drop_overlong(read_pairs(cfg.data), policy, cfg.max_prompt_tokens, policy.compact_prompts)
     data = RLData(pairs, cfg.pairs_per_step, cfg.seed)
     total = cfg.max_steps or cfg.epochs * data.steps_per_epoch // processes
-    dataset = build_trl_dataset(data, total * processes, cfg.compact_prompts)
+    dataset = build_trl_dataset(data, total * processes, policy.compact_prompts)
     logger.info(
         "EG-RL (TRL GRPOTrainer): %d steps x %d process(es); per step and process %d pairs of one dataset -> %d "
         "prompts -> %d trajectories (G=%d), %d optimiser step(s)", total, processes, cfg.pairs_per_step,
@@ -380,8 +388,6 @@ def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
 
     clock = StepClock()
     embed, discriminator = Timed(reward_embedder(cfg, models)), Timed(models.discriminator)
-    from embedrl.rewards.terms import build_reward_funcs
-
     funcs, weights = build_reward_funcs(reward_cfg, embed, discriminator, num_generations=G, seed=cfg.seed)
     eos_ids, _ = stop_token_ids(policy.model, policy.processor)
     rewards = TRLRewards(funcs, reward_cfg, G, embed, discriminator, clock, eos_ids, out, cfg.sample_table_every, k,
@@ -436,7 +442,7 @@ def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
         train_dataset=dataset,
         processing_class=mixed_batch_processor(policy.processor),
         peft_config=lora_config(policy.model, cfg.lora) if cfg.lora else None,
-        callbacks=[_callback(clock, out, total, k)],
+        callbacks=[EGRLLogger(clock, out, total, k, lambda path: write_policy_settings(path, policy, cfg))],
     )
     last = get_last_checkpoint(args.output_dir) if cfg.resume and Path(args.output_dir).is_dir() else None
     if last:
@@ -451,7 +457,7 @@ def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
     model = trainer.model
     merged = model.merge_and_unload() if cfg.lora else model
     merged.eval()
-    Reasoner(merged, policy.processor).save(final)
+    trained_reasoner(merged, policy, cfg).save(final)
     save_config(cfg, final, filename="train_config.json")
     (final / RL_META_FILE).write_text(json.dumps(_meta(cfg, reward_cfg, total), indent=2) + "\n")
     return final

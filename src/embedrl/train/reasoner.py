@@ -107,20 +107,22 @@ def warmup_linear_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, max
 
 
 def train_reasoner(cfg: ReasonerTrainConfig) -> Path:
-    """Cold-start SFT; writes the Reasoner to ``cfg.out/final`` and returns that path."""
+    """Cold-start SFT; writes the Reasoner to ``cfg.out/final`` (with its prompt style in ``embedrl_reasoner.json``)
+    and returns that path."""
     out = Path(cfg.out)
     save_config(cfg, out)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
-    examples = tcot_examples(cfg.data, cfg.compact_prompts)
+    # compact_prompts null = the backbone's (embedrl_reasoner.json); the final checkpoint records the style used.
+    reasoner = Reasoner.from_pretrained(cfg.backbone, device=cfg.device, compact_prompts=cfg.compact_prompts)
+    examples = tcot_examples(cfg.data, reasoner.compact_prompts)
     if cfg.discrimination_data:
         examples += discrimination_examples(cfg.discrimination_data)
     if not examples:
         raise ValueError(f"no teacher T-CoTs in {cfg.data}: annotate the pairs first")
     counts = {k: sum(e.kind == k for e in examples) for k in ("query", "target", "discrimination")}
-    logger.info("cold start on %s examples for %d steps", counts, cfg.max_steps)
-
-    reasoner = Reasoner.from_pretrained(cfg.backbone, device=cfg.device, compact_prompts=cfg.compact_prompts)
+    logger.info("cold start on %s examples for %d steps (compact prompts: %s)", counts, cfg.max_steps,
+                reasoner.compact_prompts)  # fmt: skip
     model = reasoner.model
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

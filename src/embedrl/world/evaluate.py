@@ -18,31 +18,33 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from collections.abc import Mapping, Sequence
-from datetime import datetime
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
 
-from embedrl import __version__
-from embedrl.config import EvalConfig, config_to_dict, save_config
+from embedrl.config import EvalConfig
 from embedrl.eval.evaluator import (
+    LEADERBOARD_JSON,
+    PREDICTIONS_DIR,
+    SCORES_DIR,
     Encoder,
     EvalError,
+    EvalReport,
     EvalRun,
+    Ranked,
     TaskEvaluator,
     TaskStats,
     TCoTSource,
+    run_eval_stage,
     write_text,
 )
-from embedrl.eval.metrics import per_query_metrics, rank_candidates
+from embedrl.eval.metrics import per_query_metrics
 from embedrl.eval.scores import aggregate, format_summary, main_scores, summarize_tasks, write_task_scores
 from embedrl.eval.task import EvalTask
 from embedrl.models.embedder import Embedder
-from embedrl.models.reasoner import Decoding, Reasoner
+from embedrl.models.reasoner import Reasoner
 from embedrl.world.generate import EVAL_DIR, MANIFEST_FILE, WORLD_FILE, load_eval_task
 
 __all__ = [
@@ -60,9 +62,6 @@ logger = logging.getLogger(__name__)
 
 BENCHMARK = "embedrl-world"
 PRIMARY_METRIC = "eval/overall"
-SCORES_DIR, PREDICTIONS_DIR = "scores", "predictions"
-PREDICTION_DEPTH = 10  # candidates kept per query in predictions/<task>.jsonl
-SUMMARY_MD, SUMMARY_JSON, LEADERBOARD_JSON = "summary.md", "summary.json", "leaderboard.json"
 
 
 class ModePreset(NamedTuple):
@@ -112,7 +111,7 @@ def preset_config(cfg: EvalConfig, preset: str, *, reasoner: str = "") -> EvalCo
 
 
 @dataclasses.dataclass
-class WorldReport:
+class WorldReport(EvalReport):
     """The result of one evaluation.
 
     Attributes:
@@ -123,11 +122,7 @@ class WorldReport:
         task_info: the manifest's entries of the evaluated tasks.
     """
 
-    results: dict[str, dict[str, Any]]
-    summary: dict[str, Any]
-    metadata: dict[str, Any]
-    stats: dict[str, TaskStats]
-    task_info: dict[str, dict[str, Any]]
+    task_info: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
     def metrics(self) -> dict[str, float]:
         """Flat fractions: ``eval/<task>/<metric>``, ``eval/modality/<m>``, ``eval/meta_task/<t>``,
@@ -166,77 +161,36 @@ class WorldReport:
             "",
             "",
         ]
-        return "\n".join(lines) + format_summary(self.summary)
-
-    def as_dict(self) -> dict[str, Any]:
-        """JSON-ready: metadata, summary, per-task results and stats."""
-        return {
-            "metadata": self.metadata,
-            "summary": self.summary,
-            "results": self.results,
-            "stats": {task: dataclasses.asdict(s) for task, s in self.stats.items()},
-        }
+        return "\n".join(lines) + format_summary(self.summary or {})
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """Write ``scores/<task>_score.json``, ``summary.md``, ``summary.json`` and ``leaderboard.json``."""
         out = Path(out_dir)
         paths = {task: write_task_scores(out / SCORES_DIR, task, s) for task, s in self.results.items()}
-        paths["summary_md"] = write_text(out / SUMMARY_MD, self.markdown())
-        paths["summary_json"] = write_text(out / SUMMARY_JSON, json.dumps(self.as_dict(), indent=2) + "\n")
+        paths |= super().write(out)
         paths["leaderboard"] = write_text(out / LEADERBOARD_JSON, json.dumps(self.leaderboard(), indent=2) + "\n")
         return paths
 
 
-class WorldEvaluator(TaskEvaluator):
+class WorldEvaluator(TaskEvaluator[WorldReport]):
     """Retrieval evaluation of an Embedder on the world's tasks; ``evaluator(embedder) -> dict[str, float]``.
 
     Args:
         world_dir: a directory written by ``embedrl world generate``.
         tasks: task names of ``eval/manifest.json``; None = all, in manifest order.
-        mode: Embedder mode for queries and candidates (docs/method.md §6.4): full, answer_only, no_evidence or raw.
-        tcot_source: ``teacher`` (stored T-CoTs), ``reasoner`` (generated; pass the Reasoner to the call) or
-            ``none`` (only with mode raw).
-        decoding: Reasoner decoding; default ``Decoding()`` (temperature 1.0, top_p 1.0, seed 0).
-        on_missing_tcot: ``error`` (default) raises :class:`MissingTCoTError`; ``raw`` embeds the item raw and
-            counts it in ``metadata["tcot_fallbacks"]``.
-        batch_size: items per Embedder call, each call one cache shard.
-        reasoner_batch_size: items per Reasoner call, each call one cache append.
-        cache_dir: T-CoT and embedding caches; None keeps them in memory for the call only (e.g. during training,
-            where the weights change between calls).
-        out_dir: where :meth:`evaluate` writes score files and summaries; None writes nothing.
-        show_progress_bar: tqdm bars over tasks, generation batches and embedding batches.
+        **engine: the :class:`~embedrl.eval.evaluator.TaskEvaluator` settings: ``mode`` (full, answer_only,
+            no_evidence or raw; docs/method.md §6.4), ``tcot_source`` (``teacher``: the stored T-CoTs), ``decoding``,
+            ``on_missing_tcot``, batch sizes, ``cache_dir`` (None keeps the caches in memory for the call only, e.g.
+            during training), ``out_dir`` (None writes nothing) and ``show_progress_bar``.
 
     The returned dict's primary metric is :attr:`primary_metric` (``eval/overall``, a fraction).
     """
 
     primary_metric = PRIMARY_METRIC
+    config_options = ("mode", "tcot_source", "on_missing_tcot")  # the EvalConfig fields passed on by evaluate_world
 
-    def __init__(
-        self,
-        world_dir: str | Path,
-        tasks: Sequence[str] | None = None,
-        *,
-        mode: str = "full",
-        tcot_source: TCoTSource = "teacher",
-        decoding: Decoding | None = None,
-        on_missing_tcot: Literal["error", "raw"] = "error",
-        batch_size: int = 16,
-        reasoner_batch_size: int = 8,
-        cache_dir: str | Path | None = None,
-        out_dir: str | Path | None = None,
-        show_progress_bar: bool = False,
-    ) -> None:
-        super().__init__(
-            mode=mode,
-            tcot_source=tcot_source,
-            decoding=decoding,
-            on_missing_tcot=on_missing_tcot,
-            batch_size=batch_size,
-            reasoner_batch_size=reasoner_batch_size,
-            cache_dir=cache_dir,
-            out_dir=out_dir,
-            show_progress_bar=show_progress_bar,
-        )
+    def __init__(self, world_dir: str | Path, tasks: Sequence[str] | None = None, **engine: Any) -> None:
+        super().__init__(**engine)
         self.world_dir = Path(world_dir)
         manifest_file = self.world_dir / EVAL_DIR / MANIFEST_FILE
         if not manifest_file.is_file():
@@ -260,112 +214,45 @@ class WorldEvaluator(TaskEvaluator):
             self._loaded[name] = load_eval_task(self.world_dir, name)
         return self._loaded[name]
 
-    def _task_scored(
-        self, name: str, task: EvalTask, candidate_ids: Sequence[str], scores: np.ndarray, relevance: list[dict]
-    ) -> None:
-        """Write ``predictions/<task>.jsonl``: per query its id, the task's main metric and its value for that query
-        (their mean is the score file's value), the top-10 candidate ids with scores, and the relevant ids."""
-        if self.out_dir is None:
-            return
+    def __call__(self, embedder: Embedder | Encoder, reasoner: Reasoner | None = None, **ids: Any) -> dict[str, float]:
+        """Evaluate and return :meth:`WorldReport.metrics` (fractions; primary metric ``eval/overall``); ``ids``:
+        ``embedder_id`` and ``reasoner_id`` as for :meth:`evaluate`."""
+        return self.evaluate(embedder, reasoner, **ids).metrics()
+
+    def _predictions(
+        self, name: str, task: EvalTask, ranked: list[Ranked], scores: np.ndarray, relevance: list[dict[int, int]]
+    ) -> list[dict[str, Any]]:
+        """Per query: its id, the task's main metric and its value for that query (their mean is the score file's
+        value), the top-10 candidate ids with scores, and the relevant ids."""
         metric = task.info["metric"]
         values = per_query_metrics(scores, relevance, ks=self.metric_ks)[metric]  # [n_q]
-        top = rank_candidates(scores, PREDICTION_DEPTH)
-        lines = []
-        for i, query in enumerate(task.queries):
-            ids = candidate_ids if task.candidates is None else task.candidates[i]
-            ranked = [int(j) for j in top[i] if np.isfinite(scores[i, j])]
-            record = {
-                "query": query.id, "metric": metric, "value": float(values[i]),
-                "top": [ids[j] for j in ranked], "scores": [round(float(scores[i, j]), 6) for j in ranked],
-                "labels": [cid for cid, grade in task.qrels[i].items() if grade > 0],
-            }  # fmt: skip
-            lines.append(json.dumps(record, ensure_ascii=False))
-        write_text(self.out_dir / PREDICTIONS_DIR / f"{name}.jsonl", "\n".join(lines) + "\n")
+        return [
+            {"query": query.id, "metric": metric, "value": float(values[i]), "top": top.ids, "scores": top.scores,
+             "labels": [cid for cid, grade in qrels.items() if grade > 0]}
+            for i, (query, top, qrels) in enumerate(zip(task.queries, ranked, task.qrels, strict=True))
+        ]  # fmt: skip
 
-    def __call__(
-        self,
-        embedder: Embedder | Encoder,
-        reasoner: Reasoner | None = None,
-        *,
-        embedder_id: str | None = None,
-        reasoner_id: str | None = None,
-    ) -> dict[str, float]:
-        """Evaluate and return :meth:`WorldReport.metrics` (fractions; primary metric ``eval/overall``)."""
-        return self.evaluate(embedder, reasoner, embedder_id=embedder_id, reasoner_id=reasoner_id).metrics()
-
-    def evaluate(
-        self,
-        embedder: Embedder | Encoder,
-        reasoner: Reasoner | None = None,
-        *,
-        embedder_id: str | None = None,
-        reasoner_id: str | None = None,
-        metadata: Mapping[str, Any] | None = None,
+    def _report(
+        self, run: EvalRun, results: dict[str, dict[str, Any]], stats: dict[str, TaskStats], extra: dict[str, Any]
     ) -> WorldReport:
-        """Evaluate every task; write score files as tasks finish and the summaries at the end (with ``out_dir``).
-
-        Args:
-            embedder: an :class:`~embedrl.models.Embedder`, or any object with its ``encode`` signature (then
-                ``embedder_id`` is required when a cache directory is set).
-            reasoner: the Reasoner, required with ``tcot_source="reasoner"``.
-            embedder_id, reasoner_id: cache ids; default a hash of the weights and settings
-                (:func:`~embedrl.eval.cache.weights_fingerprint`).
-            metadata: extra metadata (``model_name``, ``embedder_path``, ``reasoner_path``, …) for the result files.
-        """
-        run = self._start(embedder, reasoner, embedder_id, reasoner_id)
-        results: dict[str, dict[str, Any]] = {}
-        stats: dict[str, TaskStats] = {}
-        for name in tqdm(self.tasks, desc="tasks", disable=not self.show_progress_bar):
-            results[name], stats[name] = self._evaluate_task(name, run)
-            if self.out_dir is not None:
-                write_task_scores(self.out_dir / SCORES_DIR, name, results[name])
-        task_info = {t: self.manifest["tasks"][t] for t in self.tasks}
-        summary = summarize_tasks(results, self.manifest["tasks"], partial=True, benchmark=BENCHMARK)
-        report = WorldReport(results, summary, self._metadata(run, metadata or {}), stats, task_info)
-        if run.fallbacks:
-            logger.warning("%d item(s) had no T-CoT and were embedded raw (on_missing_tcot=raw)", run.fallbacks)
-        if self.out_dir is not None:
-            report.write(self.out_dir)
-        return report
-
-    # ------------------------------------------------------------------------------------------------------------
-    # One call
-    # ------------------------------------------------------------------------------------------------------------
-
-    def _metadata(self, run: EvalRun, extra: Mapping[str, Any]) -> dict[str, Any]:
-        extra = dict(extra)
-        embedder_path = extra.pop("embedder_path", None)
-        reasoner_path = extra.pop("reasoner_path", None)
-        reasoner = run.reasoner
-        missing = [t for t in self.manifest["tasks"] if t not in self.tasks]
-        return {
-            "model_name": extra.pop("model_name", None) or f"{run.embedder_id} ({self.tcot_source}, {self.mode})",
-            "benchmark": BENCHMARK,
-            "world": {
-                "dir": str(self.world_dir),
-                "seed": self.manifest.get("seed"),
-                "format_version": self.manifest.get("format_version"),
-                "size": self.world_info.get("size"),
-                "generator": self.world_info.get("generator"),
-            },
-            "embedder": {"id": run.embedder_id, "path": embedder_path},
-            "reasoner": None
-            if reasoner is None
-            else {"id": run.reasoner_id, "path": reasoner_path, "compact_prompts": reasoner.compact_prompts},
-            "tcot_source": self.tcot_source,
-            "query_mode": self.mode,
-            "candidate_mode": self.mode,
-            "decoding": dataclasses.asdict(self.decoding) if reasoner is not None else None,
-            "on_missing_tcot": self.on_missing_tcot,
-            "tcot_fallbacks": run.fallbacks,
-            "tasks": list(self.tasks),
-            "partial": bool(missing),
-            "missing": missing,
-            "main_metrics": {t: self.manifest["tasks"][t]["metric"] for t in self.tasks},
-            "embedrl_version": __version__,
-            "report_generated_date": datetime.now().isoformat(timespec="seconds"),
-            **extra,
+        tasks = self.manifest["tasks"]
+        summary = summarize_tasks(results, tasks, partial=True, benchmark=BENCHMARK)
+        world = {
+            "dir": str(self.world_dir),
+            "seed": self.manifest.get("seed"),
+            "format_version": self.manifest.get("format_version"),
+            "size": self.world_info.get("size"),
+            "generator": self.world_info.get("generator"),
         }
+        metadata = self._run_metadata(
+            run,
+            extra,
+            head={"benchmark": BENCHMARK, "world": world},
+            settings={"on_missing_tcot": self.on_missing_tcot, "tcot_fallbacks": run.fallbacks},
+            missing=[t for t in tasks if t not in self.tasks],
+            data={"main_metrics": {t: tasks[t]["metric"] for t in self.tasks}},
+        )
+        return WorldReport(results, summary, metadata, stats, {t: tasks[t] for t in self.tasks})
 
 
 def read_query_values(out_dir: str | Path) -> dict[str, np.ndarray]:
@@ -390,51 +277,11 @@ def evaluate_world(cfg: EvalConfig) -> dict[str, Any]:
     Returns:
         :meth:`WorldReport.as_dict` plus ``"markdown"`` (the summary table) and ``"files"`` (the written paths).
     """
-    out = Path(cfg.out)
-    save_config(cfg, out)
-    dtype: Any = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    embedder = Embedder.load(cfg.embedder, dtype=dtype, device=cfg.device)
-    reasoner = None
-    if cfg.tcot_source == "reasoner":
-        reasoner = Reasoner.from_pretrained(
-            cfg.reasoner, dtype=dtype, device=cfg.device, compact_prompts=cfg.compact_prompts
-        )
-    decoding = Decoding(
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        max_new_tokens=cfg.max_new_tokens,
-        greedy=cfg.greedy,
-        seed=cfg.seed,
-    )
-    evaluator = WorldEvaluator(
+    return run_eval_stage(
+        cfg,
+        WorldEvaluator,
         cfg.world,
-        cfg.tasks or None,
-        mode=cfg.mode,
-        tcot_source=cfg.tcot_source,
-        decoding=decoding,
-        on_missing_tcot=cfg.on_missing_tcot,
-        batch_size=cfg.batch_size,
-        reasoner_batch_size=cfg.reasoner_batch_size,
-        cache_dir=cfg.cache_dir or out / "cache",
-        out_dir=out,
-        show_progress_bar=cfg.show_progress_bar,
+        embedder_path=cfg.embedder,
+        model_name=cfg.name or f"{cfg.embedder} ({cfg.tcot_source}, {cfg.mode})",
+        extra_metadata=lambda embedder: {"embedder_dim": embedder.dim},
     )
-    name = cfg.name or f"{cfg.embedder} ({cfg.tcot_source}, {cfg.mode})"
-    report = evaluator.evaluate(
-        embedder,
-        reasoner,
-        embedder_id=cfg.embedder_id or None,
-        reasoner_id=cfg.reasoner_id or None,
-        metadata={
-            "model_name": name,
-            "embedder_path": cfg.embedder,
-            "reasoner_path": cfg.reasoner or None,
-            "embedder_dim": embedder.dim,
-            "eval_config": config_to_dict(cfg),
-        },
-    )
-    files = {"scores": str(out / SCORES_DIR), "predictions": str(out / PREDICTIONS_DIR)} | {
-        k: str(out / f) for k, f in (("summary_md", SUMMARY_MD), ("summary_json", SUMMARY_JSON),
-                                     ("leaderboard", LEADERBOARD_JSON), ("config", "config.json"))
-    }  # fmt: skip
-    return {**report.as_dict(), "markdown": report.markdown(), "files": files}

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from embedrl import __version__
 from embedrl.config import WorldConfig, save_config
 from embedrl.data.schema import Item, Pair, read_jsonl, write_jsonl, write_pairs
 from embedrl.eval.task import EvalTask
-from embedrl.world.scenes import Clip, Crop, MediaSpec, Page, Scene, crop_box, render_media
+from embedrl.world.scenes import Clip, Crop, MediaSpec, Page, Scene, crop_box, default_font, render_media
 from embedrl.world.tasks import (
     EVAL_LEVEL,
     RL_LEVEL,
@@ -599,10 +599,6 @@ def format_world_stats(stats: dict[str, Any]) -> str:
 
 
 def _text_tile(text: str, width: int, height: int) -> Image.Image:
-    from PIL import ImageDraw
-
-    from embedrl.world.scenes import _font
-
     tile = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(tile)
     chars = max(8, (width - 8) // 6)
@@ -615,14 +611,12 @@ def _text_tile(text: str, width: int, height: int) -> Image.Image:
             line = f"{line} {word}".strip()
     lines.append(line)
     for i, ln in enumerate(lines[: height // 12]):
-        draw.text((4, 2 + 12 * i), ln, font=_font(), fill=(0, 0, 0))
+        draw.text((4, 2 + 12 * i), ln, font=default_font(), fill=(0, 0, 0))
     return tile
 
 
 def _media_tile(root: Path, rec: dict[str, Any]) -> Image.Image:
     """An item's media with its teacher evidence in red (boxes, key frames) and ground truth in green."""
-    from PIL import ImageDraw
-
     prov, gt = rec["meta"]["tcot_provenance"], rec["meta"]["gt"]
     if rec["frames"]:
         frames = [Image.open(root / p).convert("RGB") for p in rec["frames"]]

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 from embedrl.backbones.tiny import BACKBONE_CONFIG_FILENAME
 from embedrl.config import BackbonePretrainConfig, TeacherNoiseConfig, save_config
 from embedrl.data.schema import Item, Modality
+from embedrl.models.generation import generate_texts
 from embedrl.models.reasoner import Reasoner, ReasonerPrompt, build_reasoner_prompt
 from embedrl.tcot import parse_tcot
 from embedrl.train.reasoner import SFTExample, discrimination_sft, sft_batch, warmup_linear_decay
@@ -91,6 +92,7 @@ METRICS_FILE = "metrics.jsonl"
 PERCEPTION_FILE = "perception.json"
 STATE_FILE = "trainer_state.pt"
 EVAL_SEED_OFFSET = 7_919_000  # held-out media: a seed stream no training step uses
+COMPACT_PROMPTS = True  # the tcot task's prompt style, recorded in the checkpoint's embedrl_reasoner.json
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,7 @@ def tcot_task(rng: random.Random, geo: Geometry) -> PerceptionExample:
     _, example = _world_example(rng, geo, 1)
     side, chosen = rng.choice((("query", example.query), ("target", example.positive)))
     item = _side_item(chosen, geo, rng)
-    prompt = build_reasoner_prompt(item, side, _modality(example.positive), compact=True)
+    prompt = build_reasoner_prompt(item, side, _modality(example.positive), compact=COMPACT_PROMPTS)
     return PerceptionExample(list(prompt.images), "", item.tcot or "", "tcot", prompt)
 
 
@@ -261,9 +263,6 @@ def evaluate_perception(
     reasoner: Reasoner, geo: Geometry, tasks: list[str], per_task: int, seed: int
 ) -> dict[str, float]:
     """Greedy accuracy per task on ``per_task`` held-out examples (:meth:`PerceptionExample.correct`)."""
-    model = reasoner.model
-    was_training = model.training
-    model.eval()
     scores = {}
     for task in tasks:
         rng = random.Random(EVAL_SEED_OFFSET + seed * 101 + sorted(TASKS).index(task))
@@ -272,12 +271,10 @@ def evaluate_perception(
         for start in range(0, per_task, 16):
             chunk = examples[start : start + 16]
             inputs = reasoner.chat_inputs([ex.sft().prompt for ex in chunk])
-            with torch.no_grad():
-                out = model.generate(**inputs, do_sample=False, max_new_tokens=EVAL_NEW_TOKENS.get(task, 96))
-            texts = reasoner.processor.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+            texts = generate_texts(reasoner.model, reasoner.processor, inputs, do_sample=False,
+                                   max_new_tokens=EVAL_NEW_TOKENS.get(task, 96))  # fmt: skip
             hits += sum(ex.correct(text) for ex, text in zip(chunk, texts, strict=True))
         scores[task] = round(hits / per_task, 4)
-    model.train(was_training)
     return scores
 
 
@@ -296,7 +293,7 @@ def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
     save_config(cfg, out)
     torch.manual_seed(cfg.seed)
     geo = Geometry()
-    reasoner = Reasoner.from_pretrained(cfg.backbone, device=cfg.device)
+    reasoner = Reasoner.from_pretrained(cfg.backbone, device=cfg.device, compact_prompts=COMPACT_PROMPTS)
     model = reasoner.model
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

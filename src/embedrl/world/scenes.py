@@ -367,7 +367,7 @@ def render_clip(clip: Clip, cell: int) -> list[np.ndarray]:
 
 
 @lru_cache(maxsize=1)
-def _font() -> ImageFont.ImageFont:
+def default_font() -> ImageFont.ImageFont:
     """PIL's built-in bitmap font (6 px advance, 11 px line): identical pixels on every machine."""
     return ImageFont.load_default_imagefont()
 
@@ -375,7 +375,7 @@ def _font() -> ImageFont.ImageFont:
 @lru_cache(maxsize=512)
 def text_pixels(text: str, scale: int = 1) -> np.ndarray:
     """Boolean ink mask of ``text`` in the bitmap font, enlarged ``scale`` times (nearest neighbour)."""
-    font = _font()
+    font = default_font()
     width = max(1, int(font.getlength(text)))
     img = Image.new("L", (width, 11), 0)
     ImageDraw.Draw(img).text((0, 0), text, font=font, fill=255)

@@ -993,46 +993,20 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec(
-            "world_cls", "I-CLS", "image", "local", make_cls, "image -> colour and shape of the patterned object"
-        ),
+        TaskSpec("world_cls", "I-CLS", "image", "local", make_cls,
+                 "image -> colour and shape of the patterned object"),
         TaskSpec("world_vqa", "I-QA", "image", "local", make_vqa, "image + question -> answer phrase"),
         TaskSpec("world_t2i", "I-RET", "image", "local", make_t2i, "caption -> image (near-duplicate negatives)"),
         TaskSpec("world_i2t", "I-RET", "image", "local", make_i2t, "image -> caption"),
         TaskSpec("world_grounding", "I-GD", "image", "local", make_grounding, "image + expression -> object crop"),
-        TaskSpec(
-            "world_video_cls",
-            "V-CLS",
-            "video",
-            "global",
-            make_video_cls,
-            "video -> event class (all labels)",
-            grade=_exact,
-            corpus=lambda rng: [video_label_side(lab, rng) for lab in video_labels()],
-        ),
+        TaskSpec("world_video_cls", "V-CLS", "video", "global", make_video_cls, "video -> event class (all labels)",
+                 grade=_exact, corpus=lambda rng: [video_label_side(lab, rng) for lab in video_labels()]),
         TaskSpec("world_vqa_video", "V-QA", "video", "local", make_vqa_video, "video + question -> answer phrase"),
-        TaskSpec(
-            "world_t2v",
-            "V-RET",
-            "video",
-            "global",
-            make_t2v,
-            "caption -> video (all videos)",
-            grade=_t2v_grade,
-            siblings=2,
-        ),
+        TaskSpec("world_t2v", "V-RET", "video", "global", make_t2v, "caption -> video (all videos)", grade=_t2v_grade,
+                 siblings=2),
         TaskSpec("world_v2t", "V-RET", "video", "local", make_v2t, "video -> caption"),
         TaskSpec("world_moment", "V-MRET", "video", "local", make_moment, "moment text -> clip of the same scene"),
-        TaskSpec(
-            "world_doc",
-            "VisDoc",
-            "visdoc",
-            "global",
-            make_doc,
-            "query -> document page (graded qrels)",
-            metric="ndcg_linear@5",
-            grade=doc_grade,
-            siblings=3,
-        ),  # type: ignore[arg-type]
+        TaskSpec("world_doc", "VisDoc", "visdoc", "global", make_doc, "query -> document page (graded qrels)",  # type: ignore[arg-type]
+                 metric="ndcg_linear@5", grade=doc_grade, siblings=3),
     )
-}
+}  # fmt: skip
