@@ -52,3 +52,35 @@ def tiny_backbone_dir(tmp_path_factory):
         return built[family]
 
     return get
+
+
+# Qwen3-VL's own image/video processor limits (as the published checkpoints' preprocessor configs carry them): wide
+# enough that images the reference layout has already resized pass through unchanged.
+QWEN3_VL_PROCESSOR_SIZE = {"shortest_edge": 64 * 32 * 32, "longest_edge": 16384 * 32 * 32}
+
+
+@pytest.fixture(scope="session")
+def published_embedder_dir(tiny_backbone_dir, tmp_path_factory):
+    """A tiny Qwen3-VL saved exactly as the published Embed-RL checkpoints are (the authors' merge script): ``<emb>``
+    an ordinary added token, ``config.emb_token_ids = [id]``, Qwen3-VL's processor limits, the model's own chat
+    template, and no embedrl file (no embedder.json, no embedrl_* settings, no recorded pixel budget). Read-only."""
+    import torch
+
+    from embedrl.backbones import load_backbone
+
+    model, processor = load_backbone(tiny_backbone_dir("qwen3-vl"))
+    tokenizer = processor.tokenizer
+    tokenizer.add_tokens(["<emb>"])  # a plain added token, as the reference trainer adds it
+    emb_id = tokenizer.convert_tokens_to_ids("<emb>")
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # the tiny vocabulary has no spare row
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model.resize_token_embeddings(len(tokenizer))
+    model.config.emb_token_ids = [emb_id]
+    del model.config.embedrl_pixel_budget
+    processor.image_processor.size = dict(QWEN3_VL_PROCESSOR_SIZE)
+    processor.video_processor.size = dict(QWEN3_VL_PROCESSOR_SIZE)
+    out = tmp_path_factory.mktemp("published-embed-rl")
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

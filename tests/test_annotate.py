@@ -3,8 +3,11 @@ and the HTTP path against the project's own OpenAI-compatible server on loopback
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
+import threading
+import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -301,6 +304,63 @@ def test_http_retries_with_exponential_backoff_then_fails_loudly(pairs_file: Pat
     with pytest.raises(AnnotationError, match=r"still failing after 3 retries \(ConnectError"):
         annotate(cfg, annotator)
     assert delays[:3] == [0.5, 1.0, 1.5] and annotator.requests_sent >= 4
+
+
+class TrickleServer:
+    """A loopback endpoint that answers every request with a valid chat reply, one byte per ``interval`` seconds
+    (status line and headers included); it stops when the client hangs up or after ``limit_s`` seconds."""
+
+    REPLY = json.dumps({"choices": [{"message": {"role": "assistant", "content": TCOT}}]}).encode()
+
+    def __init__(self, interval: float = 0.25, limit_s: float = 60.0) -> None:
+        self.interval, self.limit_s = interval, limit_s
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(limit_s)
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+
+    def _serve(self) -> None:
+        deadline = time.monotonic() + self.limit_s
+        with contextlib.suppress(OSError):
+            while time.monotonic() < deadline:
+                conn, _ = self.sock.accept()
+                with conn:
+                    conn.recv(1 << 20)  # the request (small)
+                    reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                    reply += b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(self.REPLY) + self.REPLY
+                    for i in range(len(reply)):
+                        if time.monotonic() > deadline:
+                            return
+                        conn.sendall(reply[i : i + 1])  # raises once the client has cut the connection
+                        time.sleep(self.interval)
+
+    def close(self) -> None:
+        self.sock.close()
+        self.thread.join(5)
+
+
+def test_http_timeout_bounds_the_whole_reply_not_each_read() -> None:
+    server = TrickleServer(interval=0.25)  # the whole reply would take ~60 s; no single read waits > 0.25 s
+    try:
+        settings = AnnotatorSettings(
+            backend="openai", model="m", base_url=server.url, timeout_s=1.5, max_retries=1, backoff_s=0.0,
+            concurrency=1, api_key_env="",
+        )  # fmt: skip
+        annotator = OpenAIAnnotator(settings)
+        start = time.monotonic()
+        with pytest.raises(AnnotationError, match=r"still failing after 1 retries \(ReadTimeout: no complete reply "
+                           r"within timeout_s=1.5\)"):  # fmt: skip
+            list(
+                annotator.complete([ChatRequest("k", [{"role": "user", "content": [{"type": "text", "text": "x"}]}])])
+            )
+        elapsed = time.monotonic() - start
+        assert annotator.requests_sent == 2 and elapsed < 2 * 1.5 + 2.0, elapsed  # two attempts of 1.5 s each
+    finally:
+        server.close()
 
 
 def test_cli_annotate_then_filter_with_a_local_annotator(pairs_file: Path, tiny_backbone_dir, tmp_path: Path) -> None:

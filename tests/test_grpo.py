@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import importlib.util
 import json
+import logging
 import threading
 import time
 from collections import Counter
@@ -14,6 +15,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import GenerationConfig
 
 from embedrl.backbones import load_backbone, read_reasoner_settings
@@ -35,6 +37,8 @@ from embedrl.train.grpo import (
     completion_logprobs,
     load_models,
     pair_prompts,
+    prompt_lengths,
+    screen_prompts,
     step_batches,
     step_line,
     train_rl,
@@ -367,3 +371,72 @@ def test_step_line_shows_the_logged_terms_only() -> None:
     )
     with_process = step_line(3, 80, "world_vqa", {**record, "reward/process": 0.5})
     assert "(format 1.000, process 0.500, outcome 0.250)" in with_process
+
+
+def video_heavy_set(out: Path, policy: Reasoner) -> tuple[Path, int, dict[str, int]]:
+    """A video-heavy RL set and a ``max_prompt_tokens`` between its image/text prompts and its video prompts.
+
+    Frames and images are 128 x 128 (16 visual tokens each under the tiny budget), so a video prompt carries
+    8 x 16 tokens where an image prompt carries 16. ``video_mix``: 4 video -> text and 2 image -> text pairs (a dataset
+    that loses part of its pairs); ``clips``: 4 text -> video pairs (the video on the target side); ``photos``: 4
+    image -> text pairs. Returns the file, the limit, and the expected dropped count per dataset.
+    """
+    rng = np.random.default_rng(0)
+    media = out / "media"
+    media.mkdir(parents=True, exist_ok=True)
+
+    def picture(name: str) -> str:
+        path = media / f"{name}.png"
+        Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(path)
+        return str(path)
+
+    def video(name: str) -> Item:
+        return Item(id=name, frames=tuple(picture(f"{name}-{k}") for k in range(8)), instruction="Which action?")
+
+    def photo(name: str) -> Item:
+        return Item(id=name, images=(picture(name),), instruction="Which object?")
+
+    def label(name: str) -> Item:
+        return Item(id=name, text=f"label {name}")
+
+    pairs = [Pair("video_mix", f"m{i}", video(f"m{i}q"), label(f"m{i}t")) for i in range(4)]
+    pairs += [Pair("video_mix", f"m{i}", photo(f"m{i}q"), label(f"m{i}t")) for i in range(4, 6)]
+    pairs += [Pair("clips", f"c{i}", label(f"c{i}q"), video(f"c{i}t")) for i in range(4)]
+    pairs += [Pair("photos", f"p{i}", photo(f"p{i}q"), label(f"p{i}t")) for i in range(4)]
+    has_video = [bool(p.query.frames or p.target.frames) for p in pairs]
+    lengths = prompt_lengths(policy, [pr for p in pairs for _, pr, _ in pair_prompts(p, policy.compact_prompts)])
+    longest = [max(lengths[2 * i], lengths[2 * i + 1]) for i in range(len(pairs))]
+    limit = max(n for n, v in zip(longest, has_video, strict=True) if not v)
+    assert min(n for n, v in zip(longest, has_video, strict=True) if v) > limit + 80, "frames add too few tokens"
+    path = out / "video_heavy.jsonl"
+    path.write_text("".join(json.dumps(p.to_record()) + "\n" for p in pairs))
+    return path, limit, {"clips": 4, "photos": 0, "video_mix": 4}
+
+
+def test_native_run_reports_pairs_dropped_by_max_prompt_tokens(
+    make_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    light = dict(beta=0.0, w_process=0.0, max_new_tokens=4, sample_table_every=0, save_every=100)
+    models = load_models(make_cfg(tmp_path, **light))  # no reference model, no Discriminator
+    data, limit, expected = video_heavy_set(tmp_path, models.policy)
+    screen = screen_prompts(read_pairs(data), models.policy, limit)
+    assert screen.dropped == expected and screen.totals == {"clips": 4, "photos": 4, "video_mix": 6}
+    assert len(screen.kept(read_pairs(data))) == 14 - 8
+    cfg = make_cfg(tmp_path / "run", data=str(data), max_prompt_tokens=limit, max_steps=7, **light)
+    with caplog.at_level(logging.INFO, logger="embedrl.train.grpo"):
+        train_rl(cfg, models=models)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped ")]
+    assert lines == [
+        f"dropped 4 of 4 pairs of clips: prompt > max_prompt_tokens ({limit})",
+        f"dropped 0 of 4 pairs of photos: prompt > max_prompt_tokens ({limit})",
+        f"dropped 4 of 6 pairs of video_mix: prompt > max_prompt_tokens ({limit})",
+    ]
+    records = [json.loads(line) for line in (tmp_path / "run" / METRICS_FILE).read_text().splitlines()]
+    assert len(records) == 7 and {r["dataset"] for r in records} == set(expected)  # every batch of an epoch
+    for r in records:
+        assert r["data/dropped_prompt_tokens"] == expected[r["dataset"]]
+        # native drops per step: a batch keeps only its fitting pairs (a video_mix batch may lose 0, 1 or 2)
+        assert r["pairs"] + r["data/pairs_dropped_overlong"] == B
+        if r["dataset"] == "clips":
+            assert r["pairs"] == 0 and r["skipped"] == 1
+    assert sum(r["data/pairs_dropped_overlong"] for r in records) == 8  # 7 batches = all 14 pairs, 8 with video

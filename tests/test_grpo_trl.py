@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,11 +17,20 @@ import embedrl.train.grpo_trl as grpo_trl_module
 from embedrl.backbones import load_backbone, read_reasoner_settings
 from embedrl.cli import main
 from embedrl.config import GRPOTrainConfig, RewardConfig, ServeConfig, WorldConfig
-from embedrl.data.schema import read_pairs
+from embedrl.data.schema import Item, Pair, read_pairs
 from embedrl.models.embedder import Embedder
 from embedrl.models.reasoner import Reasoner, build_reasoner_prompt
 from embedrl.rewards.judges import ChatDiscriminator, EmbedderReward, EndpointDiscriminator, EndpointEmbedderReward
-from embedrl.train.grpo import METRICS_FILE, RL_META_FILE, SAMPLES_FILE, RLData, Timed, load_models
+from embedrl.train.grpo import (
+    METRICS_FILE,
+    RL_META_FILE,
+    SAMPLES_FILE,
+    RLData,
+    Timed,
+    load_models,
+    pair_prompts,
+    prompt_lengths,
+)
 from embedrl.train.grpo_trl import (
     StepClock,
     TRLRewards,
@@ -277,3 +288,51 @@ def test_trl_grpo_moves_the_policy_toward_higher_reward(
     before = _lucky_mass(cfg.reasoner, pairs, lucky)
     after = _lucky_mass(final, pairs, lucky)
     assert after > before + 0.05, (before, after)
+
+
+def test_trl_run_drops_overlong_video_pairs_before_batching_and_reports_them(
+    make_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A video-heavy set (8 frames of 16 visual tokens vs one 16-token image) with a limit between the two: every
+    video pair is dropped before batching, counted per dataset in the log and in each step's metrics."""
+    rng = np.random.default_rng(0)
+
+    def picture(name: str) -> str:
+        path = tmp_path / f"{name}.png"
+        Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(path)
+        return str(path)
+
+    def video(name: str) -> Item:
+        return Item(id=name, frames=tuple(picture(f"{name}-{k}") for k in range(8)), instruction="Which action?")
+
+    def photo(name: str) -> Item:
+        return Item(id=name, images=(picture(name),), instruction="Which object?")
+
+    pairs = [Pair("video_mix", f"m{i}", video(f"m{i}q"), Item(id=f"m{i}t", text=f"label {i}")) for i in range(4)]
+    pairs += [Pair("video_mix", f"m{i}", photo(f"m{i}q"), Item(id=f"m{i}t", text=f"label {i}")) for i in (4, 5)]
+    pairs += [Pair("clips", f"c{i}", Item(id=f"c{i}q", text=f"clip {i}"), video(f"c{i}t")) for i in range(4)]
+    pairs += [Pair("photos", f"p{i}", photo(f"p{i}q"), Item(id=f"p{i}t", text=f"photo {i}")) for i in range(4)]
+    data = tmp_path / "video_heavy.jsonl"
+    data.write_text("".join(json.dumps(p.to_record()) + "\n" for p in pairs))
+    light = dict(w_process=0.0, max_new_tokens=4, sample_table_every=0, save_every=100)
+    models = load_models(make_cfg(tmp_path / "probe", **light), reference=False, lora=False)
+    policy = models.policy
+    lengths = prompt_lengths(policy, [pr for p in pairs for _, pr, _ in pair_prompts(p, policy.compact_prompts)])
+    longest = [max(lengths[2 * i], lengths[2 * i + 1]) for i in range(len(pairs))]
+    video_pairs = [bool(p.query.frames or p.target.frames) for p in pairs]
+    limit = max(n for n, v in zip(longest, video_pairs, strict=True) if not v)
+    assert min(n for n, v in zip(longest, video_pairs, strict=True) if v) > limit + 80
+
+    cfg = make_cfg(tmp_path / "run", data=str(data), max_prompt_tokens=limit, max_steps=3, **light)
+    with caplog.at_level(logging.INFO, logger="embedrl.train.grpo"):
+        train_rl_trl(cfg, models=models)
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped ")] == [
+        f"dropped 4 of 4 pairs of clips: prompt > max_prompt_tokens ({limit})",
+        f"dropped 0 of 4 pairs of photos: prompt > max_prompt_tokens ({limit})",
+        f"dropped 4 of 6 pairs of video_mix: prompt > max_prompt_tokens ({limit})",
+    ]
+    records = _metrics(tmp_path / "run")
+    # 2 video_mix pairs and 4 photos pairs are left: 3 whole batches of B, and no clips batch at all
+    assert sorted(r["dataset"] for r in records) == ["photos", "photos", "video_mix"]
+    for r in records:
+        assert r["pairs"] == B and r["data/dropped_prompt_tokens"] == {"photos": 0, "video_mix": 4}[r["dataset"]]

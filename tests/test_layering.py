@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Components from the bottom up; a component is a top-level module or subpackage of embedrl.
 RANKS: list[tuple[str, ...]] = [
-    ("embedrl",),  # the package root: __version__ only
+    ("embedrl",),  # the package root: __version__, and the loaders exported lazily through importlib
     ("embedrl.prompts",),  # every prompt and special token
     ("embedrl.config",),  # one config dataclass per stage
     ("embedrl.data",),  # record types and readers

@@ -636,3 +636,126 @@ def test_cli_eval_mmeb_end_to_end(data: Path, embedder_dir: Path, tiny_backbone_
     assert meta["cot_mode"] == "query+candidate" and meta["query_mode"] == "full"
     assert main(args) == 0  # rerun: everything comes from the caches
     assert main([*base, "--out", str(tmp_path / "x"), "--tasks", "NoSuchSet"]) == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference layout: VLM2Vec's wording and formatting, its frame order, MomentSeeker unsampled
+# ----------------------------------------------------------------------------------------------------------------
+
+QA = (
+    "Given a video and a question, select the most accurate answer from the provided candidates. Return only the "
+    "exact text of your chosen answer. Question:  "  # VLM2Vec's prompt ends with a space, then one more is joined
+)
+
+
+def texts(loaded, ids: Sequence[str]) -> dict[str, str]:
+    return {loaded.names[i]: loaded.eval_task.pool[i].text for i in ids}
+
+
+def test_reference_layout_builds_the_texts_vlm2vec_builds(data: Path) -> None:
+    def ref(key: str, **kw):
+        loaded = load_mmeb_task(key, data, layout="reference", **kw)
+        items = [*loaded.eval_task.queries, *loaded.eval_task.pool.values()]
+        assert all(item.instruction == "" for item in items), key  # the whole VLM2Vec text is in Item.text
+        return loaded, loaded.eval_task.queries[0]
+
+    inet, q = ref("ImageNet-1K")  # image_cls: instruction (<|image_1|> removed) then text, stripped
+    assert q.text == "ImageNet-1K query:" and q.images == (data / "image-tasks/inet/a.jpg",)
+    assert texts(inet, inet.eval_task.candidates[0]) == {"cat": "cat", "dog": "dog", "fox": "fox"}  # bare labels
+    _, q = ref("OK-VQA")
+    assert q.text == "OK-VQA query: What is it?"
+    t2i, q = ref("MSCOCO_t2i")
+    assert q.text == "MSCOCO_t2i query: a red kite" and q.images == ()
+    assert set(texts(t2i, t2i.eval_task.candidates[0]).values()) == {"MSCOCO_t2i target:"}
+    refcoco, q = ref("RefCOCO-Matching")
+    assert q.text == "RefCOCO-Matching query: left cat"
+    assert texts(refcoco, refcoco.eval_task.candidates[0]) == {
+        "ref/t.jpg:left cat": "RefCOCO-Matching target: left cat",
+        "ref/t.jpg:right cat": "RefCOCO-Matching target: right cat",
+    }
+
+    k700, q = ref("K700")
+    assert q.text == "Recognize the category of the video content." and len(q.frames) == 8
+    assert texts(k700, list(k700.eval_task.pool)) == {n: n for n in ("juggling", "surfing", "knitting")}
+    _, q = ref("SmthSmthV2")
+    assert q.text == "What actions or object interactions are being performed by the person in the video?"
+    msrvtt, q = ref("MSR-VTT")
+    assert q.text == "Find a video that contains the following visual content: a man sings" and not q.frames
+    target = "Understand the content of the provided video."
+    assert set(texts(msrvtt, list(msrvtt.eval_task.pool)).values()) == {target}
+    assert ref("DiDeMo")[1].text == "Find a video that includes the following described scenes: the ball rolls"
+    assert ref("MSVD")[1].text == "Find the video snippet that corresponds to the given summary: a cat jumps"
+    assert ref("VATEX")[1].text == "Select a video that fits the description provided: people dance"
+    assert ref("YouCook2")[1].text == (
+        "Find a video that demonstrates the following action while making a recipe: add salt"
+    )
+
+    mvbench, q = ref("MVBench")  # lettered options are the candidates (names and texts)
+    assert q.text == QA + "What happens?\nOptions:\n(A) runs\n(B) sits"
+    assert texts(mvbench, mvbench.eval_task.candidates[0]) == {"(A) runs": "(A) runs", "(B) sits": "(B) sits"}
+    assert names(mvbench, mvbench.eval_task.qrels[0]) == ["(B) sits"]
+    videomme, q = ref("Video-MME")
+    assert q.text == QA + "Color?\nA. red\nB. blue"
+    assert texts(videomme, videomme.eval_task.candidates[0]) == {"A. red": "red", "B. blue": "blue"}
+    assert ref("NExTQA")[1].text == QA + "Why?\nOptions:\n(A) rain\n(B) sun\n(C) wind\n(D) snow\n(E) fog"
+    ego, q = ref("EgoSchema")  # VLM2Vec's quirks kept: no space before the options, "k"/"n" for unlabelled ones
+    assert q.text == QA + "Goal?cook clean"
+    assert texts(ego, ego.eval_task.candidates[0]) == {"cook": "k", "clean": "n"}
+    assert ref("ActivityNetQA")[1].text == QA + "Is it day?? (A) yes; (B) no."
+
+    qv, q = ref("QVHighlight", num_frames=2)  # moment retrieval samples its frames ...
+    assert q.text == "Find the clip that corresponds to the described scene in the given video: a goal is scored"
+    assert len(q.frames) == 2 and all(len(c.frames) == 2 for c in qv.eval_task.pool.values())
+    ms = load_mmeb_task("MomentSeeker", data, layout="reference", num_frames=2)  # ... MomentSeeker does not
+    assert [q.text for q in ms.eval_task.queries] == [
+        "Find the clip that corresponds to the given text: find the jump",
+        "Select the video clip that aligns with the given text and image: like this",
+        "Find the clip that corresponds to the given sentence and video segment: after this",
+    ]
+    assert len(ms.eval_task.queries[2].frames) == 8 and all(len(c.frames) == 8 for c in ms.eval_task.pool.values())
+    assert {c.text for c in ms.eval_task.pool.values()} == {"Understand the content of the provided video clip."}
+    ours = load_mmeb_task("MomentSeeker", data, num_frames=2)
+    assert all(len(c.frames) == 2 for c in ours.eval_task.pool.values())
+
+    vidore, q = ref("ViDoRe_arxivqa")
+    assert q.text == "Find a document image that matches the given query: revenue 2020?"
+    assert {c.text for c in vidore.eval_task.pool.values()} == {
+        "Understand the content of the provided document image."
+    }
+    # the two layouts never share item ids (they embed different texts)
+    assert not set(vidore.eval_task.pool) & set(load_mmeb_task("ViDoRe_arxivqa", data).eval_task.pool)
+
+
+def test_frame_orders_of_the_harnesses(tmp_path: Path) -> None:
+    from embedrl.eval.benchmark import pick_frames
+
+    for name in ("Frame_2.jpg", "frame_10.jpg", "frame_1.jpg"):
+        _png(tmp_path / name, 0)
+    (tmp_path / "notes.txt").write_text("not a frame")
+    got = {order: [p.name for p in pick_frames(tmp_path, 0, order)] for order in ("natural", "vlm2vec", "sorted")}
+    assert got == {
+        "natural": ["Frame_2.jpg", "frame_1.jpg", "frame_10.jpg"],  # ours: case-sensitive text parts
+        "vlm2vec": ["frame_1.jpg", "Frame_2.jpg", "frame_10.jpg"],  # VLM2Vec lower-cases them
+        "sorted": ["Frame_2.jpg", "frame_1.jpg", "frame_10.jpg"],  # plain string order (UVRB)
+    }
+    assert [p.name for p in pick_frames(tmp_path, 2, "vlm2vec")] == ["frame_1.jpg", "frame_10.jpg"]
+
+
+def test_reference_layout_follows_the_embedder_and_refuses_a_mismatch(data: Path, tmp_path: Path) -> None:
+    class ReferenceOracle(Oracle):
+        layout = "reference"
+
+    evaluator = MMEBEvaluator(data, ["MVBench"], mode="raw", tcot_source="none", check_counts=False, out_dir=tmp_path)
+    assert names(evaluator.load("MVBench"), evaluator.task("MVBench").qrels[0]) == ["sits"]  # embedrl until told
+    evaluator.layout = "reference"
+    report = evaluator.evaluate(ReferenceOracle(evaluator), embedder_id="oracle")
+    assert report.metadata["layout"] == "reference" and report.metadata["frame_order"] == "vlm2vec"
+    assert names(evaluator.loaded["MVBench"], evaluator.task("MVBench").qrels[0]) == ["(B) sits"]
+    assert report.results["MVBench"]["hit@1"] == 1.0
+    # the leaderboard file has the shape of the published ones (VLM2Vec's format)
+    ours, published = (json.loads(p.read_text()) for p in (tmp_path / "leaderboard.json", SCORES_DIR / FILES["2B"]))
+    assert list(ours) == list(published) == ["metadata", "metrics"]
+    assert list(ours["metrics"]["video"]["MVBench"]) == list(published["metrics"]["video"]["MVBench"])
+    ours = MMEBEvaluator(data, ["MVBench"], mode="raw", tcot_source="none", check_counts=False, layout="embedrl")
+    with pytest.raises(ValueError, match="the Embedder's layout is 'reference' but the evaluation's is 'embedrl'"):
+        ours.evaluate(ReferenceOracle(evaluator), embedder_id="oracle")

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from embedrl.prompts import CUE_BOXES, CUE_FRAMES, CUE_KEYS, CUE_KEYWORDS
-from embedrl.tcot import TCoT, answer_segment, format_ok, parse_tcot, render_tcot, split_tcot
+from embedrl.tcot import (
+    DEFUSED_TAG_MARK,
+    MAX_PROBLEMS,
+    TCoT,
+    answer_segment,
+    format_ok,
+    parse_tcot,
+    render_tcot,
+    split_tcot,
+)
 
 REST = "<rethink>Checked.</rethink><answer>A red car.</answer>"
 
@@ -469,3 +481,142 @@ def test_rejects_bad_arguments() -> None:
         parse_tcot("x", cue_key="boxes")
     with pytest.raises(TypeError):
         parse_tcot(None)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Every drop and repair is recorded; the structured fields never hold a tag
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_unreadable_cue_object_next_to_a_readable_one_is_recorded() -> None:
+    t = parse_tcot(tcot('A car. {"bbox_2d": [1, 2, 30, 40]} {"bbox_2d": [5, 6, oops]}'), cue_key=CUE_BOXES)
+    assert t.boxes == [[1, 2, 30, 40]]
+    assert "unreadable object with bbox_2d dropped" in t.problems
+    unclosed = parse_tcot(tcot('{"key_frames": [2]} {"key_frames": [oops'), cue_key=CUE_FRAMES)
+    assert unclosed.frames == [1] and "unreadable object with key_frames dropped" in unclosed.problems
+    clean = parse_tcot(tcot('Set {A, B}. {"bbox_2d": [1, 2, 30, 40]}'), cue_key=CUE_BOXES)
+    assert clean.problems == []  # braces in prose without a cue key are prose, not a dropped object
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "value", "problem"),
+    [
+        (tcot('{"text_keywords": ["a"]}', "<rethink>r</rethink><answer>A <thinking> car</answer>"), "answer",
+         f"A {DEFUSED_TAG_MARK}thinking> car", "tag '<thinking>' inside <answer> defused"),
+        (tcot('{"text_keywords": ["a"]}', "<rethink>r <answer>x</answer> s</rethink><answer>y</answer>"), "rethink",
+         f"r {DEFUSED_TAG_MARK}answer>x{DEFUSED_TAG_MARK}/answer> s", "tag '<answer>' inside <rethink> defused"),
+        (tcot('{"text_keywords": ["<Answer>car", "road"]}'), "keywords",
+         [f"{DEFUSED_TAG_MARK}Answer>car", "road"], "tag '<Answer>' inside a keyword defused"),
+        (tcot('I <rethink> think. {"text_keywords": ["a"]}'), "thinking",
+         f"I {DEFUSED_TAG_MARK}rethink> think.", "tag '<rethink>' inside <thinking> defused"),
+        # cutting the cue out of "<{cue}/thinking>" would make a closing tag of the prose
+        (tcot('<{"text_keywords": ["a"]}/thinking>'), "thinking",
+         f"{DEFUSED_TAG_MARK} /thinking>", "tag '< /thinking>' inside <thinking> defused"),
+    ],
+)  # fmt: skip
+def test_tags_inside_fields_are_defused_and_recorded(text: str, field: str, value: object, problem: str) -> None:
+    t = parse_tcot(text)
+    assert getattr(t, field) == value and problem in t.problems, t.problems
+
+
+def test_problems_are_capped_with_a_count() -> None:
+    boxes = ", ".join(f"[{i}, 0, {i}, 5]" for i in range(200))  # 200 distinct zero-area boxes
+    t = parse_tcot(tcot(f'{{"bbox_2d": [{boxes}, [1, 2, 30, 40]]}}'), cue_key=CUE_BOXES)
+    assert t.boxes == [[1, 2, 30, 40]] and len(t.problems) == MAX_PROBLEMS + 1
+    assert t.problems[-1].endswith("more problems not listed")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Round trip of any text: parse_tcot(render_tcot(parse_tcot(x))) == parse_tcot(x) in every structured field
+# ---------------------------------------------------------------------------------------------------------------
+
+ROUND_TRIP_FRAGMENTS = FRAGMENTS | st.sampled_from(
+    [
+        '{"bbox_2d": [1, 2, 30, 40]}', '{"text_keywords": ["a", "b"]}', '{"key_frames": [1, 3]}', '{"note": [1, 2',
+        '{"a": ', "}]", '\\"', "<", "/", ">", "thinking", "answer", "rethink", "< /", "u", "{'a': '",
+    ]
+)  # fmt: skip
+
+
+def _fields(t: TCoT) -> tuple:
+    return (t.thinking, t.cue_key, t.keywords, t.boxes, t.frames, t.rethink, t.answer)
+
+
+def _assert_round_trip(text: str, cue_key: str | None, n_frames: int | None) -> None:
+    once = parse_tcot(text, cue_key=cue_key, n_frames=n_frames)
+    twice = parse_tcot(render_tcot(once), cue_key=cue_key, n_frames=n_frames)
+    assert _fields(twice) == _fields(once), (text, once.problems)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(ROUND_TRIP_FRAGMENTS, max_size=50).map("".join),
+    st.sampled_from(("bare", "closed", "unclosed")),
+    st.sampled_from((None, *CUE_KEYS)),
+    st.none() | st.integers(0, 10),
+)
+def test_round_trip_of_any_fragment_text(body: str, wrap: str, cue_key: str | None, n_frames: int | None) -> None:
+    text = {"bare": body, "closed": f"<thinking>{body}</thinking>{REST}", "unclosed": f"<thinking>{body}"}[wrap]
+    _assert_round_trip(text, cue_key, n_frames)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200), st.sampled_from((None, *CUE_KEYS)))
+def test_round_trip_of_any_text(body: str, cue_key: str | None) -> None:
+    _assert_round_trip(f"<thinking>{body}</thinking>{REST}", cue_key, None)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '<thinking>{"text_keywords": ["dog"]} {"key_frames": [1]}</thinking>',  # the ignored cue would win
+        '<thinking>{"text_keywords": ["a\\"b"]} {"note": [1, 2</thinking>',  # an unclosed object would swallow it
+        '<thinking>{"bbox_2d": [1,2,30,40]} {"key_frames": [1</thinking>',
+        '<thinking>{"bbox_2d"{"bbox_2d": [1, 2, 3, 4]}: [5, 6, 7, 8]}</thinking>',  # the cut makes a new object
+        "<thinking>t</thinking><rethink>r <answer>a</rethink> b</answer>",  # an answer opened inside the rethink
+    ],
+)
+def test_round_trip_cases_that_differed(text: str) -> None:
+    for cue_key in (None, *CUE_KEYS):
+        _assert_round_trip(text, cue_key, None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Linear time on adversarial input
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _repeat(unit: str, head: str = "<thinking>", tail: str = "</thinking>" + REST) -> Callable[[int], str]:
+    return lambda size: head + unit * ((size - len(head) - len(tail)) // len(unit)) + tail
+
+
+ADVERSARIAL = {
+    "unclosed cue objects": _repeat('{"bbox_2d": [', tail="</thinking>"),
+    "unclosed bare-key objects": _repeat("{a"),
+    "cue keys after one brace": _repeat("bbox_2d: [", head="<thinking>{"),
+    "unclosed keyword strings": _repeat('{"text_keywords": "'),
+    "duplicate boxes": _repeat("[1, 2, 30, 40], ", head='<thinking>{"bbox_2d": [', tail="]}</thinking>" + REST),
+    "key frames": _repeat("1, ", head='<thinking>{"key_frames": [', tail="]}</thinking>" + REST),
+    "a tag opener and spaces": _repeat(" ", head="<thinking><"),
+    "tags inside the answer": _repeat("<rethink>", head="<thinking>x</thinking><answer>", tail="</answer>"),
+}
+
+
+def _cpu_seconds(text: str, repeats: int) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.process_time()  # CPU time of this process: other jobs on the machine do not count
+        parse_tcot(text, cue_key=CUE_BOXES, n_frames=8)
+        format_ok(text, CUE_BOXES, n_frames=8)
+        best = min(best, time.process_time() - start)
+    return best
+
+
+@pytest.mark.parametrize("pattern", list(ADVERSARIAL))
+def test_parse_time_per_kilobyte_stays_flat(pattern: str) -> None:
+    """16x the text costs < 32x the time, from 64 KB to 1 MB (a quadratic parser: 256x); 256 KB first, so that a
+    quadratic parser fails in seconds instead of running for an hour."""
+    make = ADVERSARIAL[pattern]
+    small = max(_cpu_seconds(make(64 * 1024), repeats=3), 1e-3)
+    assert _cpu_seconds(make(256 * 1024), repeats=1) / small < 8 * 2, pattern
+    assert _cpu_seconds(make(1024 * 1024), repeats=1) / small < 16 * 2, pattern

@@ -269,3 +269,58 @@ def test_cli_eval_uvrb_end_to_end(data: Path, embedder_dir: Path, tmp_path: Path
     assert summary["metadata"]["cot_mode"] == "none" and summary["metadata"]["frame_order"] == "natural"
     assert (out / "predictions/CMRB.jsonl").is_file()
     assert main([*args[:-2], "--tasks", "MSR-VTT"]) == 2  # not a UVRB name: MSRVTT is
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference layout: the reference loader's prompts, text handling and frame order
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_reference_layout_joins_the_reference_prompt_into_the_text_as_run_by_default(data: Path) -> None:
+    cmrb = load_uvrb_task("CMRB", data, layout="reference", max_text_chars=80)
+    q1, q2 = cmrb.eval_task.queries
+    assert q1.text == "Find the video according to the camera motion description. the camera pans left"
+    assert q1.instruction == "" and cmrb.instruction_applied  # CMRB is one of the two the reference run prompted
+    # cut after the prompt was joined, in characters, as the reference does
+    assert q2.text == ("Find the video according to the camera motion description. " + "x" * 50)[:80]
+    # plain string order of 0.jpg .. 11.jpg (0, 1, 10, 11, 2, ...), then floor(linspace(0, 11, 8))
+    assert [Path(f).name for f in cmrb.eval_task.pool["c:v0"].frames] == [
+        f"{i}.jpg" for i in (0, 1, 11, 2, 4, 5, 7, 9)
+    ]
+    # as run (the default of the reference layout): MSRVTT-I2V's prompt was never applied
+    i2v = load_uvrb_task("MSRVTT-I2V", data, layout="reference")
+    assert i2v.eval_task.queries[0].text == "" and not i2v.instruction_applied
+    # as intended: every dataset's prompt; alone for an image- or video-only query
+    i2v = load_uvrb_task("MSRVTT-I2V", data, layout="reference", query_instructions="all")
+    assert i2v.eval_task.queries[0].text == "Find the video according to the image." and i2v.instruction_applied
+    c2v = load_uvrb_task("LoVR-C2V", data, layout="reference", query_instructions="all")
+    assert c2v.eval_task.queries[0].text == "Find the original long video according to the short video clip."
+    ours = load_uvrb_task("MSRVTT-I2V", data)  # our layout: our table, all datasets, instruction kept apart
+    assert ours.eval_task.queries[0].instruction == "Find the video that matches this image."
+
+
+def test_reference_layout_keeps_only_the_image_of_an_image_and_video_query(tmp_path: Path) -> None:
+    root = write_uvrb(tmp_path / "u")
+    base = dataset_dir(root, "LoVR-C2V")
+    _jsonl(base / "jsonl/queries.jsonl", [{"id": "q1", "text": "t", "image": "i1.jpg", "video": "clips/c1.mp4"}])
+    ref = load_uvrb_task("LoVR-C2V", root, layout="reference").eval_task.queries[0]
+    assert len(ref.images) == 1 and ref.frames == () and ref.text == "t"
+    ours = load_uvrb_task("LoVR-C2V", root).eval_task.queries[0]
+    assert len(ours.images) == 1 and len(ours.frames) == 4
+
+
+def test_cli_eval_uvrb_reference_layout(data: Path, embedder_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "ref"
+    args = ["eval", "uvrb", "--data", str(data), "--model", str(embedder_dir), "--out", str(out), "--layout",
+            "reference", "--tasks", "CMRB,MSRVTT-I2V", "--num_frames", "2", "--show_progress_bar", "false",
+            "--dtype", "float32"]  # fmt: skip
+    assert main(args) == 0
+    meta = json.loads((out / "summary.json").read_text())["metadata"]
+    assert meta["layout"] == "reference" and meta["frame_order"] == "sorted"
+    assert meta["query_instructions"] == "reference" and meta["query_instruction_source"] == "reference"
+    assert meta["query_instruction_applied"] == {"CMRB": True, "MSRVTT-I2V": False}
+    assert meta["pixel_budget"]["frame_max_pixels"] == 768 * 32 * 32  # the reference UVRB run's frames
+    assert meta["max_text_chars"] == 8192
+    assert main([*args[:-6], "--query_instructions", "all", *args[-6:]]) == 0  # as intended
+    meta = json.loads((out / "summary.json").read_text())["metadata"]
+    assert meta["query_instructions"] == "all" and meta["query_instruction_applied"]["MSRVTT-I2V"] is True

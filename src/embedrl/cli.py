@@ -241,6 +241,20 @@ def cmd_eval_mmeb(args: argparse.Namespace) -> int:
     return _eval_benchmark(args, MMEBEvalConfig, evaluate_mmeb)
 
 
+def cmd_eval_import_tcots(args: argparse.Namespace) -> int:
+    """Import the paper's published T-CoT files into a T-CoT file for ``eval mmeb --tcot_cache``."""
+    from embedrl.eval.published import import_published_tcots
+
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    report = import_published_tcots(
+        args.src, args.data, args.out, tasks=tasks, layout=args.layout, page_labels=args.page_labels,
+        num_frames=args.num_frames, on_bad_row=args.on_bad_row,
+    )  # fmt: skip
+    print(report.markdown().rstrip("\n"))
+    print(f"\nwrote {report.out} and {report.out.name}.report.json")
+    return 0
+
+
 def cmd_eval_uvrb(args: argparse.Namespace) -> int:
     """Evaluate on UVRB from the extracted layout: score files, predictions, UVRB-16 and UVRB-6."""
     from embedrl.eval.uvrb import evaluate_uvrb
@@ -357,6 +371,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_arguments(uvrb_eval, UVRBEvalConfig)
     uvrb_eval.set_defaults(func=cmd_eval_uvrb)
+    imp = eval_sub.add_parser(
+        "import-tcots",
+        help="import the paper's published T-CoT files (Image/, Video/, VisDo/) for eval mmeb --tcot_cache FILE",
+    )
+    imp.add_argument("--src", type=Path, required=True, help="the release's folder (Image/, Video/, VisDo/)")
+    imp.add_argument("--data", type=Path, required=True, help="the MMEB-V2 data root (docs/eval.md §5)")
+    imp.add_argument("--out", type=Path, required=True, help="the T-CoT file to write (JSONL; other datasets kept)")
+    imp.add_argument("--tasks", default="", help="score keys, comma-separated; '' = every dataset with files in --src")
+    imp.add_argument(
+        "--layout", default="reference", choices=("embedrl", "reference"),
+        help="the item layout of the evaluation that reads the file (item ids depend on it)",
+    )  # fmt: skip
+    imp.add_argument("--page_labels", default="fixed", choices=("fixed", "old"), help="as for eval mmeb")
+    imp.add_argument("--num_frames", type=int, default=8, help="as for eval mmeb")
+    imp.add_argument("--on_bad_row", default="stop", choices=("stop", "skip"), help="as for eval mmeb")
+    imp.set_defaults(func=cmd_eval_import_tcots)
 
     convert = sub.add_parser(
         "convert", help="MMEB-train, LLaVA-Hound, ViDoRe and VisRAG rows -> pairs JSONL with caps and weights"

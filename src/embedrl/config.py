@@ -146,8 +146,24 @@ class DecodingFields(SamplingFields, PromptStyleFields):
         self._check_sampling(self.greedy)
 
 
+_LAYOUT_HELP = _help(
+    "Embedder input layout: embedrl (ours) or reference (the published Embed-RL checkpoints', "
+    "docs/published-models.md); null = the checkpoint's (embedder.json's; reference for a published checkpoint)"
+)
+_EMBEDDER_DIR = "Embedder: a folder written by Embedder.save, a published Embed-RL checkpoint, or a hub id"
+
+
 @dataclass
-class EmbedRunFields(DecodingFields):
+class EmbedderLayoutFields:
+    """The input layout of a stage that loads an Embedder."""
+
+    _config_mixin: ClassVar[bool] = True
+
+    layout: Literal["embedrl", "reference"] | None = field(default=None, metadata=_LAYOUT_HELP)
+
+
+@dataclass
+class EmbedRunFields(DecodingFields, EmbedderLayoutFields):
     """How a stage that embeds items with Reasoner T-CoTs (evaluation, index) runs its two models."""
 
     _config_mixin: ClassVar[bool] = True
@@ -605,7 +621,7 @@ class RewardConfig:
 
 
 @dataclass
-class GRPOTrainConfig(SamplingFields, PromptStyleFields):
+class GRPOTrainConfig(SamplingFields, PromptStyleFields, EmbedderLayoutFields):
     """`embedrl rl`: EG-RL, GRPO on the Reasoner with the frozen Embedder and Discriminator as rewards (docs/method.md
     §4).
 
@@ -619,8 +635,8 @@ class GRPOTrainConfig(SamplingFields, PromptStyleFields):
     embedder: str = field(
         default="",
         metadata=_help(
-            "frozen reward Embedder: a directory written by Embedder.save, or the served model's name when "
-            "embedder_url is set"
+            "frozen reward Embedder: a folder written by Embedder.save, a published Embed-RL checkpoint or a hub "
+            "id; or the served model's name when embedder_url is set (its layout: --layout)"
         ),
     )
     embedder_url: str = field(
@@ -694,7 +710,11 @@ class GRPOTrainConfig(SamplingFields, PromptStyleFields):
     max_grad_norm: float = field(default=1.0, metadata=_help("gradient clipping norm; 0 disables"))
     max_new_tokens: int = field(default=2048, metadata=_help("longest rollout (response tokens)"))
     max_prompt_tokens: int = field(
-        default=2048, metadata=_help("longest prompt; a pair whose prompt overflows on either side is dropped (both)")
+        default=4096,
+        metadata=_help(
+            "longest prompt in tokens (video: 8 frames x up to 300 visual tokens + the family prompt, about 3000); a "
+            "pair whose prompt overflows on either side is dropped (both), counted per dataset at start-up"
+        ),
     )
     generation_batch_size: int = field(
         default=0, metadata=_help("prompts per generate call (each gives G rollouts); 0 = all 2*B prompts at once")
@@ -801,7 +821,7 @@ class EvalConfig(EvalRunFields):
     """
 
     world: str = field(default="", metadata=_help("world directory written by `embedrl world generate` (required)"))
-    embedder: str = field(default="", metadata=_help("Embedder directory written by Embedder.save (required)"))
+    embedder: str = field(default="", metadata=_help(_EMBEDDER_DIR + " (required)"))
     out: str = field(
         default="", metadata=_help("output dir: scores/, summary.md/.json, leaderboard.json, config.json (required)")
     )
@@ -839,7 +859,7 @@ class IndexConfig(EmbedRunFields):
     so a killed build resumes where it stopped. ``docs/serve.md`` describes the index directory.
     """
 
-    model: str = field(default="", metadata=_help("Embedder directory written by Embedder.save (required)"))
+    model: str = field(default="", metadata=_help(_EMBEDDER_DIR + " (required)"))
     corpus: str = field(
         default="", metadata=_help("JSONL of items, one per line (id, text, instruction, images, frames, tcot, meta)")
     )
@@ -875,7 +895,7 @@ class IndexConfig(EmbedRunFields):
 
 
 @dataclass
-class ServeConfig(PromptStyleFields):
+class ServeConfig(PromptStyleFields, EmbedderLayoutFields):
     """`embedrl serve`: the OpenAI-compatible HTTP server (embeddings, chat completions, index search).
 
     Serves an Embedder (``/v1/embeddings``), chat models (``/v1/chat/completions``: the Reasoner and/or
@@ -883,7 +903,7 @@ class ServeConfig(PromptStyleFields):
     below answers a 4xx JSON error that names it. ``docs/serve.md`` documents the endpoints.
     """
 
-    model: str = field(default="", metadata=_help("Embedder directory written by Embedder.save ('' = no embeddings)"))
+    model: str = field(default="", metadata=_help(_EMBEDDER_DIR + " ('' = no embeddings)"))
     reasoner: str = field(
         default="", metadata=_help("Reasoner checkpoint dir: query T-CoTs, and served as a chat model ('' = none)")
     )
@@ -920,6 +940,18 @@ class ServeConfig(PromptStyleFields):
     max_tokens_limit: int = field(default=2048, metadata=_help("largest max_tokens a chat request may ask for"))
     max_n: int = field(default=8, metadata=_help("largest n (choices per chat request)"))
     max_k: int = field(default=1000, metadata=_help("largest k of a /search request"))
+    max_tcot_chars: int = field(
+        default=16384, metadata=_help("characters of a client's tcot at most (keeps its parse under ~50 ms)")
+    )
+    max_request_pixels: int = field(
+        default=64 * 2**20, metadata=_help("width x height summed over a request's images and frames (413 above)")
+    )
+    max_request_frames: int = field(default=256, metadata=_help("video frames of one request at most (413 above)"))
+    max_batch_pixels: int = field(
+        default=256 * 2**20, metadata=_help("decoded pixels of the requests merged into one model batch at most")
+    )
+    max_batch_frames: int = field(default=1024, metadata=_help("video frames of one model batch at most"))
+    decode_threads: int = field(default=4, metadata=_help("threads that read and decode media off the event loop"))
     batch_size: int = field(default=16, metadata=_help("items per Embedder forward inside one micro-batch"))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
         default="auto", metadata=_help("weight dtype of every loaded model")
@@ -942,9 +974,14 @@ class ServeConfig(PromptStyleFields):
             raise ConfigError(f"tcot_temperature={self.tcot_temperature} must be > 0; set tcot_greedy: true instead")
         for name in ("max_batch_size", "max_request_bytes", "max_inputs", "max_images", "max_frames",
                      "max_image_pixels", "max_text_chars", "max_tokens_limit", "max_n", "max_k", "batch_size",
-                     "tcot_max_new_tokens"):  # fmt: skip
+                     "tcot_max_new_tokens", "max_tcot_chars", "max_request_pixels", "max_request_frames",
+                     "max_batch_pixels", "max_batch_frames", "decode_threads"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
+        for what in ("pixels", "frames"):
+            request, batch = getattr(self, f"max_request_{what}"), getattr(self, f"max_batch_{what}")
+            if request > batch:
+                raise ConfigError(f"max_request_{what}={request} exceeds max_batch_{what}={batch}: no batch fits it")
 
     def bearer_token(self) -> str:
         """The configured bearer token: ``api_key``, or the value of ``api_key_env`` ('' = no auth)."""
@@ -960,18 +997,28 @@ class ServeConfig(PromptStyleFields):
 class BenchmarkEvalConfig(EvalRunFields):
     """Fields shared by `embedrl eval mmeb` and `embedrl eval uvrb` (real benchmarks from a local data folder).
 
-    Without ``reasoner`` the Embedder runs in ``raw`` mode (no T-CoTs); with it, every query and every unique
-    candidate gets a Reasoner T-CoT (cached) and ``mode`` applies to both sides.
+    Without ``reasoner`` or ``tcot_cache`` the Embedder runs in ``raw`` mode (no T-CoTs); with a Reasoner, every
+    query and every unique candidate gets a Reasoner T-CoT (cached); with ``tcot_cache``, the T-CoTs of that file
+    (e.g. the published ones, ``embedrl eval import-tcots``; items without one are embedded raw and counted).
+    ``mode`` applies to both sides.
     """
 
     data: str = field(default="", metadata=_help("benchmark data folder in the distributed layout (required)"))
-    model: str = field(default="", metadata=_help("Embedder directory written by Embedder.save (required)"))
+    model: str = field(default="", metadata=_help(_EMBEDDER_DIR + " (required)"))
     out: str = field(default="", metadata=_help("output dir: scores/, predictions/, summaries, config.json"))
     name: str = field(default="", metadata=_help("run label recorded as model_name; '' = the model directory's name"))
     tasks: list[str] = field(default_factory=list, metadata=_help("dataset keys to evaluate; [] = all scored ones"))
     reasoner: str = field(default="", metadata=_help("Reasoner checkpoint for T-CoTs on both sides ('' = raw mode)"))
+    tcot_cache: str = field(
+        default="",
+        metadata=_help(
+            "T-CoT file written by `embedrl eval import-tcots` (the published T-CoTs): no Reasoner is loaded, items "
+            "without a T-CoT in it are embedded raw and counted ('' = none)"
+        ),
+    )
     mode: Literal["auto", "full", "answer_only", "no_evidence", "raw"] = field(
-        default="auto", metadata=_help("Embedder mode (docs/method.md §6.4); auto = full with a Reasoner, raw without")
+        default="auto",
+        metadata=_help("Embedder mode (docs/method.md §6.4); auto = full with T-CoTs (Reasoner or file), raw without"),
     )
     max_new_tokens: int = field(default=1024, metadata=_help("longest generated T-CoT, in tokens"))
     num_frames: int = field(default=8, metadata=_help("frames sampled uniformly per video (benchmarks: 8)"))
@@ -984,14 +1031,20 @@ class BenchmarkEvalConfig(EvalRunFields):
     def resolved_mode(self) -> str:
         if self.mode != "auto":
             return self.mode
-        return "full" if self.reasoner else "raw"
+        return "full" if self.reasoner or self.tcot_cache else "raw"
 
     def __post_init__(self) -> None:
         _require(self, ("data", "model", "out"))
-        if self.reasoner and self.mode == "raw":
-            raise ConfigError("mode=raw embeds no T-CoT: drop --reasoner, or pick mode full/answer_only/no_evidence")
-        if not self.reasoner and self.mode not in ("auto", "raw"):
-            raise ConfigError(f"mode={self.mode} needs T-CoTs: pass --reasoner DIR, or use mode raw")
+        if self.reasoner and self.tcot_cache:
+            raise ConfigError("reasoner and tcot_cache are two T-CoT sources: pass one of them")
+        if (self.reasoner or self.tcot_cache) and self.mode == "raw":
+            raise ConfigError(
+                "mode=raw embeds no T-CoT: drop --reasoner/--tcot_cache, or pick mode full/answer_only/no_evidence"
+            )
+        if not (self.reasoner or self.tcot_cache) and self.mode not in ("auto", "raw"):
+            raise ConfigError(f"mode={self.mode} needs T-CoTs: pass --reasoner DIR or --tcot_cache FILE, or mode raw")
+        if self.tcot_cache and not Path(self.tcot_cache).is_file():
+            raise ConfigError(f"tcot_cache {self.tcot_cache} does not exist; write it with embedrl eval import-tcots")
         self._check_run()
         if self.num_frames < 1:
             raise ConfigError(f"num_frames={self.num_frames} must be >= 1")
@@ -1017,9 +1070,12 @@ class MMEBEvalConfig(BenchmarkEvalConfig):
 class UVRBEvalConfig(BenchmarkEvalConfig):
     """`embedrl eval uvrb`: the 16 UVRB datasets from the extracted hub layout (docs/eval.md §6)."""
 
-    query_instructions: Literal["all", "reference"] = field(
-        default="all",
-        metadata=_help("instructions for every dataset (all), or only CMRB and DiDeMo as in the reference run"),
+    query_instructions: Literal["all", "reference"] | None = field(
+        default=None,
+        metadata=_help(
+            "query instructions for every dataset (all, as intended), or only CMRB and DiDeMo (reference, as the "
+            "reference run applied them); null = reference with layout reference, all otherwise"
+        ),
     )
     max_text_chars: int = field(default=8192, metadata=_help("query texts are truncated to this many characters"))
 

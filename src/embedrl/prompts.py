@@ -125,6 +125,34 @@ MAX_CROPS = 8
 SUFFIX = "\nSummarise all of the content above in one word:"
 
 # ----------------------------------------------------------------------------------------------------------------
+# Embedder input layouts (docs/published-models.md): ours, and the one the published Embed-RL checkpoints were
+# evaluated with (the reference MMEB processor), reproduced token by token
+# ----------------------------------------------------------------------------------------------------------------
+
+LAYOUT_EMBEDRL = "embedrl"  # docs/method.md §3.2; what embedrl trains, and what an old embedder.json means
+LAYOUT_REFERENCE = "reference"  # the published checkpoints' layout; the default for a folder without embedder.json
+LAYOUTS: tuple[str, ...] = (LAYOUT_EMBEDRL, LAYOUT_REFERENCE)
+
+# The closing sentence the published checkpoints were trained and evaluated with, byte for byte: its own text part
+# (the chat template joins parts with no separator), no leading or trailing whitespace. A compatibility constant,
+# used only by the reference layout.
+REFERENCE_SUFFIX = "Summarize the above content in one word:"
+# The only placeholders the reference removes from an item's text (then it strips the ends; inner whitespace stays).
+REFERENCE_REMOVED_TOKENS: tuple[str, ...] = (IMAGE_PAD, VIDEO_PAD)
+# The reference truncates text-only inputs (the whole rendered sequence, from the right) to this many tokens; inputs
+# with images are never truncated.
+REFERENCE_MAX_TEXT_ONLY_TOKENS = 8192
+# The T-CoT split of the reference: the first <thinking>...</thinking> span (lazy, across lines), and inside it the
+# first brace group without nested braces, read as JSON (the cue).
+REFERENCE_THINKING_RE = re.compile(re.escape(THINKING_OPEN) + "(.*?)" + re.escape(THINKING_CLOSE), re.DOTALL)
+REFERENCE_CUE_RE = re.compile(r"\{[^{}]*\}")
+# The thinking text part of a successful split: the span as matched, then one newline.
+REFERENCE_THINKING_PART = THINKING_OPEN + "{thinking}" + THINKING_CLOSE + "\n"
+# The reference's evidence scale and crop limits: boxes on 0-1000, crops with a side under MIN_CROP_SIDE_PX or an
+# aspect ratio above MAX_CROP_ASPECT dropped (the same numbers as ours, applied after its own clamping), no crop cap.
+REFERENCE_BOX_SCALE = 1000
+
+# ----------------------------------------------------------------------------------------------------------------
 # Text cleaning shared by the Embedder input and the Reasoner's task slot (docs/method.md §3.2, §6.3)
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -601,6 +629,78 @@ VISDOC_INSTRUCTIONS: tuple[str, str] = (
     "Find the document page that answers this question:",
     "Represent this document page for retrieval:",
 )
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reference harnesses' wording, for `layout: reference` (docs/eval.md §5.1, §6.1): what VLM2Vec (MMEB-V2) and the
+# Embed-RL UVRB loader put in front of the item text, verbatim (trailing spaces and all; the reference strips only the
+# ends of the final text). Image-task rows carry their own (``qry_inst`` / ``tgt_inst``).
+# ----------------------------------------------------------------------------------------------------------------
+
+# MMEB-V2 video classification: the query is this sentence alone (plus the frames); candidates are bare labels.
+MMEB_REFERENCE_VIDEO_CLS: dict[str, str] = {
+    "K700": "Recognize the category of the video content.",
+    "SmthSmthV2": "What actions or object interactions are being performed by the person in the video?",
+    "UCF101": "What activities or sports are being performed by the person in the video?",
+    "HMDB51": "What actions or objects interactions are the person in the video doing?",
+    "Breakfast": "Recognize the breakfast type that the person is cooking in the video. ",
+}
+# MMEB-V2 video QA: ``f"{VIDEO_TOKEN} {prompt} {question}"`` then the dataset's option block; candidates are the
+# options (MVBench: "(A) option"; Video-MME and EgoSchema: the option with its "A. " label cut off).
+MMEB_REFERENCE_VIDEO_QA = (
+    "Given a video and a question, select the most accurate answer from the provided candidates. Return only the "
+    "exact text of your chosen answer. Question: "
+)
+MMEB_REFERENCE_OPTIONS_HEADER = "\nOptions:\n"  # MVBench and NExTQA: then one "(A) option" line per option
+MMEB_REFERENCE_OPTION = "({letter}) {option}"
+MMEB_REFERENCE_YES_NO = "? (A) yes; (B) no."  # ActivityNetQA: appended to the question
+# MMEB-V2 video retrieval (text query -> video) and moment retrieval: (query instruction, candidate instruction).
+MMEB_REFERENCE_VIDEO_TARGET = "Understand the content of the provided video."
+MMEB_REFERENCE_VIDEO_RET: dict[str, tuple[str, str]] = {
+    "DiDeMo": ("Find a video that includes the following described scenes:", MMEB_REFERENCE_VIDEO_TARGET),
+    "MSR-VTT": ("Find a video that contains the following visual content:", MMEB_REFERENCE_VIDEO_TARGET),
+    "MSVD": ("Find the video snippet that corresponds to the given summary:", MMEB_REFERENCE_VIDEO_TARGET),
+    "VATEX": ("Select a video that fits the description provided:", MMEB_REFERENCE_VIDEO_TARGET),
+    "YouCook2": ("Find a video that demonstrates the following action while making a recipe:",
+                 MMEB_REFERENCE_VIDEO_TARGET),
+    "QVHighlight": ("Find the clip that corresponds to the described scene in the given video:",
+                    MMEB_REFERENCE_VIDEO_TARGET),
+    "Charades-STA": ("Find the clip that corresponds to the described scene in the given video:",
+                     MMEB_REFERENCE_VIDEO_TARGET),
+}  # fmt: skip
+# MomentSeeker: the query instruction depends on the query's media; candidates are clips.
+MMEB_REFERENCE_MOMENTSEEKER: dict[str, str] = {
+    "text": "Find the clip that corresponds to the given text:",
+    "image": "Select the video clip that aligns with the given text and image:",
+    "video": "Find the clip that corresponds to the given sentence and video segment:",
+    "target": "Understand the content of the provided video clip.",
+}
+# MMEB-V2 VisDoc (ViDoRe, VisRAG and the OOD sets): text queries -> page images.
+MMEB_REFERENCE_VISDOC: tuple[str, str] = (
+    "Find a document image that matches the given query:",
+    "Understand the content of the provided document image.",
+)
+
+# UVRB query prompts of the Embed-RL UVRB loader, by display name (``f"{prompt} {text}"``; the prompt alone for an
+# image- or video-only query; none for VDC-O). As run, the loader looked them up under the config's dataset_name,
+# which matches only for CMRB and DiDeMo (docs/benchmarks.md §3.6): ``query_instructions`` chooses.
+UVRB_REFERENCE_PROMPTS: dict[str, str] = {
+    "MSRVTT": "Find the clip that corresponds to the described scene in the given video.",
+    "DiDeMo": "Find a video that includes the following described scenes.",
+    "CRB-G": "Find the video according to the general text description.",
+    "CRB-S": "Find the video according to the spatial description.",
+    "CRB-T": "Find the video according to the temporal description.",
+    "CMRB": "Find the video according to the camera motion description.",
+    "DREAM-E": "Find the video according to the text description.",
+    "LoVR-TH": "Find the video according to text description about video theme information.",
+    "PEV-K": "Find the video according to the text description of a series of keywords.",
+    "LoVR-V": "Find the long video according to the long text description.",
+    "VDC-D": "Find the video according to the detailed text description.",
+    "MS-TI": "Find the video clip that corresponds to the given text and the given image.",
+    "MS-TV": "Find the video clip that corresponds to the given text and the given video.",
+    "MSRVTT-I2V": "Find the video according to the image.",
+    "LoVR-C2V": "Find the original long video according to the short video clip.",
+}
+UVRB_REFERENCE_AS_RUN: tuple[str, ...] = ("CMRB", "DiDeMo")  # the two whose config name matched a prompt key
 
 # UVRB query instructions by display name (docs/benchmarks.md §3.1); candidates get none. VDC-O has none, as in the
 # reference loader.

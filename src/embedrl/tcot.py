@@ -13,13 +13,22 @@ Which cue wins (docs/method.md §2.4 and issue 3):
 - Without it, the first cue key (in text order) that yields a valid entry wins; if none does, the first key found.
 - Values of the winning key are **merged in order** over every cue object and every duplicate key (docs/method.md:
   union, not "last key wins" and not "first object wins"); repeated boxes and frames keep their first occurrence.
+
+Guarantees on any string: parsing takes time linear in its length (adversarial inputs hit caps, recorded); every
+dropped or repaired object is recorded; no structured field holds a grammar tag (a tag inside the prose, a segment or
+a keyword is defused: its ``<`` becomes ``‹``, recorded); and ``parse_tcot(render_tcot(t))`` gives back the fields
+``thinking``, ``cue_key``, ``keywords``, ``boxes``, ``frames``, ``rethink`` and ``answer`` of ``t = parse_tcot(x)``
+(with the same ``cue_key`` and ``n_frames``, ``frame_base=1``).
 """
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 import re
+import sys
+from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -38,6 +47,7 @@ from embedrl.prompts import (
 )
 
 Box = list[int]  # [x1, y1, x2, y2] on the 0-1000 scale, x1 < x2, y1 < y2
+MAX_PROBLEMS = 64  # problems listed per parse; a last entry counts the rest
 
 
 @dataclass
@@ -45,7 +55,8 @@ class TCoT:
     """A T-CoT in structured form.
 
     Attributes:
-        thinking: the reasoning prose of ``<thinking>`` without the cue JSON object.
+        thinking: the reasoning prose of ``<thinking>`` without the cue JSON object (without ``cue_key``: without
+            any cue object).
         cue_key: which cue the thinking carries: ``text_keywords``, ``bbox_2d``, ``key_frames`` or None.
         keywords: the ``text_keywords`` cue.
         boxes: the ``bbox_2d`` cue, ``[x1, y1, x2, y2]`` ints on the 0-1000 scale.
@@ -112,7 +123,8 @@ def render_tcot(tcot: TCoT) -> str:
 # ----------------------------------------------------------------------------------------------------------------
 
 # Tolerant tag: any case, spaces inside the angle brackets ("< /Thinking >"). The strict form is TCOT_TAGS.
-_TAG_RE = re.compile(r"<\s*(/?)\s*(thinking|rethink|answer)\s*>", re.IGNORECASE)
+# "<" + whitespace is read in linear time: the slash and the whitespace after it are one optional group.
+_TAG_RE = re.compile(r"<\s*(?:(/)\s*)?(thinking|rethink|answer)\s*>", re.IGNORECASE)
 _CANONICAL = {
     ("thinking", False): THINKING_OPEN,
     ("thinking", True): THINKING_CLOSE,
@@ -144,6 +156,23 @@ class _Layout(NamedTuple):
     thinking: _Span | None
     rethink: _Span | None
     answer: _Span | None
+
+
+# A grammar tag inside a segment's text, a keyword or the thinking prose is defused: its "<" becomes this mark, so
+# the structured fields never hold a tag and render_tcot writes back the same segments (recorded in problems).
+DEFUSED_TAG_MARK = "\u2039"  # single left-pointing angle quotation mark
+
+
+def _defuse(text: str, where: str, problems: list[str]) -> str:
+    """``text`` with every grammar tag's ``<`` replaced by :data:`DEFUSED_TAG_MARK` (each recorded)."""
+    if "<" not in text:
+        return text
+
+    def mark(m: re.Match[str]) -> str:
+        problems.append(f"tag {_short(m.group(0))} inside {where} defused")
+        return DEFUSED_TAG_MARK + m.group(0)[1:]
+
+    return _TAG_RE.sub(mark, text)
 
 
 def _find_tags(text: str) -> list[_Tag]:
@@ -199,6 +228,11 @@ def answer_segment(text: str) -> str | None:
 # ----------------------------------------------------------------------------------------------------------------
 # Cue objects: brace scan, strict then lenient JSON, key-specific scrape
 # ----------------------------------------------------------------------------------------------------------------
+#
+# Every step is linear in the text: one brace scan records each "{" with its matching "}" (or none); objects are
+# tried in text order, skipping what a read object covers; each text position is read by at most one balanced
+# object, and unclosed objects (which run to the end of the text) are tried at most _MAX_OPEN_TRIES times within a
+# budget of characters. The scrape reads each cue key's value only up to the next cue key.
 
 
 class _Pairs(list):
@@ -207,39 +241,58 @@ class _Pairs(list):
 
 _FAIL = object()
 _MAX_DEPTH = 32
+_MAX_OPEN_TRIES = 32  # unclosed objects read leniently per text; more are recorded and skipped
 _NUMBER_RE = re.compile(r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+_INT_RE = re.compile(r"[-+]?\d{1,30}")
+# A run of "number," list entries, read at once (the same numbers the entry-by-entry loop reads, faster).
+_NUMBER_RUN_RE = re.compile(r"(?:\s*" + _NUMBER_RE.pattern + r"\s*,)+")
 _BARE_KEY_RE = re.compile(r"[A-Za-z_][\w-]*")
+_WS_RE = re.compile(r"\s*")
+_STRING_STOP = {'"': re.compile(r'["\\]'), "'": re.compile(r"['\\]")}
 _SCALAR_WORDS = {"true": True, "false": False, "null": None}
+_DECODER = json.JSONDecoder(object_pairs_hook=_Pairs)
+
+
+class _Run(list):
+    """Several list entries read at once (flattened into their list)."""
+
+
+def _literal(digits: str) -> int | float:
+    return int(digits) if _INT_RE.fullmatch(digits) else float(digits)
 
 
 class _Lenient:
     """Recursive-descent reader for JSON-like text: single quotes, bare keys, stray or trailing commas, and
-    brackets left open at the end are accepted. Returns ``_FAIL`` instead of raising."""
+    brackets left open at the end are accepted. Returns ``_FAIL`` instead of raising.
 
-    def __init__(self, text: str, pos: int = 0) -> None:
+    Reads ``text[pos:end]`` only. ``nested_objects=False`` refuses an object inside the one being read (an unclosed
+    object then never swallows a complete one after it). ``far`` is the furthest position examined (the cost)."""
+
+    def __init__(self, text: str, pos: int = 0, end: int | None = None, *, nested_objects: bool = True) -> None:
         self.s, self.i = text, pos
+        self.end = len(text) if end is None else end
+        self.nested_objects = nested_objects
+        self.far = pos
 
     def _ws(self) -> None:
-        while self.i < len(self.s) and self.s[self.i].isspace():
-            self.i += 1
+        self.i = _WS_RE.match(self.s, self.i, self.end).end()  # type: ignore[union-attr]
 
     def value(self, depth: int = 0) -> object:
         self._ws()
-        if self.i >= len(self.s) or depth > _MAX_DEPTH:
+        if self.i >= self.end or depth > _MAX_DEPTH:
             return _FAIL
         c = self.s[self.i]
         if c == "{":
-            return self._object(depth + 1)
+            return self._object(depth + 1) if depth == 0 or self.nested_objects else _FAIL
         if c == "[":
             return self._list(depth + 1)
         if c in "\"'":
             return self._string()
-        m = _NUMBER_RE.match(self.s, self.i)
+        m = _NUMBER_RE.match(self.s, self.i, self.end)
         if m:
             self.i = m.end()
-            digits = m.group(0)
-            return int(digits) if re.fullmatch(r"[-+]?\d{1,30}", digits) else float(digits)
-        m = _BARE_KEY_RE.match(self.s, self.i)
+            return _literal(m.group(0))
+        m = _BARE_KEY_RE.match(self.s, self.i, self.end)
         if m and m.group(0).lower() in _SCALAR_WORDS:
             self.i = m.end()
             return _SCALAR_WORDS[m.group(0).lower()]
@@ -247,12 +300,18 @@ class _Lenient:
 
     def _string(self) -> object:
         quote, start = self.s[self.i], self.i + 1
-        j = start
-        while j < len(self.s) and self.s[j] != quote:
-            j += 2 if self.s[j] == "\\" else 1
-        if j >= len(self.s):
-            return _FAIL
+        stop, j = _STRING_STOP[quote], start
+        while True:
+            m = stop.search(self.s, j, self.end)
+            if m is None:
+                self.far = max(self.far, self.end)
+                return _FAIL
+            j = m.start()
+            if self.s[j] == quote:
+                break
+            j += 2  # a backslash escapes the next character
         self.i = j + 1
+        self.far = max(self.far, self.i)
         raw = self.s[start:j]
         try:
             return json.loads(f'"{raw}"')
@@ -267,7 +326,7 @@ class _Lenient:
         entries: list = []
         while True:
             self._ws()
-            if self.i >= len(self.s) or self.s[self.i] in left_open:
+            if self.i >= self.end or self.s[self.i] in left_open:
                 return entries
             c = self.s[self.i]
             if c == close:
@@ -282,7 +341,20 @@ class _Lenient:
             entries.append(v)
 
     def _list(self, depth: int) -> object:
-        return self._entries("]", lambda: self.value(depth), left_open="}")
+        def entry() -> object:
+            run = _NUMBER_RUN_RE.match(self.s, self.i, self.end) if depth <= _MAX_DEPTH else None
+            if run is None:
+                return self.value(depth)
+            self.i = run.end()
+            return _Run(_literal(x) for x in _NUMBER_RE.findall(run.group(0)))
+
+        entries = self._entries("]", entry, left_open="}")
+        if entries is _FAIL or not any(isinstance(e, _Run) for e in entries):  # type: ignore[union-attr]
+            return entries
+        flat: list = []
+        for e in entries:  # type: ignore[union-attr]
+            flat.extend(e) if isinstance(e, _Run) else flat.append(e)
+        return flat
 
     def _object(self, depth: int) -> object:
         pairs = self._entries("}", lambda: self._pair(depth))
@@ -293,61 +365,47 @@ class _Lenient:
         if self.s[self.i] in "\"'":
             key = self._string()
         else:
-            m = _BARE_KEY_RE.match(self.s, self.i)
+            m = _BARE_KEY_RE.match(self.s, self.i, self.end)
             if not m:
                 return _FAIL
             key, self.i = m.group(0), m.end()
         self._ws()
-        if key is _FAIL or self.i >= len(self.s) or self.s[self.i] != ":":
+        if key is _FAIL or self.i >= self.end or self.s[self.i] != ":":
             return _FAIL
         self.i += 1
         v = self.value(depth)
         return _FAIL if v is _FAIL else (key, v)
 
 
-def _parse_object(candidate: str, problems: list[str]) -> _Pairs | None:
-    """Strict JSON (duplicate keys kept), else the lenient reader (recorded). None when neither gives an object."""
-    try:
-        value = json.loads(candidate, object_pairs_hook=_Pairs)
-    except (ValueError, RecursionError):
-        value = _Lenient(candidate).value()
-        if isinstance(value, _Pairs):
-            problems.append("malformed cue JSON repaired")
-    return value if isinstance(value, _Pairs) else None
+# Brace scan: double-quoted strings (with backslash escapes) count only inside an object, as in JSON.
+_BRACE_SCAN_RE = re.compile(r'[{}"\\]')
+# An unclosed object can only be read when a key (or its end) follows its "{".
+_OPEN_OBJECT_RE = re.compile(r"\{\s*(?:[\"'A-Za-z_}]|\Z)")
 
 
-def _object_spans(text: str) -> list[tuple[int, int]]:
-    """Start/end of brace-balanced objects, outermost first (double-quoted strings respected). An object left open
-    runs to the end of the text; when it does not parse, scanning resumes inside it."""
-    spans, i, rescans = [], 0, 0
-    while (i := text.find("{", i)) != -1:
-        depth, in_str, j = 0, False, i
-        while j < len(text):
-            c = text[j]
-            if in_str:
-                if c == "\\":
-                    j += 1
-                elif c == '"':
-                    in_str = False
+def _brace_nodes(text: str) -> tuple[array, array]:
+    """Start of every ``{`` outside strings, in order, and the end just past its matching ``}`` (-1: unclosed)."""
+    starts, ends, stack = array("q"), array("q"), []
+    in_str, skip = False, -1
+    for m in _BRACE_SCAN_RE.finditer(text):
+        p = m.start()
+        if p == skip:
+            continue
+        c = text[p]
+        if in_str:
+            if c == "\\":
+                skip = p + 1
             elif c == '"':
-                in_str = True
-            elif c == "{":
-                depth += 1
-            elif c == "}":
-                depth -= 1
-                if depth == 0:
-                    break
-            j += 1
-        if j < len(text):
-            spans.append((i, j + 1))
-            i = j + 1
-        else:
-            spans.append((i, len(text)))
-            rescans += 1
-            if rescans > 16:
-                break
-            i += 1
-    return spans
+                in_str = False
+        elif c == "{":
+            stack.append(len(starts))
+            starts.append(p)
+            ends.append(-1)
+        elif stack and c == '"':
+            in_str = True
+        elif stack and c == "}":
+            ends[stack.pop()] = p + 1
+    return starts, ends
 
 
 class _Found(NamedTuple):
@@ -356,61 +414,109 @@ class _Found(NamedTuple):
     span: tuple[int, int]
 
 
-def _objects(text: str, problems: list[str]) -> list[_Found]:
-    """Every (key, value) of every parseable object in ``text``, in order."""
+class _Objects(NamedTuple):
+    found: list[_Found]  # every (key, value) of every read object, in text order
+    failed: list[tuple[int, int]]  # balanced objects that could not be read
+    failed_open: int  # start of the first unclosed object that could not be read (-1: none)
+
+
+def _objects(text: str, problems: list[str]) -> _Objects:
+    """Read the objects of ``text`` in order: a balanced one strictly, else leniently (recorded), and its inside is
+    never read again; an unclosed one (running to the end of the text) leniently, and when it cannot be read, the
+    objects inside it are tried."""
+    starts, ends = _brace_nodes(text)
     found: list[_Found] = []
-    covered = -1
-    for start, end in _object_spans(text):
+    failed: list[tuple[int, int]] = []
+    failed_open, covered, tries, skipped = -1, 0, 0, 0
+    budget = 2 * len(text) + 65536  # characters the unclosed tries may examine together
+    for start, end in zip(starts, ends, strict=True):
         if start < covered:
-            continue  # inside an open object that parsed
-        pairs = _parse_object(text[start:end], problems)
-        if pairs is None:
-            continue
-        covered = end
+            continue  # inside an object already read, or inside a balanced one that could not be read
+        if end >= 0:
+            covered = end
+            pairs = _read_balanced(text, start, end, problems)
+            if pairs is None:
+                failed.append((start, end))
+                continue
+        else:
+            pairs = None
+            if _OPEN_OBJECT_RE.match(text, start):
+                if tries >= _MAX_OPEN_TRIES or budget <= 0:
+                    skipped += 1
+                else:
+                    tries += 1
+                    reader = _Lenient(text, start, nested_objects=False)
+                    value = reader.value()
+                    budget -= max(reader.far, reader.i) - start
+                    if isinstance(value, _Pairs):
+                        problems.append("malformed cue JSON repaired")
+                        pairs, end, covered = value, len(text), len(text)
+            if pairs is None:
+                failed_open = start if failed_open < 0 else failed_open
+                continue
         found.extend(_Found(str(k), v, (start, end)) for k, v in pairs)
-    return found
+    if skipped:
+        problems.append(f"{skipped} more unclosed objects not read (at most {_MAX_OPEN_TRIES} are)")
+    return _Objects(found, failed, failed_open)
+
+
+def _read_balanced(text: str, start: int, end: int, problems: list[str]) -> _Pairs | None:
+    """The object ``text[start:end]``: strict JSON (duplicate keys kept), else the lenient reader (recorded)."""
+    try:
+        value, stop = _DECODER.raw_decode(text, start)
+        if stop == end and isinstance(value, _Pairs):
+            return value
+    except (ValueError, RecursionError):
+        pass
+    value = _Lenient(text, start, end).value()
+    if isinstance(value, _Pairs):
+        problems.append("malformed cue JSON repaired")
+        return value
+    return None
 
 
 _KEY_RE = re.compile(r"[\"']?\b(" + "|".join(CUE_KEYS) + r")\b[\"']?\s*:")
 _INNER_LIST_RE = re.compile(r"\[([^\[\]]*)\]")
 _QUOTED_RE = re.compile(r"\"([^\"]*)\"|'([^']*)'")
+_LIST_SCAN_RE = re.compile(r"[\[\]}]")
 
 
 def _close_brace(text: str, pos: int) -> int:
     """``pos`` moved past following whitespace and one ``}``, if there is one."""
-    j = pos
-    while j < len(text) and text[j].isspace():
-        j += 1
+    j = _WS_RE.match(text, pos).end()  # type: ignore[union-attr]
     return j + 1 if j < len(text) and text[j] == "}" else pos
 
 
-def _scrape(text: str) -> list[_Found]:
-    """Last resort for broken objects: after each cue key, read the next bracketed list of numbers or strings."""
+def _scrape(text: str, keys: list[re.Match[str]]) -> list[_Found]:
+    """Last resort for broken objects: after each cue key (after the first ``{``), read the next bracketed list of
+    numbers or strings, up to the next cue key at most."""
     first = text.find("{")
     found: list[_Found] = []
     if first == -1:
         return found
-    for m in _KEY_RE.finditer(text, first):
-        key, j = m.group(1), m.end()
-        start = text.rfind("{", first, m.start() + 1)
-        while j < len(text) and text[j].isspace():
-            j += 1
-        if j < len(text) and key == CUE_KEYWORDS and text[j] in "\"'":
-            reader = _Lenient(text, j)
+    keys = [m for m in keys if m.start() >= first]
+    start = first
+    for n, m in enumerate(keys):
+        key, j = m.group(1), _WS_RE.match(text, m.end()).end()  # type: ignore[union-attr]
+        limit = keys[n + 1].start() if n + 1 < len(keys) else len(text)
+        brace = text.rfind("{", keys[n - 1].start() if n else first, m.start() + 1)
+        start = brace if brace != -1 else start  # the last "{" before the key
+        if j < limit and key == CUE_KEYWORDS and text[j] in "\"'":
+            reader = _Lenient(text, j, limit)
             word = reader.value()
             if isinstance(word, str):
                 found.append(_Found(key, word, (start, _close_brace(text, reader.i))))
             continue
-        if j >= len(text) or text[j] != "[":
+        if j >= limit or text[j] != "[":
             continue
-        depth, k = 0, j
-        while k < len(text):
-            c = text[k]
-            if c == "}":
+        depth, k = 0, limit
+        for b in _LIST_SCAN_RE.finditer(text, j, limit):
+            if b.group() == "}":
+                k = b.start()
                 break
-            depth += 1 if c == "[" else -1 if c == "]" else 0
-            k += 1
+            depth += 1 if b.group() == "[" else -1
             if depth == 0:
+                k = b.end()
                 break
         body = text[j + 1 : k]
         if key == CUE_KEYWORDS:
@@ -440,7 +546,7 @@ def _number(v: object) -> int | float | None:
         s = v.strip()
         if not _NUMBER_RE.fullmatch(s):
             return None
-        return _number(int(s) if re.fullmatch(r"[-+]?\d{1,30}", s) else float(s))
+        return _number(int(s) if _INT_RE.fullmatch(s) else float(s))
     return None
 
 
@@ -497,20 +603,23 @@ def _norm_box(raw: object, problems: list[str]) -> Box | None:
 
 def _norm_boxes(values: list[object], problems: list[str]) -> list[Box]:
     boxes: list[Box] = []
+    seen: set[tuple[int, ...]] = set()
     for value in values:
         for raw in _box_candidates(value):
             box = _norm_box(raw, problems)
             if box is None:
                 continue
-            if box in boxes:
+            if tuple(box) in seen:
                 problems.append(f"duplicate box {box} dropped")
                 continue
+            seen.add(tuple(box))
             boxes.append(box)
     return boxes
 
 
 def _norm_frames(values: list[object], n_frames: int | None, base: int, problems: list[str]) -> list[int]:
     frames: list[int] = []
+    seen: set[int] = set()
     for value in values:
         if not isinstance(value, list):
             problems.append("key_frames not given as a list")
@@ -525,9 +634,10 @@ def _norm_frames(values: list[object], n_frames: int | None, base: int, problems
             if idx < 0 or (n_frames is not None and idx >= n_frames):
                 problems.append(f"key frame {int(n)} out of range dropped")
                 continue
-            if idx in frames:
+            if idx in seen:
                 problems.append(f"duplicate key frame {int(n)} dropped")
                 continue
+            seen.add(idx)
             frames.append(idx)
     return frames
 
@@ -547,7 +657,7 @@ def _norm_keywords(values: list[object], problems: list[str]) -> list[str]:
                 continue
             if v != v.strip():
                 problems.append("keyword whitespace stripped")
-            keywords.append(v.strip())
+            keywords.append(_defuse(v.strip(), "a keyword", problems))
     return keywords
 
 
@@ -577,22 +687,33 @@ def _without_spans(text: str, spans: list[tuple[int, int]]) -> str:
     return " ".join(p.strip() for p in pieces if p.strip())
 
 
-def _read_cue(inner: str, want: str | None, n_frames: int | None, base: int, problems: list[str]) -> _Cue:
-    """Find, choose and normalise the cue of a thinking segment; the prose is the segment without it."""
+def _read_cue(
+    inner: str, want: str | None, n_frames: int | None, base: int, problems: list[str], *, check: bool = True
+) -> _Cue:
+    """Find, choose and normalise the cue of a thinking segment; the prose is the segment without it.
+
+    Without ``want``, every cue object is cut from the prose (the chosen cue and the ignored ones alike), so that
+    the rendered T-CoT (prose, then the cue) chooses the same cue again. With ``check``, the prose is checked to
+    give back this cue when rendered before it (:func:`render_tcot`); braces that would change it are replaced."""
     src = inner
-    found = _objects(src, problems)
-    if not any(f.key in CUE_KEYS for f in found) and ("{{" in src or "}}" in src):
+    objects = _objects(src, problems)
+    if not any(f.key in CUE_KEYS for f in objects.found) and ("{{" in src or "}}" in src):
         collapsed = src.replace("{{", "{").replace("}}", "}")
-        retry = _objects(collapsed, problems)
-        if any(f.key in CUE_KEYS for f in retry):
+        retry_problems: list[str] = []
+        retry = _objects(collapsed, retry_problems)
+        if any(f.key in CUE_KEYS for f in retry.found):
             problems.append("doubled braces collapsed")
-            src, found = collapsed, retry
-    for f in found:
+            problems.extend(retry_problems)
+            src, objects = collapsed, retry
+    for f in objects.found:
         if f.key not in CUE_KEYS:
             problems.append(f"unknown key {_short(f.key)} ignored")
-    cues = [f for f in found if f.key in CUE_KEYS]
-    if not cues:
-        cues = _scrape(src)
+    keys_in_text = list(_KEY_RE.finditer(src))
+    cues = [f for f in objects.found if f.key in CUE_KEYS]
+    if cues:
+        _record_unreadable(objects, keys_in_text, problems)
+    else:
+        cues = _scrape(src, keys_in_text)
         if cues:
             problems.append("cue read by lenient key extraction")
     keys = list(dict.fromkeys(f.key for f in cues))
@@ -606,7 +727,8 @@ def _read_cue(inner: str, want: str | None, n_frames: int | None, base: int, pro
             problems.append(f"cue {k} ignored (using {want or chosen})")
     if chosen is None:
         problems.append(f"missing cue {want}" if want is not None else "no cue object")
-        return _Cue(src.strip(), None, [], [], [])
+        cue = _Cue(_defuse(src.strip(), "<thinking>", problems), None, [], [], [])
+        return _stable(cue, want, n_frames, problems) if check else cue
     entries = [f for f in cues if f.key == chosen]
     spans = list(dict.fromkeys(f.span for f in entries))
     if len(spans) > 1:
@@ -617,19 +739,79 @@ def _read_cue(inner: str, want: str | None, n_frames: int | None, base: int, pro
     if not values:
         empty = all(f.value == [] for f in entries)
         problems.append(f"empty {chosen} list" if empty else f"no valid {chosen} entry left")
-    prose = _without_spans(src, spans)
-    return _Cue(
-        prose,
+    cut = spans if want is not None else [f.span for f in cues]
+    cue = _Cue(
+        _defuse(_without_spans(src, cut), "<thinking>", problems),
         chosen,
         values if chosen == CUE_KEYWORDS else [],
         values if chosen == CUE_BOXES else [],
         values if chosen == CUE_FRAMES else [],
     )
+    return _stable(cue, want, n_frames, problems) if check else cue
+
+
+def _record_unreadable(objects: _Objects, keys: list[re.Match[str]], problems: list[str]) -> None:
+    """Record every object that could not be read although a cue key stands in it (outside every object read)."""
+    read = sorted(f.span for f in objects.found)
+    loose: list[re.Match[str]] = []  # key matches outside every object read
+    r = 0
+    for m in keys:
+        while r < len(read) and read[r][1] <= m.start():
+            r += 1
+        if r == len(read) or m.start() < read[r][0]:
+            loose.append(m)
+    positions = [m.start() for m in loose]
+    unclosed = [(objects.failed_open, sys.maxsize)] if objects.failed_open >= 0 else []
+    for start, end in [*objects.failed, *unclosed]:
+        k = bisect.bisect_left(positions, start)
+        if k < len(positions) and positions[k] < end:
+            problems.append(f"unreadable object with {loose[k].group(1)} dropped")
+
+
+def _stable(cue: _Cue, want: str | None, n_frames: int | None, problems: list[str]) -> _Cue:
+    """``cue``, or when its prose would read differently once rendered before the cue JSON (a brace of the prose
+    swallowing the cue, or forming a new cue object), the same cue with the prose's braces made parentheses."""
+    if "{" not in cue.prose:
+        return cue  # a prose without "{" holds no object: the rendered cue is read alone
+    tcot = TCoT(cue_key=cue.key, keywords=cue.keywords, boxes=cue.boxes, frames=cue.frames)
+    rendered = f"{cue.prose} {cue_json(tcot)}".strip()
+    if _read_cue(rendered, want, n_frames, 1, [], check=False) == cue:
+        return cue
+    problems.append("braces of the thinking prose made parentheses (they would change the cue)")
+    return cue._replace(prose=cue.prose.translate(_BRACES_TO_PARENS))
+
+
+_BRACES_TO_PARENS = str.maketrans("{}", "()")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Parser and format check
 # ----------------------------------------------------------------------------------------------------------------
+
+
+class _Problems(list):
+    """The problems of one parse: each recorded once, at most ``MAX_PROBLEMS`` listed (then a count of the rest)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._seen: set[str] = set()
+        self.unlisted = 0
+
+    def append(self, problem: str) -> None:
+        if problem in self._seen:
+            return
+        if len(self) >= MAX_PROBLEMS:
+            self.unlisted += 1
+            return
+        self._seen.add(problem)
+        super().append(problem)
+
+    def extend(self, problems: object) -> None:
+        for problem in problems:  # type: ignore[attr-defined]
+            self.append(problem)
+
+    def listed(self) -> list[str]:
+        return [*self, *([f"{self.unlisted} more problems not listed"] if self.unlisted else [])]
 
 
 def _outside_text(text: str, spans: list[_Span]) -> bool:
@@ -668,11 +850,14 @@ def parse_tcot(text: str, *, cue_key: str | None = None, n_frames: int | None = 
         raise ValueError(f"n_frames={n_frames} must be >= 0")
     text = text.strip()
     lay = _layout(text)
-    problems = [f"tag variant {text[t.start : t.end]!r} accepted" for t in lay.tags if not t.exact]
+    problems = _Problems()
+    for t in lay.tags:
+        if not t.exact:
+            problems.append(f"tag variant {_short(text[t.start : t.end])} accepted")
     if lay.thinking is None:
         opened = any(t.name == "thinking" and not t.closing for t in lay.tags)
         problems.append(f"{'unclosed' if opened else 'no'} <thinking>: plain-text fallback")
-        return TCoT(problems=list(dict.fromkeys(problems)), fallback=True, has_all_tags=False, tags_in_order=False)
+        return TCoT(problems=problems.listed(), fallback=True, has_all_tags=False, tags_in_order=False)
     th = lay.thinking
     if any(t.name == "thinking" and not t.closing and t.start > th.start for t in lay.tags):
         problems.append("several <thinking> spans: used the first")
@@ -689,8 +874,8 @@ def parse_tcot(text: str, *, cue_key: str | None = None, n_frames: int | None = 
         problems.append("text outside tags")
     cue = _read_cue(text[th.inner_start : th.inner_end], cue_key, n_frames, frame_base, problems)
 
-    def inner(span: _Span | None) -> str:
-        return "" if span is None else text[span.inner_start : span.inner_end].strip()
+    def inner(span: _Span | None, name: str) -> str:
+        return "" if span is None else _defuse(text[span.inner_start : span.inner_end].strip(), name, problems)
 
     return TCoT(
         thinking=cue.prose,
@@ -698,9 +883,9 @@ def parse_tcot(text: str, *, cue_key: str | None = None, n_frames: int | None = 
         keywords=cue.keywords,
         boxes=cue.boxes,
         frames=cue.frames,
-        rethink=inner(lay.rethink),
-        answer=inner(lay.answer),
-        problems=list(dict.fromkeys(problems)),
+        rethink=inner(lay.rethink, "<rethink>"),
+        answer=inner(lay.answer, "<answer>"),
+        problems=problems.listed(),
         has_all_tags=has_all,
         tags_in_order=in_order,
     )

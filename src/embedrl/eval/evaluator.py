@@ -54,13 +54,12 @@ from embedrl.eval.pipeline import (
     Encoder,
     decoding_from_config,
     embedder_fingerprint,
-    load_embedder,
-    load_reasoner,
     reasoner_fingerprint,
 )
 from embedrl.eval.scores import SCORE_KEYS, write_task_scores, write_text
 from embedrl.eval.task import EvalError, EvalTask, MissingTCoTError
 from embedrl.models.embedder import Embedder
+from embedrl.models.loading import load_embedder, load_reasoner
 from embedrl.models.reasoner import Decoding, Reasoner
 from embedrl.prompts import Side
 
@@ -387,15 +386,16 @@ class TaskEvaluator(Generic[ReportT]):
         """The metadata of a run, in file order: ``model_name``, the benchmark's ``head``, the models and modes,
         the benchmark's ``settings``, the tasks (``missing``: the benchmark's tasks not evaluated), what was read
         (``data``), the version and date, then what is left of ``extra`` (``model_name``, ``embedder_path`` and
-        ``reasoner_path`` are taken out of it)."""
+        ``reasoner_path`` are taken out of it). The Embedder's entry names its input layout when it has one."""
         model_name = extra.pop("model_name", None) or f"{run.embedder_id} ({self.tcot_source}, {self.mode})"
         embedder_path = extra.pop("embedder_path", None)
+        layout = getattr(run.pipeline.embedder, "layout", None)
         reasoner_path = extra.pop("reasoner_path", None)
         reasoner = run.reasoner
         return {
             "model_name": model_name,
             **head,
-            "embedder": {"id": run.embedder_id, "path": embedder_path},
+            "embedder": {"id": run.embedder_id, "path": embedder_path, **({"layout": layout} if layout else {})},
             "reasoner": None
             if reasoner is None
             else {"id": run.reasoner_id, "path": reasoner_path, "compact_prompts": reasoner.compact_prompts},
@@ -560,8 +560,12 @@ def run_eval_stage(
     """
     out = Path(cfg.out)
     save_config(cfg, out)
-    embedder = load_embedder(cfg, embedder_path)
-    reasoner = load_reasoner(cfg, cfg.reasoner)
+    embedder = load_embedder(embedder_path, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device)
+    reasoner = (
+        load_reasoner(cfg.reasoner, dtype=cfg.dtype, device=cfg.device, compact_prompts=cfg.compact_prompts)
+        if cfg.reasoner
+        else None
+    )
     options = {name: getattr(cfg, name) for name in getattr(evaluator, "config_options", ())}
     task_evaluator = evaluator(
         data,

@@ -21,6 +21,12 @@ files); docs/eval.md §5 documents the local layout this module reads.
   de-duplicated by name across the dataset (first occurrence wins; collisions with different content are counted
   and logged), so each is annotated and embedded once.
 - **Video**: 8 frames per video at ``floor(linspace(0, n-1, 8))`` over the naturally sorted frame files.
+- **Layout** (docs/eval.md §5.1): ``embedrl`` (above; our instructions) or ``reference``: the texts VLM2Vec builds
+  for the reference evaluation (instruction wording, option blocks, candidate texts; the whole string in
+  ``Item.text``), VLM2Vec's frame order, MomentSeeker clips unsampled, and the reference pixel budgets
+  (:attr:`MMEBEvaluator.reference_budget`). ``tcot_source="file"`` reads the published T-CoTs imported by
+  :mod:`embedrl.eval.published` (docs/eval.md §5.2). Candidates and queries record the row values that identify
+  them (``meta["source"]``, ``meta["index"]``), the importer's join keys.
 - **Errors**: a malformed row or a missing media file raises :class:`~embedrl.data.rows.RowError` naming the file and
   row; ``on_bad_row="skip"`` drops such rows instead and counts them in the result metadata.
 
@@ -37,13 +43,14 @@ import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
+from embedrl import prompts as P
+from embedrl.backbones import PixelBudget
 from embedrl.config import MMEBEvalConfig
-from embedrl.data.frames import sample_frames
 from embedrl.data.rows import (
     BadRowPolicy,
     BadRows,
@@ -55,7 +62,7 @@ from embedrl.data.rows import (
     save_image_bytes,
 )
 from embedrl.data.schema import Item
-from embedrl.eval.benchmark import BenchmarkEvaluator, BenchmarkReport, run_benchmark_stage
+from embedrl.eval.benchmark import BenchmarkEvaluator, BenchmarkReport, FrameOrder, pick_frames, run_benchmark_stage
 from embedrl.eval.evaluator import (
     LEADERBOARD_JSON,
     EvalError,
@@ -78,7 +85,7 @@ from embedrl.eval.scores import (
     write_leaderboard,
 )
 from embedrl.eval.task import EvalTask
-from embedrl.prompts import MMEB_INSTRUCTIONS, VISDOC_INSTRUCTIONS
+from embedrl.prompts import LAYOUT_EMBEDRL, LAYOUT_REFERENCE, LAYOUTS, MMEB_INSTRUCTIONS, VISDOC_INSTRUCTIONS
 
 __all__ = [
     "MMEB_BY_KEY",
@@ -100,6 +107,7 @@ VISDOC_ROOT = "visdoc-tasks"
 REVISION_FILE = "REVISION"
 IMAGE_SOURCE = "ziyjiang/MMEB_Test_Instruct"
 PageLabels = Literal["fixed", "old"]
+QUOTE = '"'
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -341,23 +349,47 @@ def _item(
 
 
 class _Builder:
-    """Collects queries and de-duplicated candidates while rows are parsed."""
+    """Collects queries and de-duplicated candidates while rows are parsed.
 
-    def __init__(self, task: MMEBTask, data_root: Path) -> None:
+    ``reference``: the items carry the reference harness's text (VLM2Vec's instruction wording and formatting, the
+    whole string in ``text``, no separate instruction) and frames in VLM2Vec's order (docs/eval.md §5.1).
+    ``index`` is the 0-based position of the row being parsed in its rows file (recorded as the query's
+    ``meta["index"]``, the join key of :mod:`embedrl.eval.published`).
+    """
+
+    def __init__(self, task: MMEBTask, data_root: Path, layout: str = LAYOUT_EMBEDRL) -> None:
         self.task = task
         self.root = data_root
+        self.reference = layout == LAYOUT_REFERENCE
         self.queries: list[_Query] = []
         self.pool: dict[str, _Candidate] = {}
         self.collisions = 0
+        self.index = 0
 
-    def candidate(self, name: str, text: str = "", images: Sequence[Path] = (), frames: Sequence[Path] = ()) -> str:
-        instruction = self.task.instructions[1] if self.task.instructions else ""
-        return self.candidate_with(name, text, instruction, images, frames)
+    def candidate(
+        self,
+        name: str,
+        text: str = "",
+        images: Sequence[Path] = (),
+        frames: Sequence[Path] = (),
+        source: Mapping[str, Any] | None = None,
+    ) -> str:
+        """A candidate with the task's candidate instruction (none in the reference layout: pass its text)."""
+        instruction = self.task.instructions[1] if self.task.instructions and not self.reference else ""
+        return self.candidate_with(name, text, instruction, images, frames, source)
 
     def candidate_with(
-        self, name: str, text: str, instruction: str, images: Sequence[Path] = (), frames: Sequence[Path] = ()
+        self,
+        name: str,
+        text: str,
+        instruction: str,
+        images: Sequence[Path] = (),
+        frames: Sequence[Path] = (),
+        source: Mapping[str, Any] | None = None,
     ) -> str:
-        item = _item("c", name, text, instruction, images, frames, self.root, {"name": name})
+        """``source``: the row values that identify the candidate (raw text, image path, video or corpus id)."""
+        meta: dict[str, Any] = {"name": name, **({"source": dict(source)} if source else {})}
+        item = _item("c", name, text, instruction, images, frames, self.root, meta)
         seen = self.pool.get(name)
         if seen is None:
             self.pool[name] = _Candidate(name, item)
@@ -380,17 +412,58 @@ class _Builder:
         labels: Mapping[str, float],
     ) -> None:
         if instruction is None:
-            instruction = self.task.instructions[0] if self.task.instructions else ""
+            instruction = self.task.instructions[0] if self.task.instructions and not self.reference else ""
         index = len(self.queries)
-        item = _item("q", f"{index:06d}", text, instruction, images, frames, self.root, {"row": where})
+        meta = {"row": where, "index": self.index}
+        item = _item("q", f"{index:06d}", text, instruction, images, frames, self.root, meta)
         self.queries.append(_Query(item, cand_names, dict(labels)))
 
 
-def _frames(builder: _Builder, folder: Path, rows_file: Path, lineno: int, num_frames: int) -> list[Path]:
+def _frames(
+    b: _Builder, folder: Path, rows_file: Path, lineno: int, num_frames: int, *, sample: bool = True
+) -> list[Path]:
+    """The frames of ``folder``: ``num_frames`` picked uniformly (all when ``sample`` is False, as the reference's
+    MomentSeeker loader takes them), in natural order (VLM2Vec's variant in the reference layout)."""
     try:
-        return sample_frames(folder, num_frames)
+        return pick_frames(folder, num_frames if sample else 0, "vlm2vec" if b.reference else "natural")
     except FileNotFoundError as err:
         raise RowError(rows_file, lineno, str(err)) from None
+
+
+# --- the reference wording (VLM2Vec's eval datasets, docs/eval.md §5.1) ---------------------------------------------
+
+
+def _vlm2vec_text(instruction: str, text: str = "", *, image: bool = False, video: bool = False) -> str:
+    """VLM2Vec's ``process_input_text`` for Qwen-VL backbones: instruction, a space and the text (when there is
+    one), behind the image or video placeholder."""
+    prompt = f"{instruction} {text}" if text else instruction
+    if video:
+        prompt = f"{P.VIDEO_PAD} {prompt}"
+    if image:
+        prompt = f"{P.IMAGE_PAD} {prompt}"
+    return prompt
+
+
+def _vlm2vec_clean(text: str) -> str:
+    """What the reference Embedder keeps of a VLM2Vec text: the two placeholders removed, the ends stripped."""
+    return text.replace(P.IMAGE_PAD, "").replace(P.VIDEO_PAD, "").strip()
+
+
+def _vlm2vec_qa(question: str) -> str:
+    """The video-QA query head: ``f"{VIDEO_TOKEN} {prompt} {question}"`` (VLM2Vec's ``process_query``)."""
+    return f"{P.VIDEO_PAD} {P.MMEB_REFERENCE_VIDEO_QA} {question}"
+
+
+def _vlm2vec_options(query: str, options: Sequence[str]) -> tuple[str, list[str]]:
+    """VLM2Vec's ``qa_template``: the query with an option block, and the lettered options."""
+    lettered = [P.MMEB_REFERENCE_OPTION.format(letter=chr(ord("A") + i), option=o) for i, o in enumerate(options)]
+    return (query + P.MMEB_REFERENCE_OPTIONS_HEADER + "".join(f"{o}\n" for o in lettered)).rstrip(), lettered
+
+
+def _vlm2vec_option_text(option: str) -> str:
+    """Video-MME / EgoSchema candidate text: ``o[o.find('. '):].strip('. ')`` (the "A. " label cut off; an option
+    without ". " keeps only its last character, as VLM2Vec does)."""
+    return option[option.find(". ") :].strip(". ")
 
 
 def _str_list(value: Any, field_name: str, rows_file: Path, lineno: int) -> list[str]:
@@ -418,27 +491,61 @@ def _parse_image_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: 
     if len(texts) != len(paths) or not texts:
         raise RowError(rows_file, lineno, f"tgt_text has {len(texts)} entries and tgt_img_path {len(paths)}")
     image_root = b.root / IMAGE_ROOT
+    parser = b.task.parser
+    query_text, query_instruction = str(row["qry_text"]), str(row["qry_inst"])
+    query_image = str(row["qry_img_path"])
+    if b.reference:
+        query_text, query_instruction = _reference_image_query(parser, row, b.task.key), ""
+        if parser == "image_t2i":
+            query_image = ""  # VLM2Vec gives text-to-image queries no image
+        targets = _reference_image_targets(parser, str(row["tgt_inst"]), texts)
+    else:
+        targets = texts
     names = []
-    for text, rel in zip(texts, paths, strict=True):
-        parser = b.task.parser
+    for text, rel, target in zip(texts, paths, targets, strict=True):
         if parser in ("image_cls", "image_qa", "image_i2t"):
             name = text
         elif parser == "image_t2i":
             name = rel
         else:
-            name = f"{rel}:{text}"
+            name = f"{rel}:{text.strip(QUOTE) if b.reference else text}"  # VLM2Vec strips the caption's quotes
         if not name:
             raise RowError(rows_file, lineno, f"a candidate has neither text nor image (parser {parser})")
         images = media_file(image_root, rel, rows_file, lineno, "candidate image")
-        names.append(b.candidate_with(name, text, str(row["tgt_inst"]), images))
+        instruction = "" if b.reference else str(row["tgt_inst"])
+        source = {"text": text, "image": rel}
+        names.append(b.candidate_with(name, target, instruction, images, source=source))
     b.query(
         f"{rows_file.name}:{lineno}",
-        str(row["qry_text"]),
-        instruction=str(row["qry_inst"]),
-        images=media_file(image_root, str(row["qry_img_path"]), rows_file, lineno, "query image"),
+        query_text,
+        instruction=query_instruction,
+        images=media_file(image_root, query_image, rows_file, lineno, "query image"),
         cand_names=names,
         labels={names[0]: 1.0},
     )
+
+
+def _reference_image_query(parser: str, row: dict[str, Any], key: str) -> str:
+    """The query text VLM2Vec builds from an image row (``image_*`` eval datasets), cleaned as the reference does."""
+    instruction, text = str(row["qry_inst"]), str(row["qry_text"])
+    if parser == "image_t2i":
+        query = instruction.replace("<|image_1|>", P.IMAGE_PAD) + " " + text + "\n"
+        return _vlm2vec_clean(query + ("\n" if key == "VisDial" else ""))
+    instruction = instruction.replace("<|image_1|>", "")
+    if parser in ("image_qa", "image_i2i_vg"):
+        instruction = "\n" + instruction.strip()
+    return _vlm2vec_clean(_vlm2vec_text(instruction, text, image=True).replace(" \n", "\n") + "\n")
+
+
+def _reference_image_targets(parser: str, target_instruction: str, texts: Sequence[str]) -> list[str]:
+    """Candidate texts as VLM2Vec builds them: bare label/answer/caption texts (classification, QA, image-to-text);
+    the target instruction with each caption, or alone when the row's first caption is empty (the rest)."""
+    if parser in ("image_cls", "image_qa", "image_i2t"):
+        return list(texts)
+    instruction = target_instruction.replace("<|image_1|>", "")
+    if texts[0].strip():
+        return [_vlm2vec_clean(_vlm2vec_text(f"{instruction} {t}", image=True).replace(" \n", "\n")) for t in texts]
+    return [_vlm2vec_clean(_vlm2vec_text(instruction, image=True).replace(" \n", "\n"))] * len(texts)
 
 
 # --- video -------------------------------------------------------------------------------------------------------
@@ -542,11 +649,14 @@ def _parse_video_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: 
         if parser == "ssv2":
             require(row, ("neg_text",), rows_file, lineno)
             negatives = _str_list(row["neg_text"], "neg_text", rows_file, lineno)
-            names = [b.candidate(n, n) for n in dict.fromkeys([gold, *negatives])]
+            names = [b.candidate(n, n, source={"text": n}) for n in dict.fromkeys([gold, *negatives])]
         else:
-            b.candidate(gold, gold)
+            b.candidate(gold, gold, source={"text": gold})
         frames = _frames(b, folder, rows_file, lineno, num_frames)
-        b.query(where, "", frames=frames, cand_names=names, labels={gold: 1.0})
+        text = ""
+        if b.reference:  # the dataset's sentence alone, behind the video token
+            text = _vlm2vec_clean(_vlm2vec_text(P.MMEB_REFERENCE_VIDEO_CLS[b.task.key], video=True))
+        b.query(where, text, frames=frames, cand_names=names, labels={gold: 1.0})
     elif parser in _CAPTION_FIELD:
         require(row, (_CAPTION_FIELD[parser],), rows_file, lineno)
         caption = row[_CAPTION_FIELD[parser]]
@@ -555,13 +665,41 @@ def _parse_video_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: 
                 raise RowError(rows_file, lineno, f"{_CAPTION_FIELD[parser]} is an empty list")
             caption = caption[0]
         frames = _frames(b, folder, rows_file, lineno, num_frames)
-        name = b.candidate(video, "", frames=frames)
-        b.query(where, str(caption), cand_names=None, labels={name: 1.0})
+        text, target = str(caption), ""
+        if b.reference:
+            query_instruction, target_instruction = P.MMEB_REFERENCE_VIDEO_RET[b.task.key]
+            text = _vlm2vec_clean(_vlm2vec_text(query_instruction, text))
+            target = _vlm2vec_clean(_vlm2vec_text(target_instruction, video=True))
+        name = b.candidate(video, target, frames=frames, source={"video": video})
+        b.query(where, text, cand_names=None, labels={name: 1.0})
     else:  # video QA
         options, gold = _answer_options(b, row, rows_file, lineno)
         frames = _frames(b, folder, rows_file, lineno, num_frames)
-        names = [b.candidate(o, o) for o in options]
-        b.query(where, str(row["question"]), frames=frames, cand_names=names, labels={gold: 1.0})
+        question, names_, texts = str(row["question"]), list(options), list(options)
+        if b.reference:
+            question, names_, texts = _reference_video_qa(parser, question, options)
+            gold = names_[options.index(gold)]
+        names = [b.candidate(n, t, source={"text": o}) for n, t, o in zip(names_, texts, options, strict=True)]
+        b.query(where, question, frames=frames, cand_names=names, labels={gold: 1.0})
+
+
+def _reference_video_qa(parser: str, question: str, options: Sequence[str]) -> tuple[str, list[str], list[str]]:
+    """``(query text, candidate names, candidate texts)`` of a video-QA row as VLM2Vec builds them (cleaned)."""
+    names, texts = list(options), list(options)
+    if parser == "mvbench":  # the lettered options are both the names and the texts
+        query, names = _vlm2vec_options(_vlm2vec_qa(question), options)
+        texts = list(names)
+    elif parser == "nextqa":
+        query, _ = _vlm2vec_options(_vlm2vec_qa(question), options)
+    elif parser == "videomme":
+        query = _vlm2vec_qa(question + "\n" + "\n".join(options))
+        texts = [_vlm2vec_option_text(o) for o in options]
+    elif parser == "egoschema":  # no separator between the question and the first option, as VLM2Vec
+        query = _vlm2vec_qa(question + " ".join(options))
+        texts = [_vlm2vec_option_text(o) for o in options]
+    else:  # activitynetqa
+        query = _vlm2vec_qa(question + P.MMEB_REFERENCE_YES_NO)
+    return _vlm2vec_clean(query), names, texts
 
 
 def _parse_moment_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: int, num_frames: int) -> None:
@@ -576,13 +714,23 @@ def _parse_moment_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno:
     positives = [c for c in clips if c.startswith("positive")]
     if len(positives) != 1:
         raise RowError(rows_file, lineno, f"{video_dir} has {len(positives)} positive clip folders; expected one")
+    text, target = str(row["query"]), ""
+    if b.reference:
+        query_instruction, target_instruction = P.MMEB_REFERENCE_VIDEO_RET[b.task.key]
+        text = _vlm2vec_clean(_vlm2vec_text(query_instruction, text, video=True))
+        target = _vlm2vec_clean(_vlm2vec_text(target_instruction, video=True))
     names = [
-        b.candidate(f"{video}/{clip}", "", frames=_frames(b, video_dir / clip, rows_file, lineno, num_frames))
+        b.candidate(
+            f"{video}/{clip}",
+            target,
+            frames=_frames(b, video_dir / clip, rows_file, lineno, num_frames),
+            source={"video": f"{video}/{clip}"},
+        )
         for clip in clips
     ]
     b.query(
         f"{rows_file.name}:{lineno}",
-        str(row["query"]),
+        text,
         frames=query_frames,
         cand_names=names,
         labels={f"{video}/{positives[0]}": 1.0},
@@ -590,6 +738,7 @@ def _parse_moment_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno:
 
 
 def _clip_paths(value: Any, field_name: str, rows_file: Path, lineno: int) -> list[str]:
+    """The ``output_path`` of each clip entry, as written in the row."""
     if not isinstance(value, list):
         raise RowError(rows_file, lineno, f"{field_name} must be a list of clip entries, got {type(value).__name__}")
     out = []
@@ -597,38 +746,53 @@ def _clip_paths(value: Any, field_name: str, rows_file: Path, lineno: int) -> li
         path = entry.get("output_path") if isinstance(entry, dict) else entry
         if not isinstance(path, str) or not path:
             raise RowError(rows_file, lineno, f"{field_name} has an entry without an output_path: {entry!r}")
-        out.append(Path(path).stem)
+        out.append(path)
     return out
 
 
 def _parse_momentseeker_row(b: _Builder, row: dict[str, Any], rows_file: Path, lineno: int, num_frames: int) -> None:
-    """MomentSeeker: clips under ``video_frames/<clip>/``; the query is text, text + image, or text + video."""
+    """MomentSeeker: clips under ``video_frames/<clip>/``; the query is text, text + image, or text + video.
+
+    In the reference layout every frame of a clip folder is used (VLM2Vec's MomentSeeker loader does not sample;
+    its folders hold at most ``num_video_frames`` frames)."""
     require(row, ("query", "positive_frames", "negative_frames"), rows_file, lineno)
     base = b.root / b.task.media_root
     source = str(row.get("input_frames") or "")
     images: list[Path] = []
     frames: list[Path] = []
+    kind = "text"
     if source.endswith(".mp4"):
-        frames = _frames(b, base / "video_frames" / Path(source).stem, rows_file, lineno, num_frames)
+        frames = _frames(b, base / "video_frames" / Path(source).stem, rows_file, lineno, num_frames,
+                         sample=not b.reference)  # fmt: skip
+        kind = "video"
     elif source.endswith(".jpg"):
         images = media_file(base, f"query_{Path(source).stem}.jpg", rows_file, lineno, "query image")
+        kind = "image"
     elif source:
         raise RowError(rows_file, lineno, f"input_frames={source!r} is neither .mp4, .jpg nor empty")
     positives = _clip_paths(row["positive_frames"], "positive_frames", rows_file, lineno)
     negatives = _clip_paths(row["negative_frames"], "negative_frames", rows_file, lineno)
     if not positives:
         raise RowError(rows_file, lineno, "positive_frames is empty")
-    names = [
-        b.candidate(clip, "", frames=_frames(b, base / "video_frames" / clip, rows_file, lineno, num_frames))
-        for clip in dict.fromkeys([*positives, *negatives])
-    ]
+    text, target = str(row["query"]), ""
+    if b.reference:
+        instructions = P.MMEB_REFERENCE_MOMENTSEEKER
+        text = _vlm2vec_clean(_vlm2vec_text(instructions[kind], text, image=kind == "image", video=kind == "video"))
+        target = _vlm2vec_clean(_vlm2vec_text(instructions["target"], video=True))
+    clip_paths = dict.fromkeys([*positives, *negatives])
+    names = []
+    for path in clip_paths:
+        clip = Path(path).stem
+        folder = base / "video_frames" / clip
+        clip_frames = _frames(b, folder, rows_file, lineno, num_frames, sample=not b.reference)
+        names.append(b.candidate(clip, target, frames=clip_frames, source={"video": clip, "path": path}))
     b.query(
         f"{rows_file.name}:{lineno}",
-        str(row["query"]),
+        text,
         images=images,
         frames=frames,
-        cand_names=names,
-        labels=dict.fromkeys(positives, 1.0),
+        cand_names=list(dict.fromkeys(names)),
+        labels=dict.fromkeys((Path(p).stem for p in positives), 1.0),
     )
 
 
@@ -673,9 +837,13 @@ def _load_visdoc(b: _Builder, ann_dir: Path, bad: BadRows, limit: int, files: li
             score = float(row["score"])
             grades = qrels.setdefault(str(row["query-id"]), {})
             grades[cid] = max(score, grades.get(cid, score))  # a duplicated pair keeps its larger score
-    for lineno, row in read_rows(queries_file):
+    target = ""
+    if b.reference:
+        target = _vlm2vec_clean(_vlm2vec_text(P.MMEB_REFERENCE_VISDOC[1], image=True))
+    for index, (lineno, row) in enumerate(read_rows(queries_file)):
         if limit and len(b.queries) >= limit:
             break
+        b.index = index
         with bad.guard():
             require(row, ("query-id", "query"), queries_file, lineno)
             if b.task.language is not None and str(row.get("language", "")).lower() != b.task.language:
@@ -685,10 +853,13 @@ def _load_visdoc(b: _Builder, ann_dir: Path, bad: BadRows, limit: int, files: li
             if not relevant:
                 raise RowError(queries_file, lineno, f"query {qid!r} has no relevant page (score > 0) in the qrels")
             for cid in relevant:  # the row's own candidates come first in the global pool
-                b.candidate(cid, "", images=[corpus[cid]])
-            b.query(f"{queries_file.name}:{lineno}", str(row["query"]), cand_names=None, labels=relevant)
+                b.candidate(cid, target, images=[corpus[cid]], source={"corpus_id": cid})
+            text = str(row["query"])
+            if b.reference:
+                text = _vlm2vec_clean(_vlm2vec_text(P.MMEB_REFERENCE_VISDOC[0], text))
+            b.query(f"{queries_file.name}:{lineno}", text, cand_names=None, labels=relevant)
     for cid, page in corpus.items():
-        b.candidate(cid, "", images=[page])
+        b.candidate(cid, target, images=[page], source={"corpus_id": cid})
 
 
 # --- dispatch ----------------------------------------------------------------------------------------------------
@@ -723,6 +894,7 @@ def load_mmeb_task(
     limit: int = 0,
     num_frames: int = 8,
     show_progress_bar: bool = False,
+    layout: str = LAYOUT_EMBEDRL,
 ) -> LoadedTask:
     """Read one MMEB-V2 dataset from the local layout into queries, a de-duplicated pool and qrels.
 
@@ -733,14 +905,18 @@ def load_mmeb_task(
         on_bad_row: ``stop`` raises on the first malformed row or missing media file; ``skip`` drops and counts it.
         limit: keep only the first ``limit`` queries (0 = all), e.g. for a smoke run.
         num_frames: frames sampled per video.
+        layout: ``embedrl`` (our instructions, :data:`~embedrl.prompts.MMEB_INSTRUCTIONS`) or ``reference`` (the
+            texts VLM2Vec builds, whole in ``Item.text``; VLM2Vec's frame order; MomentSeeker clips unsampled).
     """
+    if layout not in LAYOUTS:
+        raise EvalError(f"layout={layout!r}; use one of {LAYOUTS}")
     (name,) = resolve_tasks([key])
     task = MMEB_BY_KEY[name]
     root = Path(data_root)
     if not root.is_dir():
         raise FileNotFoundError(f"MMEB-V2 data root {root} does not exist")
     ann_dir = annotation_dir(task, root, page_labels)
-    b = _Builder(task, root)
+    b = _Builder(task, root, layout)
     bad = BadRows(on_bad_row)
     files: list[str] = []
     if task.modality == "visdoc":
@@ -751,9 +927,11 @@ def load_mmeb_task(
         parse = _parse_image_row if task.modality == "image" else _parse_video_row
         cap = min(x for x in (limit or None, task.subsample) if x) if (limit or task.subsample) else 0
         rows = read_rows(rows_file)
-        for lineno, row in tqdm(rows, desc=f"{name} rows", leave=False, disable=not show_progress_bar):
+        progress = tqdm(rows, desc=f"{name} rows", leave=False, disable=not show_progress_bar)
+        for index, (lineno, row) in enumerate(progress):
             if cap and len(b.queries) >= cap:
                 break
+            b.index = index
             with bad.guard():
                 parse(b, row, rows_file, lineno, num_frames)
         labels_file = ann_dir / "labels.txt"
@@ -761,7 +939,7 @@ def load_mmeb_task(
             files.append(str(labels_file))
             for label in labels_file.read_text(encoding="utf-8").splitlines():
                 if label.strip():
-                    b.candidate(label.strip(), label.strip())
+                    b.candidate(label.strip(), label.strip(), source={"text": label.strip()})
     if not b.queries:
         raise EvalError(f"{name}: no query could be read from {files} (skipped rows: {bad.count})")
     if b.collisions:
@@ -855,13 +1033,18 @@ class MMEBEvaluator(BenchmarkEvaluator[MMEBReport, LoadedTask]):
             version; the writer names those keys ``X-page-fixed`` only when fixed).
         check_counts: require each dataset's query count to equal the registry's (off for partial data).
         benchmark_version: recorded in the metadata (``v2.1``: fixed page labels, MomentSeeker de-duplicated).
-        **options: ``on_bad_row``, ``limit`` and ``num_frames`` (see :func:`load_mmeb_task`) and the
-            :class:`TaskEvaluator` settings (mode, tcot_source, decoding, caches, batch sizes, …).
+        **options: ``on_bad_row``, ``limit`` and ``num_frames`` (see :func:`load_mmeb_task`), ``layout`` and
+            ``tcot_cache`` (see :class:`~embedrl.eval.benchmark.BenchmarkEvaluator`) and the :class:`TaskEvaluator`
+            settings (mode, tcot_source, decoding, caches, batch sizes, …).
     """
 
     benchmark = "MMEB-V2"
     progress_label = "MMEB-V2 datasets"
     config_options = (*BenchmarkEvaluator.config_options, "page_labels", "check_counts", "benchmark_version")
+    # The reference harness (VLM2Vec + the Embed-RL processor): images 128-768 and frames 128-300 visual tokens of
+    # 32 x 32 pixels, each frame its own image; VLM2Vec's natural frame order.
+    reference_budget = PixelBudget(P.IMAGE_MIN_PIXELS, P.IMAGE_MAX_PIXELS, P.FRAME_MIN_PIXELS, P.FRAME_MAX_PIXELS)
+    frame_orders: ClassVar[dict[str, FrameOrder]] = {LAYOUT_EMBEDRL: "natural", LAYOUT_REFERENCE: "vlm2vec"}
 
     def __init__(
         self,

@@ -15,8 +15,8 @@
   batches them by length itself).
 
 The ids in the keys default to fingerprints of the weights and settings (:func:`embedder_fingerprint`,
-:func:`reasoner_fingerprint`). :func:`load_embedder`, :func:`load_reasoner` and :func:`decoding_from_config` turn a
-stage config into the pipeline's models and decoding.
+:func:`reasoner_fingerprint`). The models come from :mod:`embedrl.models.loading` (the one loader);
+:func:`decoding_from_config` turns a stage config into the pipeline's decoding.
 
 Example:
     >>> pipeline = EmbedPipeline(embedder, reasoner, cache_dir="runs/index/cache")  # doctest: +SKIP
@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from embedrl.config import DecodingFields
@@ -47,7 +46,7 @@ from embedrl.eval.cache import (
 from embedrl.eval.task import EvalError, MissingTCoTError
 from embedrl.models.embedder import Embedder
 from embedrl.models.reasoner import Decoding, Reasoner
-from embedrl.prompts import PROMPT_FAMILIES, Side, choose_family
+from embedrl.prompts import LAYOUT_EMBEDRL, PROMPT_FAMILIES, Side, choose_family
 
 __all__ = [
     "EMBEDDINGS_DIR",
@@ -57,10 +56,7 @@ __all__ = [
     "Encoder",
     "decoding_from_config",
     "embedder_fingerprint",
-    "load_embedder",
-    "load_reasoner",
     "reasoner_fingerprint",
-    "torch_dtype",
 ]
 
 TCOTS_FILE, EMBEDDINGS_DIR = "tcots.jsonl", "embeddings"  # the caches under EmbedPipeline(cache_dir=...)
@@ -88,28 +84,8 @@ class Counts(Protocol):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Models from stage configs, and their cache ids
+# Decoding from stage configs, and the models' cache ids
 # ----------------------------------------------------------------------------------------------------------------
-
-
-def torch_dtype(name: str) -> Any:
-    """A config's ``dtype`` (``auto``, ``float32``, ``bfloat16``, ``float16``) as the loaders take it."""
-    return "auto" if name == "auto" else getattr(torch, name)
-
-
-def load_embedder(cfg: Any, path: str) -> Embedder:
-    """The Embedder at ``path`` with ``cfg``'s ``dtype`` and ``device`` (any stage config that has them)."""
-    return Embedder.load(path, dtype=torch_dtype(cfg.dtype), device=cfg.device)
-
-
-def load_reasoner(cfg: Any, path: str) -> Reasoner | None:
-    """The Reasoner at ``path`` (None when ``path`` is empty) with ``cfg``'s ``dtype``, ``device`` and
-    ``compact_prompts``."""
-    if not path:
-        return None
-    return Reasoner.from_pretrained(
-        path, dtype=torch_dtype(cfg.dtype), device=cfg.device, compact_prompts=cfg.compact_prompts
-    )
 
 
 def decoding_from_config(cfg: DecodingFields) -> Decoding:
@@ -119,13 +95,16 @@ def decoding_from_config(cfg: DecodingFields) -> Decoding:
 
 def embedder_fingerprint(embedder: Embedder) -> str:
     """``embedder@<hash>``: the weights plus the settings that change its outputs (video_as, text cap, pixel budget,
-    ``<emb>`` id). The mode is not in it: it is a separate part of every embedding key."""
-    settings = {
+    ``<emb>`` id, input layout). The mode is not in it: it is a separate part of every embedding key. The layout
+    enters only when it is not ``embedrl``, so fingerprints (and caches) from before layouts existed stay valid."""
+    settings: dict[str, Any] = {
         "video_as": embedder.video_as,
         "max_text_tokens": embedder.max_text_tokens,
         "budget": dataclasses.asdict(embedder.budget),
         "emb_token_id": embedder.emb_token_id,
     }
+    if embedder.layout != LAYOUT_EMBEDRL:
+        settings["layout"] = embedder.layout
     return "embedder@" + weights_fingerprint(embedder.model, settings)
 
 

@@ -12,6 +12,10 @@ Reference: docs/benchmarks.md §3; docs/eval.md §6 documents this module.
 - **Instructions**: one explicit table (``UVRB_QUERY_INSTRUCTIONS`` in :mod:`embedrl.prompts`), keyed by display
   name. ``query_instructions="reference"`` applies only CMRB's and DiDeMo's, as the reference run did (its name
   mismatch left the others out); ``query_instruction_applied`` is recorded per dataset.
+- **Layout** (docs/eval.md §6.1): ``reference`` builds the reference loader's queries instead: its prompts
+  (``UVRB_REFERENCE_PROMPTS``) joined as ``f"{prompt} {text}"``, stripped, cut to ``max_text_chars``; as run by
+  default (CMRB and DiDeMo only), ``query_instructions="all"`` as intended; frames in plain string order; frames up
+  to 768 visual tokens (:attr:`UVRBEvaluator.reference_budget`).
 - **Metrics**: hit@k, recall@k (fractional) and precision@k (and the rest of the metric set) at k = 1, 5, 10, 50.
 - **Aggregates** (:func:`uvrb_aggregates`): ``UVRB-16`` (mean of the 16 headline scores) and ``UVRB-6`` (mean of the
   columns TXT, CMP, VIS, CG, FG, LC; FG over its 7 datasets), both always reported under their own names, plus
@@ -30,16 +34,16 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import yaml
 
+from embedrl.backbones import PixelBudget
 from embedrl.config import UserError, UVRBEvalConfig
-from embedrl.data.frames import sample_frames
 from embedrl.data.rows import BadRowPolicy, BadRows, RowError, media_file, read_rows, require
 from embedrl.data.schema import Item
-from embedrl.eval.benchmark import BenchmarkEvaluator, BenchmarkReport, run_benchmark_stage
+from embedrl.eval.benchmark import BenchmarkEvaluator, BenchmarkReport, FrameOrder, pick_frames, run_benchmark_stage
 from embedrl.eval.evaluator import (
     EvalError,
     EvalRun,
@@ -48,7 +52,17 @@ from embedrl.eval.evaluator import (
 )
 from embedrl.eval.metrics import metric_names
 from embedrl.eval.task import EvalTask
-from embedrl.prompts import UVRB_QUERY_INSTRUCTIONS
+from embedrl.prompts import (
+    FRAME_MIN_PIXELS,
+    IMAGE_MAX_PIXELS,
+    IMAGE_MIN_PIXELS,
+    LAYOUT_EMBEDRL,
+    LAYOUT_REFERENCE,
+    LAYOUTS,
+    UVRB_QUERY_INSTRUCTIONS,
+    UVRB_REFERENCE_AS_RUN,
+    UVRB_REFERENCE_PROMPTS,
+)
 
 __all__ = [
     "UVRB_BY_NAME",
@@ -68,6 +82,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 UVRB_KS: tuple[int, ...] = (1, 5, 10, 50)
+UVRB_FRAME_MAX_PIXELS = 768 * 32 * 32  # the reference UVRB run's per-frame maximum (its MMEB-V2 runs: 300 x 32 x 32)
 UVRB_SCORE_KEYS: tuple[str, ...] = (*metric_names(UVRB_KS), "num_pred", "num_data")
 HEADLINE_LABELS = {"hit@1": "R@1", "hit@10": "R@10", "precision@1": "P@1"}
 UVRB_COLUMNS: tuple[str, ...] = ("TXT", "CMP", "VIS", "CG", "FG", "LC")
@@ -132,6 +147,7 @@ UVRB_DATASETS: tuple[UVRBDataset, ...] = (
     UVRBDataset("LoVR-C2V", "LoVR_C2V.yaml", "LoVR_C2V", "VIS", None, None, "video", "hit@1"),
 )
 UVRB_BY_NAME: dict[str, UVRBDataset] = {d.name: d for d in UVRB_DATASETS}
+assert {d.name for d in UVRB_DATASETS if d.reference_instruction} == set(UVRB_REFERENCE_AS_RUN)
 UVRB_BY_CONFIG_NAME: dict[str, UVRBDataset] = {d.config_name: d for d in UVRB_DATASETS}
 
 
@@ -207,34 +223,63 @@ class LoadedUVRB:
     files: list[str] = field(default_factory=list)
 
 
-def _video_frames(base: Path, video: str, rows_file: Path, lineno: int, num_frames: int) -> list[Path]:
+def _video_frames(
+    base: Path, video: str, rows_file: Path, lineno: int, num_frames: int, order: FrameOrder = "natural"
+) -> list[Path]:
     folder = base / "videos_frames" / str(Path(video).with_suffix(""))
     try:
-        return sample_frames(folder, num_frames)
+        return pick_frames(folder, num_frames, order)
     except FileNotFoundError as err:
         raise RowError(rows_file, lineno, str(err)) from None
+
+
+def resolve_query_instructions(query_instructions: str | None, layout: str) -> Literal["all", "reference"]:
+    """``query_instructions`` as given, else ``reference`` (as run) in the reference layout and ``all`` in ours."""
+    if query_instructions is None:
+        return "reference" if layout == LAYOUT_REFERENCE else "all"
+    if query_instructions not in ("all", "reference"):
+        raise EvalError(f"query_instructions={query_instructions!r}; use 'all' or 'reference'")
+    return query_instructions  # type: ignore[return-value]
+
+
+def reference_query_text(prompt: str, text: str, max_chars: int) -> str:
+    """The reference loader's query text: ``f"{prompt} {text}"`` (the prompt alone without text, the text alone
+    without prompt), stripped and cut to ``max_chars`` characters.
+
+    >>> reference_query_text("Find the video.", " a dog ", 8192), reference_query_text("", "abcdef ", 3)
+    ('Find the video.  a dog', 'abc')
+    """
+    joined = f"{prompt} {text}" if prompt and text else prompt or text
+    return joined.strip()[:max_chars]
 
 
 def load_uvrb_task(
     name: str,
     root: str | Path,
     *,
-    query_instructions: Literal["all", "reference"] = "all",
+    query_instructions: Literal["all", "reference"] | None = None,
     max_text_chars: int = 8192,
     num_frames: int = 8,
     on_bad_row: BadRowPolicy = "stop",
     limit: int = 0,
+    layout: str = LAYOUT_EMBEDRL,
 ) -> LoadedUVRB:
     """Read one UVRB dataset: queries (text / image / video), the video corpus, and the merged qrels.
 
     Args:
         name: display name (``CRB-G``) or config name (``CRB_G``).
         root: the extracted UVRB folder (``<root>/<DS>/UVRB/<DS>``).
-        query_instructions: ``all`` (our table) or ``reference`` (only CMRB and DiDeMo, as the reference run).
+        query_instructions: ``all`` (every dataset's instruction, as intended) or ``reference`` (only CMRB's and
+            DiDeMo's, as the reference run applied them); None = ``reference`` in the reference layout, else ``all``.
         max_text_chars: query texts are truncated to this many characters.
         on_bad_row: ``stop`` raises on a malformed row or missing media; ``skip`` drops the row and counts it.
         limit: keep only the first ``limit`` queries (0 = all).
+        layout: ``embedrl`` (our instructions, kept apart from the text; natural frame order) or ``reference`` (the
+            reference loader's prompts joined into the text as ``f"{prompt} {text}"``, stripped, then cut; plain
+            string frame order; a query with an image and a video keeps the image only).
     """
+    if layout not in LAYOUTS:
+        raise EvalError(f"layout={layout!r}; use one of {LAYOUTS}")
     (name,) = resolve_names([name])
     ds = UVRB_BY_NAME[name]
     base = dataset_dir(root, name)
@@ -246,8 +291,12 @@ def load_uvrb_task(
     for f in (queries_file, corpus_file, instances_file):
         if not f.is_file():
             raise FileNotFoundError(f"{name}: {f} does not exist")
-    applied = bool(ds.instruction) and (query_instructions == "all" or ds.reference_instruction)
-    instruction = ds.instruction if applied else ""
+    reference = layout == LAYOUT_REFERENCE
+    which = resolve_query_instructions(query_instructions, layout)
+    table_instruction = UVRB_REFERENCE_PROMPTS.get(name, "") if reference else ds.instruction
+    applied = bool(table_instruction) and (which == "all" or ds.reference_instruction)
+    instruction = table_instruction if applied else ""
+    order: FrameOrder = "sorted" if reference else "natural"
     bad = BadRows(on_bad_row)
 
     corpus: dict[str, Item] = {}
@@ -255,7 +304,7 @@ def load_uvrb_task(
         with bad.guard():
             require(row, ("id", "video"), corpus_file, lineno)
             cid = str(row["id"])
-            frames = _video_frames(base, str(row["video"]), corpus_file, lineno, num_frames)
+            frames = _video_frames(base, str(row["video"]), corpus_file, lineno, num_frames, order)
             corpus.setdefault(cid, Item(id=f"c:{cid}", frames=tuple(frames), meta={"name": cid}))
     positives: dict[str, list[str]] = {}
     for lineno, row in read_rows(instances_file):
@@ -278,18 +327,22 @@ def load_uvrb_task(
             qid = str(row["id"])
             if not positives.get(qid):
                 raise RowError(queries_file, lineno, f"query {qid!r} has no positive in {instances_file.name}")
-            text = str(row.get("text") or "")[:max_text_chars]
+            raw_text = str(row.get("text") or "")
+            text = raw_text[:max_text_chars]
             images = media_file(base / "images", str(row.get("image") or ""), queries_file, lineno, "query image")
             frames: list[Path] = []
-            if row.get("video"):
-                frames = _video_frames(base, str(row["video"]), queries_file, lineno, num_frames)
+            if row.get("video") and not (reference and images):  # the reference drops the video of an image query
+                frames = _video_frames(base, str(row["video"]), queries_file, lineno, num_frames, order)
             if not (text or images or frames):
                 raise RowError(queries_file, lineno, "the query has no text, image or video")
+            query_instruction = instruction
+            if reference:  # one string, as the reference loader builds it
+                text, query_instruction = reference_query_text(instruction, raw_text, max_text_chars), ""
             queries.append(
                 Item(
                     id=f"q:{qid}",
                     text=text,
-                    instruction=instruction,
+                    instruction=query_instruction,
                     images=tuple(images),
                     frames=tuple(frames),
                     meta={"row": f"{queries_file.name}:{lineno}", "qid": qid},
@@ -455,21 +508,29 @@ class UVRBEvaluator(BenchmarkEvaluator[UVRBReport, LoadedUVRB]):
     score_keys = UVRB_SCORE_KEYS
     result_files = ("scores", "predictions", "summary_md", "summary_json", "config")  # no leaderboard format
     config_options = (*BenchmarkEvaluator.config_options, "query_instructions", "max_text_chars")
+    # The reference UVRB run: frames up to 768 visual tokens of 32 x 32 pixels (images as in MMEB-V2), in plain
+    # string order.
+    reference_budget = PixelBudget(IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS, FRAME_MIN_PIXELS, UVRB_FRAME_MAX_PIXELS)
+    frame_orders: ClassVar[dict[str, FrameOrder]] = {LAYOUT_EMBEDRL: "natural", LAYOUT_REFERENCE: "sorted"}
 
     def __init__(
         self,
         root: str | Path,
         datasets: Sequence[str] | None = None,
         *,
-        query_instructions: Literal["all", "reference"] = "all",
+        query_instructions: Literal["all", "reference"] | None = None,
         max_text_chars: int = 8192,
         **options: Any,
     ) -> None:
         super().__init__(root, datasets, metric_ks=UVRB_KS, **options)
-        if query_instructions not in ("all", "reference"):
+        if query_instructions not in (None, "all", "reference"):
             raise EvalError(f"query_instructions={query_instructions!r}; use 'all' or 'reference'")
         self.query_instructions = query_instructions
         self.max_text_chars = max_text_chars
+
+    @property
+    def resolved_query_instructions(self) -> Literal["all", "reference"]:
+        return resolve_query_instructions(self.query_instructions, self.resolved_layout)
 
     def _resolve(self, names: Sequence[str] | None) -> list[str]:
         return resolve_names(names)
@@ -500,7 +561,8 @@ class UVRBEvaluator(BenchmarkEvaluator[UVRBReport, LoadedUVRB]):
             head={
                 "benchmark": "UVRB",
                 "uvrb_metric": {d.name: d.metric for d in UVRB_DATASETS},
-                "query_instructions": self.query_instructions,
+                "query_instructions": self.resolved_query_instructions,
+                "query_instruction_source": "reference" if self.resolved_layout == LAYOUT_REFERENCE else "embedrl",
                 "query_instruction_applied": applied,
                 "cot_mode": self.cot_mode,
             },

@@ -35,7 +35,8 @@ from transformers import BatchFeature, PreTrainedModel, PreTrainedTokenizerBase,
 from embedrl import __version__, prompts
 from embedrl.backbones import PixelBudget, add_emb_token, detect_family, get_adapter, load_backbone
 from embedrl.data.schema import Item
-from embedrl.evidence import MODES, VIDEO_AS, build_embedder_messages
+from embedrl.evidence import MODES, VIDEO_AS, ReferenceResize, build_embedder_messages
+from embedrl.prompts import LAYOUT_EMBEDRL, LAYOUT_REFERENCE, LAYOUTS, REFERENCE_MAX_TEXT_ONLY_TOKENS
 
 __all__ = ["EMBEDDER_CONFIG_FILENAME", "VIDEO_FPS", "Embedder", "pool_last_emb", "truncate_text"]
 
@@ -117,7 +118,12 @@ class Embedder:
         max_text_tokens: the raw item text is cut to this many tokens before the chat is built (docs/method.md §3.2).
         budget: pixel budgets for the processor call; default the checkpoint's
             (:meth:`~embedrl.backbones.FamilyAdapter.checkpoint_budget`: the budget a tiny backbone records in its
-            config, else docs/method.md §3.2's).
+            config, else docs/method.md §3.2's, which are also the reference's).
+        layout: the input layout (``prompts.LAYOUTS``): ``embedrl`` (ours, docs/method.md §3.2) or ``reference``
+            (the published Embed-RL checkpoints', docs/published-models.md). In the reference layout the raw text is
+            not cut (``max_text_tokens`` does not apply), frames are always separate images (``video_as`` does not
+            apply), each visual is resized with its own budget before the processor, and a text-only input is cut to
+            ``REFERENCE_MAX_TEXT_ONLY_TOKENS`` tokens, as there.
 
     Attributes:
         missing_emb_count: rows so far that had no ``<emb>`` and were pooled at their last token (should stay 0).
@@ -133,7 +139,10 @@ class Embedder:
         video_as: str = "video",
         max_text_tokens: int = 480,
         budget: PixelBudget | None = None,
+        layout: str = LAYOUT_EMBEDRL,
     ) -> None:
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r}; use one of {LAYOUTS}")
         if mode not in MODES:
             raise ValueError(f"mode={mode!r}; use one of {MODES}")
         if video_as not in VIDEO_AS:
@@ -145,6 +154,7 @@ class Embedder:
         self.mode = mode
         self.video_as = video_as
         self.max_text_tokens = max_text_tokens
+        self.layout = layout
         self.adapter = get_adapter(model.config)
         self.budget = budget or self.adapter.checkpoint_budget(model.config)
         self.emb_token_id = self._check_emb_token_id(emb_token_id)
@@ -198,7 +208,7 @@ class Embedder:
 
         Files: the full model weights and config (with ``emb_token_ids``), the processor (tokenizer with ``<emb>``,
         image and video processors, chat template) and ``embedder.json`` (mode, video_as, max_text_tokens,
-        emb_token_id, family, pixel budget, embedrl version). A peft model is merged into a copy first
+        emb_token_id, family, pixel budget, input layout, embedrl version). A peft model is merged into a copy first
         (docs/method.md §3.8: LoRA is merged after training); ``self.model`` is left as it is.
 
         Raises:
@@ -224,15 +234,25 @@ class Embedder:
             "emb_token_id": self.emb_token_id,
             "family": self.adapter.family,
             "budget": dataclasses.asdict(self.budget),
+            "layout": self.layout,
             "embedrl_version": __version__,
         }
         (path / EMBEDDER_CONFIG_FILENAME).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(
-        cls, path: str | Path, *, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu"
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | str = "auto",
+        device: str | torch.device = "cpu",
+        layout: str | None = None,
     ) -> Embedder:
-        """An Embedder written by :meth:`save`, with its saved mode, video_as, text cap and pixel budget.
+        """An Embedder written by :meth:`save`, with its saved mode, video_as, text cap, pixel budget and layout
+        (``embedrl`` when an older ``embedder.json`` has none); ``layout`` replaces the saved one.
+
+        The class-level primitive: applications load through :func:`embedrl.load_embedder`, which also reads the
+        published checkpoints and logs a layout override.
 
         Raises:
             FileNotFoundError: ``path`` has no ``embedder.json`` (for a plain backbone use :meth:`from_backbone`).
@@ -258,7 +278,19 @@ class Embedder:
             video_as=record["video_as"],
             max_text_tokens=record["max_text_tokens"],
             budget=PixelBudget(**record["budget"]),
+            layout=layout or record.get("layout", LAYOUT_EMBEDRL),
         )
+
+    def with_budget(self, budget: PixelBudget) -> Embedder:
+        """A copy of this Embedder with another pixel budget, sharing the model and processor (no weights copied).
+
+        E.g. the reference UVRB setting, frames up to 768 visual tokens:
+        ``embedder.with_budget(dataclasses.replace(embedder.budget, frame_max_pixels=768 * 32 * 32))``.
+        """
+        twin = copy.copy(self)
+        twin.budget = budget
+        twin.missing_emb_count = 0
+        return twin
 
     # ------------------------------------------------------------------------------------------------------------
     # Encoding
@@ -274,16 +306,20 @@ class Embedder:
         return next(self.model.parameters()).device
 
     def _prepare(self, item: Item) -> Item:
-        """The item with its raw text cut to ``max_text_tokens`` tokens."""
+        """The item with its raw text cut to ``max_text_tokens`` tokens (the reference layout cuts nothing)."""
+        if self.layout == LAYOUT_REFERENCE:
+            return item
         text = truncate_text(self.processor.tokenizer, item.text, self.max_text_tokens)
         return item if text == item.text else dataclasses.replace(item, text=text)
 
     def collate(self, items: Sequence[Item], mode: str | None = None) -> BatchFeature:
         """Processor tensors for a batch of items, on the model's device, left-padded.
 
-        Each item goes through :func:`build_embedder_messages` (``mode`` defaults to ``self.mode``), the chat
-        template (no generation prompt, so each row ends ``<emb><|im_end|>\\n``) and one processor call with the
-        pixel budget; images are passed as one flat list and videos as frame lists, in item order.
+        Each item goes through :func:`build_embedder_messages` (``mode`` defaults to ``self.mode``; the Embedder's
+        layout), the chat template (no generation prompt, so each row ends ``<emb><|im_end|>\\n``) and one processor
+        call with the pixel budget; images are passed as one flat list and videos as frame lists, in item order. In
+        the reference layout the builder has already resized every visual with its budget, so the processor does
+        not resize, and text-only rows are cut to ``REFERENCE_MAX_TEXT_ONLY_TOKENS`` tokens from the right.
 
         Raises:
             ValueError: an empty batch, an unknown mode, or an item without a T-CoT outside ``raw`` mode.
@@ -294,8 +330,12 @@ class Embedder:
         texts: list[str] = []
         images: list[Any] = []
         videos: list[list[Any]] = []
+        reference = self.layout == LAYOUT_REFERENCE
+        resize = self.reference_resize() if reference else None
         for item in items:
-            built = build_embedder_messages(self._prepare(item), mode, video_as=self.video_as)
+            built = build_embedder_messages(
+                self._prepare(item), mode, video_as=self.video_as, layout=self.layout, resize=resize
+            )
             if built.problems:
                 logger.debug("item %r: %s", item.id, "; ".join(built.problems))
             texts.append(
@@ -303,7 +343,9 @@ class Embedder:
             )
             images += built.images
             videos += built.videos
-        kwargs = self.adapter.processor_kwargs(self.budget)
+        kwargs: dict[str, Any] = (
+            {"images_kwargs": {"do_resize": False}} if reference else self.adapter.processor_kwargs(self.budget)
+        )
         if videos:
             # Frames are the caller's list (do_sample_frames=False): report them as all frames of a 2 fps clip.
             kwargs["videos_kwargs"]["video_metadata"] = [
@@ -319,7 +361,46 @@ class Embedder:
             return_tensors="pt",
             **kwargs,
         )
+        if reference:
+            inputs = self._cut_text_only_rows(inputs, [item.modality == "text" for item in items])
         return inputs.to(self.device)
+
+    def reference_resize(self) -> ReferenceResize:
+        """The budgets the reference layout resizes visuals with: this Embedder's :attr:`budget`, per image and per
+        frame, on the family's token grid."""
+        b = self.budget
+        return ReferenceResize(
+            factor=self.adapter.factor,
+            image=(b.image_min_pixels, b.image_max_pixels),
+            frame=(b.frame_min_pixels, b.frame_max_pixels),
+        )
+
+    def _cut_text_only_rows(self, inputs: BatchFeature, text_only: Sequence[bool]) -> BatchFeature:
+        """Text-only rows longer than ``REFERENCE_MAX_TEXT_ONLY_TOKENS`` cut to their first tokens, as the reference
+        truncates a text-only batch (from the right, so ``<emb>`` may go: pooling then falls back to the last
+        token); the batch is re-padded on the left."""
+        cap = REFERENCE_MAX_TEXT_ONLY_TOKENS
+        lengths = inputs["attention_mask"].sum(dim=1).tolist()  # [B]
+        cut = [i for i, (n, text) in enumerate(zip(lengths, text_only, strict=True)) if text and n > cap]
+        if not cut:
+            return inputs
+        logger.warning("%d text-only input(s) longer than %d tokens cut to %d, as the reference does",
+                       len(cut), cap, cap)  # fmt: skip
+        new_lengths = [min(n, cap) if i in cut else n for i, n in enumerate(lengths)]
+        width, total = max(new_lengths), inputs["input_ids"].shape[1]
+        pad_id = self.processor.tokenizer.pad_token_id
+        out = {}
+        for key, value in inputs.items():
+            if not (isinstance(value, Tensor) and value.dim() == 2 and value.shape == inputs["input_ids"].shape):
+                out[key] = value
+                continue
+            fill = pad_id if key == "input_ids" else 0
+            rows = torch.full((value.shape[0], width), fill, dtype=value.dtype)  # [B, width]
+            for i, (n, keep) in enumerate(zip(lengths, new_lengths, strict=True)):
+                start = total - n  # left padding: the row's tokens are its last n positions
+                rows[i, width - keep :] = value[i, start : start + keep]
+            out[key] = rows
+        return BatchFeature(out)
 
     def _vision_language_model(self) -> torch.nn.Module:
         """The backbone without its LM head (e.g. ``Qwen3VLModel``); LoRA layers injected by peft stay in it."""

@@ -27,19 +27,21 @@ with its ``filter`` and ``split``), ``filter.json`` (counts).
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import random
 import re
+import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -47,7 +49,8 @@ from embedrl.config import AnnotateConfig, AnnotatorSettings, FilterConfig, User
 from embedrl.data.rows import BadRows, RowError, read_rows
 from embedrl.data.schema import Item, Pair
 from embedrl.evidence import image_data_url
-from embedrl.models.chat import ChatModel, ChatParams, Conversation
+from embedrl.models.chat import ChatParams, Conversation
+from embedrl.models.loading import load_chat_model
 from embedrl.models.reasoner import build_reasoner_prompt, checkpoint_compact_prompts
 from embedrl.prompts import ANSWER_HINT, JUDGE, join_task_text, prompt_hash
 from embedrl.tcot import format_ok, parse_tcot
@@ -105,9 +108,8 @@ class LocalAnnotator:
     """A local checkpoint (Qwen-VL or a text causal LM) through :class:`embedrl.models.chat.ChatModel`, in batches."""
 
     def __init__(self, settings: AnnotatorSettings) -> None:
-        dtype: Any = "auto" if settings.dtype == "auto" else getattr(torch, settings.dtype)
         self.settings = settings
-        self.model = ChatModel.load(settings.model, dtype=dtype, device=settings.device)
+        self.model = load_chat_model(settings.model, dtype=settings.dtype, device=settings.device)
         self.name = f"local:{settings.model}"
 
     def decoding(self) -> dict[str, Any]:
@@ -142,7 +144,12 @@ def openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
 class OpenAIAnnotator:
     """Any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, ``embedrl serve``, …), ``concurrency`` requests
     at a time. 429, 5xx and network errors are retried ``max_retries`` times with exponential backoff; any other
-    error, or a request still failing after its retries, raises :class:`AnnotationError`."""
+    error, or a request still failing after its retries, raises :class:`AnnotationError`.
+
+    ``timeout_s`` bounds each whole reply (connect, send, headers and body together), not each read: an endpoint that
+    trickles bytes is cut off at the deadline (its socket is shut down, which wakes the blocked read) and the
+    attempt counts as a network error. Each request opens its own connection, so the deadline has a socket to act
+    on."""
 
     def __init__(self, settings: AnnotatorSettings, *, sleep: Any = time.sleep) -> None:
         import httpx  # optional (the ``serve`` extra): only this endpoint client needs it
@@ -151,7 +158,12 @@ class OpenAIAnnotator:
         self.name = f"openai:{settings.model}@{settings.base_url}"
         key = os.environ.get(settings.api_key_env, "") if settings.api_key_env else ""
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.client = httpx.Client(base_url=settings.base_url.rstrip("/"), headers=headers, timeout=settings.timeout_s)
+        self.client = httpx.Client(
+            base_url=settings.base_url.rstrip("/"),
+            headers=headers,
+            timeout=settings.timeout_s,
+            limits=httpx.Limits(max_keepalive_connections=0),  # a new connection (and socket) per request
+        )
         self.sleep = sleep
         self.requests_sent = 0
 
@@ -178,7 +190,7 @@ class OpenAIAnnotator:
                 self.sleep(min(s.max_backoff_s, s.backoff_s * 2 ** (attempt - 1)))
             try:
                 self.requests_sent += 1
-                response = self.client.post("/chat/completions", json=body)
+                response = self._post_within(body, s.timeout_s)
             except httpx.TransportError as err:
                 last = f"{type(err).__name__}: {err}"
                 logger.warning("%s: attempt %d failed (%s)", request.key, attempt + 1, last)
@@ -193,6 +205,38 @@ class OpenAIAnnotator:
                 raise AnnotationError(f"{request.key}: {s.base_url} answered {last}")
             logger.warning("%s: attempt %d failed (%s)", request.key, attempt + 1, last)
         raise AnnotationError(f"{request.key}: still failing after {s.max_retries} retries ({last})")
+
+    def _post_within(self, body: dict[str, Any], timeout_s: float) -> Any:
+        """POST ``body``; the whole reply must arrive within ``timeout_s`` (else ``httpx.ReadTimeout``)."""
+        import httpx  # optional (the ``serve`` extra), as in __init__
+
+        sockets: list[socket.socket] = []
+        expired = threading.Event()
+
+        def trace(event: str, info: dict[str, Any]) -> None:  # httpcore's trace hook: the new connection's socket
+            if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
+                sockets.append(info["return_value"].get_extra_info("socket"))
+                if expired.is_set():
+                    cut()
+
+        def cut() -> None:
+            expired.set()
+            for sock in sockets:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)  # a blocked read returns at once
+
+        timer = threading.Timer(timeout_s, cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            response = self.client.post("/chat/completions", json=body, extensions={"trace": trace})
+        except httpx.TransportError as err:
+            if expired.is_set():
+                raise httpx.ReadTimeout(f"no complete reply within timeout_s={timeout_s}") from err
+            raise
+        finally:
+            timer.cancel()
+        return response  # complete (a cut just after it changes nothing: the connection is not reused)
 
     def complete(self, requests: Sequence[ChatRequest]) -> Iterator[tuple[ChatRequest, str]]:
         with concurrent.futures.ThreadPoolExecutor(self.settings.concurrency) as pool:

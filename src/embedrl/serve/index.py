@@ -48,13 +48,13 @@ from embedrl.eval.pipeline import (
     EMBEDDINGS_DIR,
     EmbedPipeline,
     decoding_from_config,
-    load_embedder,
-    load_reasoner,
 )
 from embedrl.eval.task import MissingTCoTError
 from embedrl.evidence import build_embedder_messages
 from embedrl.models.embedder import Embedder
+from embedrl.models.loading import load_embedder, load_reasoner
 from embedrl.models.reasoner import Reasoner
+from embedrl.prompts import CUE_KEYS, LAYOUT_EMBEDRL, LAYOUT_REFERENCE
 
 __all__ = [
     "EmbedPipeline",
@@ -111,10 +111,22 @@ def _check_ids(items: Sequence[Item], where: str) -> None:
         raise IndexFormatError(f"{where}: ids {repeated[:5]} occur more than once; ids must be unique")
 
 
-def evidence_summary(item: Item, mode: str, video_as: str = "video") -> dict[str, Any]:
-    """What the Embedder sees of an item's T-CoT: the parsed cue (1-based key frames), evidence count, repairs."""
+def evidence_summary(item: Item, mode: str, video_as: str = "video", layout: str = LAYOUT_EMBEDRL) -> dict[str, Any]:
+    """What the Embedder sees of an item's T-CoT: the parsed cue (key frames 1-based in the embedrl layout, as
+    written in the reference layout, which reads them 0-based), evidence count, repairs."""
     if mode == "raw" or item.tcot is None:
         return {"cue": None, "values": [], "evidence_images": 0, "problems": []}
+    if layout == LAYOUT_REFERENCE:
+        built = build_embedder_messages(item, mode, layout=layout)  # type: ignore[arg-type]
+        cue = built.cue or {}
+        key = next((k for k in CUE_KEYS if k in cue), next(iter(cue), None))
+        value = cue.get(key, []) if key is not None else []
+        return {
+            "cue": key,
+            "values": value if isinstance(value, list) else [value],
+            "evidence_images": built.evidence_count,
+            "problems": list(built.problems),
+        }
     built = build_embedder_messages(item, mode, video_as=video_as)  # type: ignore[arg-type]
     tcot = built.tcot
     assert tcot is not None
@@ -377,8 +389,15 @@ def _resolved(path: str) -> str:
 
 
 def load_index_models(cfg: IndexConfig) -> tuple[Embedder, Reasoner | None]:
-    """The Embedder (and the Reasoner, with ``tcot_source: reasoner``) named by an index config."""
-    return load_embedder(cfg, cfg.model), load_reasoner(cfg, cfg.reasoner)
+    """The Embedder (in the config's layout) and the Reasoner (None when ``cfg.reasoner`` is empty) named by an index
+    config."""
+    embedder = load_embedder(cfg.model, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device)
+    reasoner = (
+        load_reasoner(cfg.reasoner, dtype=cfg.dtype, device=cfg.device, compact_prompts=cfg.compact_prompts)
+        if cfg.reasoner
+        else None
+    )
+    return embedder, reasoner
 
 
 def _pipeline(
@@ -546,8 +565,11 @@ class Searcher:
         except MissingTCoTError as err:
             raise IndexFormatError(str(err)) from err
         hits = self.index.search(vectors, k) if len(queries) else []
-        video_as = self.pipeline.embedder.video_as
+        embedder = self.pipeline.embedder
+        video_as, layout = embedder.video_as, getattr(embedder, "layout", LAYOUT_EMBEDRL)
         return [
-            SearchResult(query, query.tcot if mode != "raw" else None, evidence_summary(query, mode, video_as), h)
+            SearchResult(
+                query, query.tcot if mode != "raw" else None, evidence_summary(query, mode, video_as, layout), h
+            )
             for query, h in zip(annotated, hits, strict=True)
         ]

@@ -35,6 +35,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -49,8 +50,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from embedrl.config import ConfigError, ServeConfig
 from embedrl.data.schema import Item
-from embedrl.eval.pipeline import EmbedPipeline, load_embedder, load_reasoner, torch_dtype
+from embedrl.eval.pipeline import EmbedPipeline
 from embedrl.models.chat import ChatModel, ChatParams, Conversation
+from embedrl.models.loading import load_chat_model, load_embedder, load_reasoner
 from embedrl.models.reasoner import Decoding, Reasoner
 from embedrl.serve.batching import MicroBatcher
 from embedrl.serve.index import IndexFormatError, Searcher, SearchIndex
@@ -165,12 +167,30 @@ class SearchBody(_Strict):
 # ----------------------------------------------------------------------------------------------------------------
 
 
-class MediaReader:
-    """Decodes client images (data URLs, base64, files under ``media_root``) within the configured limits."""
+MAX_ASPECT_RATIO = 200  # the Qwen-VL image processors refuse a long side over 200x the short one
+MAX_PATH_CHARS = 1024
 
-    def __init__(self, cfg: ServeConfig) -> None:
+
+class MediaReader:
+    """Reads client media (data URLs, base64, files under ``media_root``) within the configured limits.
+
+    A request's media are read in three steps, all before anything reaches a model: every reference is opened
+    (``Image.open`` reads only the header: format and size), the request's budgets (``max_image_pixels`` per image,
+    ``max_request_pixels`` and ``max_request_frames`` per request) and the model's needs (aspect ratio, frames of one
+    size, ``min_video_frames`` per video) are checked, and only then is every image decoded. Each problem is a 4xx
+    :class:`APIError` that names the field. The server runs these steps on a thread pool, off the event loop.
+
+    Args:
+        cfg: the server settings.
+        min_video_frames: the fewest frames a video may have (the models' temporal patch size).
+    """
+
+    def __init__(self, cfg: ServeConfig, min_video_frames: int = 1) -> None:
         self.cfg = cfg
+        self.min_video_frames = min_video_frames
         self.root = Path(cfg.media_root).resolve(strict=True) if cfg.media_root else None
+
+    # -- references ------------------------------------------------------------------------------------------
 
     def path(self, raw: str, where: str) -> Path:
         """``raw`` resolved (symlinks followed) and checked to lie under the media root."""
@@ -180,61 +200,132 @@ class MediaReader:
                 f"{where}: file paths are disabled on this server (no media_root); send base64",
                 code="path_forbidden",
             )
-        resolved = (self.root / raw).resolve()
-        if not resolved.is_relative_to(self.root):
+        if "\x00" in raw:
+            raise APIError(400, f"{where}: the path contains a NUL byte", param="input", code="invalid_path")
+        if len(raw) > MAX_PATH_CHARS:
+            raise APIError(
+                400,
+                f"{where}: a path of {len(raw)} characters exceeds {MAX_PATH_CHARS}",
+                param="input",
+                code="invalid_path",
+            )
+        try:
+            resolved = (self.root / raw).resolve()
+            inside = resolved.is_relative_to(self.root)
+            is_file = inside and resolved.is_file()
+        except (OSError, ValueError) as err:  # the message would name the absolute path: only its kind is told
+            raise APIError(
+                400, f"{where}: path {raw[:64]!r} cannot be read ({type(err).__name__})", code="invalid_path"
+            ) from None
+        if not inside:
             raise APIError(403, f"{where}: path {raw!r} lies outside the server's media root", code="path_forbidden")
-        if not resolved.is_file():
+        if not is_file:
             raise APIError(400, f"{where}: no file {raw!r} under the media root", code="file_not_found")
         return resolved
 
-    def image(self, ref: MediaRef, where: str) -> Any:
+    def _file_bytes(self, raw: str, where: str) -> bytes:
+        path = self.path(raw, where)
+        try:
+            size = path.stat().st_size
+            if size > self.cfg.max_request_bytes:
+                raise APIError(
+                    413,
+                    f"{where}: file {raw!r} of {size} bytes exceeds max_request_bytes={self.cfg.max_request_bytes}",
+                    code="payload_too_large",
+                )
+            return path.read_bytes()
+        except OSError as err:
+            raise APIError(400, f"{where}: file {raw!r} cannot be read ({type(err).__name__})") from None
+
+    def _bytes(self, ref: MediaRef, where: str) -> bytes:
         if isinstance(ref, MediaPath):
-            data = self.path(ref.path, where).read_bytes()
-        elif ref.startswith("file://"):
-            data = self.path(ref.removeprefix("file://"), where).read_bytes()
-        elif ref.startswith(("http://", "https://")):
+            return self._file_bytes(ref.path, where)
+        if ref.startswith("file://"):
+            return self._file_bytes(ref.removeprefix("file://"), where)
+        if ref.startswith(("http://", "https://")):
             raise APIError(
                 400,
                 f"{where}: the server does not fetch URLs; send the image as a base64 data URL",
                 code="url_not_supported",
             )
-        else:
-            payload = ref
-            if ref.startswith("data:"):
-                header, sep, payload = ref.partition(",")
-                if not sep or not header.endswith(";base64"):
-                    raise APIError(400, f"{where}: a data URL must look like data:image/png;base64,...")
-            try:
-                data = base64.b64decode(payload, validate=True)
-            except (binascii.Error, ValueError) as err:
-                raise APIError(400, f"{where}: not valid base64 ({err})", code="invalid_image") from err
+        payload = ref
+        if ref.startswith("data:"):
+            header, sep, payload = ref.partition(",")
+            if not sep or not header.endswith(";base64"):
+                raise APIError(400, f"{where}: a data URL must look like data:image/png;base64,...")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise APIError(400, f"{where}: not valid base64 ({err})", code="invalid_image") from err
+
+    def _open(self, ref: MediaRef, where: str) -> Image.Image:
+        """The image's header (format and size); its pixels are not decoded yet."""
+        data = self._bytes(ref, where)
         try:
             image = Image.open(io.BytesIO(data))
-            pixels = image.width * image.height
-            if pixels > self.cfg.max_image_pixels:
-                raise APIError(
-                    400,
-                    f"{where}: image of {image.width}x{image.height} = {pixels} pixels exceeds "
-                    f"max_image_pixels={self.cfg.max_image_pixels}",
-                    code="image_too_large",
-                )
-            return image.convert("RGB")
-        except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError) as err:
-            raise APIError(400, f"{where}: not a decodable image ({err})", code="invalid_image") from err
-
-    def text(self, text: str, where: str) -> str:
-        if len(text) > self.cfg.max_text_chars:
+        except Exception as err:  # any decoder's error on client bytes is the client's problem
+            raise APIError(400, f"{where}: not a decodable image ({_brief(err)})", code="invalid_image") from None
+        w, h = image.size
+        if w < 1 or h < 1:
+            raise APIError(400, f"{where}: an image of {w}x{h} has no pixels", code="invalid_image")
+        if w * h > self.cfg.max_image_pixels:
             raise APIError(
                 400,
-                f"{where}: {len(text)} characters exceed max_text_chars={self.cfg.max_text_chars}",
-                code="text_too_long",
+                f"{where}: image of {w}x{h} = {w * h} pixels exceeds max_image_pixels={self.cfg.max_image_pixels}",
+                code="image_too_large",
             )
+        if max(w, h) / min(w, h) > MAX_ASPECT_RATIO:
+            raise APIError(
+                400,
+                f"{where}: image of {w}x{h} is more than {MAX_ASPECT_RATIO} times longer than wide",
+                code="invalid_image",
+            )
+        return image
+
+    @staticmethod
+    def _decode(image: Image.Image, where: str) -> Image.Image:
+        try:
+            with image:
+                return image.convert("RGB")
+        except Exception as err:  # truncated or corrupt pixel data, in whatever format
+            raise APIError(400, f"{where}: not a decodable image ({_brief(err)})", code="invalid_image") from None
+
+    def _open_all(self, refs: Sequence[tuple[str, MediaRef]], n_frames: int) -> list[Image.Image]:
+        """Every reference opened (headers only), within the request's budgets."""
+        opened = [self._open(ref, where) for where, ref in refs]
+        pixels = sum(im.width * im.height for im in opened)
+        if pixels > self.cfg.max_request_pixels:
+            raise APIError(
+                413,
+                f"input: the request's images and frames hold {pixels} pixels, over "
+                f"max_request_pixels={self.cfg.max_request_pixels}",
+                param="input",
+                code="request_too_large",
+            )
+        if n_frames > self.cfg.max_request_frames:
+            raise APIError(
+                413,
+                f"input: {n_frames} video frames in the request exceed "
+                f"max_request_frames={self.cfg.max_request_frames}",
+                param="input",
+                code="request_too_large",
+            )
+        return opened
+
+    def _decode_all(self, opened: Sequence[Image.Image], refs: Sequence[tuple[str, MediaRef]]) -> list[Any]:
+        return [self._decode(im, where) for im, (where, _) in zip(opened, refs, strict=True)]
+
+    # -- texts and items -------------------------------------------------------------------------------------
+
+    def text(self, text: str, where: str, limit: int | None = None, name: str = "max_text_chars") -> str:
+        limit = self.cfg.max_text_chars if limit is None else limit
+        if len(text) > limit:
+            raise APIError(400, f"{where}: {len(text)} characters exceed {name}={limit}", code="text_too_long")
         return text
 
-    def item(self, raw: Any, where: str) -> Item:
-        """An embeddings/search input (a string or an :class:`InputItem` dict) as an Item with decoded media."""
+    def _spec(self, raw: Any, where: str) -> InputItem:
         if isinstance(raw, str):
-            return Item(id=where, text=self.text(raw, where))
+            return InputItem(text=self.text(raw, where))
         if not isinstance(raw, dict | InputItem):
             kind = "a token-id list" if isinstance(raw, list | int) else type(raw).__name__
             raise APIError(
@@ -251,18 +342,63 @@ class MediaReader:
             count = len(getattr(spec, name))
             if count > limit:
                 raise APIError(400, f"{where}: {count} {name} exceed max_{name}={limit}", code=f"too_many_{name}")
-        return Item(
-            id=where,
-            text=self.text(spec.text, f"{where}.text"),
-            instruction=self.text(spec.instruction, f"{where}.instruction"),
-            images=tuple(self.image(ref, f"{where}.images[{i}]") for i, ref in enumerate(spec.images)),
-            frames=tuple(self.image(ref, f"{where}.frames[{i}]") for i, ref in enumerate(spec.frames)),
-            tcot=None if spec.tcot is None else self.text(spec.tcot, f"{where}.tcot"),
-        )
+        if 0 < len(spec.frames) < self.min_video_frames:
+            raise APIError(
+                400,
+                f"{where}.frames: a video needs at least {self.min_video_frames} frames, got {len(spec.frames)}",
+                param="input",
+                code="too_few_frames",
+            )
+        self.text(spec.text, f"{where}.text")
+        self.text(spec.instruction, f"{where}.instruction")
+        if spec.tcot is not None:
+            self.text(spec.tcot, f"{where}.tcot", self.cfg.max_tcot_chars, "max_tcot_chars")
+        return spec
+
+    def items(self, raws: Sequence[Any], wheres: Sequence[str]) -> list[Item]:
+        """The embeddings/search inputs of one request (strings or :class:`InputItem` dicts) as Items with decoded
+        media, every check done before any image is decoded."""
+        specs = [self._spec(raw, where) for raw, where in zip(raws, wheres, strict=True)]
+        refs = [
+            (f"{where}.{kind}[{i}]", ref)
+            for spec, where in zip(specs, wheres, strict=True)
+            for kind in ("images", "frames")
+            for i, ref in enumerate(getattr(spec, kind))
+        ]
+        opened = self._open_all(refs, sum(len(spec.frames) for spec in specs))
+        sizes = iter([im.size for im in opened])
+        for spec, where in zip(specs, wheres, strict=True):
+            frames = [next(sizes) for _ in (*spec.images, *spec.frames)][len(spec.images) :]
+            for i, (w, h) in enumerate(frames[1:], 1):
+                if (w, h) != frames[0]:
+                    raise APIError(
+                        400,
+                        f"{where}.frames[{i}] is {w}x{h} but {where}.frames[0] is {frames[0][0]}x{frames[0][1]}: "
+                        "the frames of a video must have one size",
+                        param="input",
+                        code="invalid_video",
+                    )
+        decoded = iter(self._decode_all(opened, refs))
+        return [
+            Item(
+                id=where,
+                text=spec.text,
+                instruction=spec.instruction,
+                images=tuple(next(decoded) for _ in spec.images),
+                frames=tuple(next(decoded) for _ in spec.frames),
+                tcot=spec.tcot,
+            )
+            for spec, where in zip(specs, wheres, strict=True)
+        ]
+
+    def item(self, raw: Any, where: str) -> Item:
+        """One embeddings/search input as an Item with decoded media (see :meth:`items`)."""
+        return self.items([raw], [where])[0]
 
     def conversation(self, messages: Sequence[ChatMessage], vision: bool) -> Conversation:
         """OpenAI messages as HF chat messages (``image`` placeholders) plus their decoded images."""
         out = Conversation(messages=[])
+        refs: list[tuple[str, MediaRef]] = []
         for m, message in enumerate(messages):
             parts = (
                 [ContentPart(type="text", text=message.content)]
@@ -279,16 +415,29 @@ class MediaReader:
                     raise APIError(400, f"{where}: an image_url part needs image_url.url", param="messages")
                 if not vision:
                     raise APIError(400, f"{where}: this chat model is text-only", code="images_not_supported")
-                if len(out.images) == self.cfg.max_images:
+                if len(refs) == self.cfg.max_images:
                     raise APIError(
                         400,
                         f"more than max_images={self.cfg.max_images} images in the messages",
                         code="too_many_images",
                     )
-                out.images.append(self.image(part.image_url.url, where))
+                refs.append((f"{where}.image_url", part.image_url.url))
                 content.append({"type": "image"})
             out.messages.append({"role": message.role, "content": content})
+        out.images.extend(self._decode_all(self._open_all(refs, 0), refs))
         return out
+
+
+def _brief(err: Exception) -> str:
+    """An exception as ``Type: message``, cut to 160 characters."""
+    text = f"{type(err).__name__}: {err}"
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _pixels(items: Sequence[Item]) -> tuple[int, int]:
+    """Decoded pixels and video frames of some items (their cost in a batch)."""
+    media = [im for it in items for im in (*it.images, *it.frames)]
+    return sum(im.width * im.height for im in media), sum(len(it.frames) for it in items)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,13 +458,18 @@ class _State:
     chat_models: dict[str, ChatModel] = field(default_factory=dict)
     chat_aliases: dict[str, str] = field(default_factory=dict)
     batcher: MicroBatcher | None = None
+    decoder: ThreadPoolExecutor | None = None  # reads and decodes request media off the event loop
 
-    async def run(self, key: Any, fn: Any, payload: Any) -> Any:
+    async def run(self, key: Any, fn: Any, payload: Any, cost: Sequence[float] = ()) -> Any:
         if self.batcher is None:
             raise APIError(
                 503, "the server is not running (no batcher); start it with its lifespan", type="server_error"
             )
-        return await asyncio.wrap_future(self.batcher.submit(key, fn, payload))
+        return await asyncio.wrap_future(self.batcher.submit(key, fn, payload, cost))
+
+    async def offload(self, fn: Any, *args: Any) -> Any:
+        """``fn(*args)`` on the decoding threads, so the event loop keeps answering (``/health``) meanwhile."""
+        return await asyncio.get_running_loop().run_in_executor(self.decoder, functools.partial(fn, *args))
 
 
 def _embed_batch(state: _State, mode: str, side: str, target_modality: str | None, payloads: Sequence[Any]) -> list:
@@ -354,16 +508,28 @@ def _load_models(
     cfg: ServeConfig, embedder: Any, reasoner: Any, chat_model: Any, index: Any
 ) -> tuple[Any, Any, ChatModel | None, SearchIndex | None]:
     if embedder is None and cfg.model:
-        embedder = load_embedder(cfg, cfg.model)
-    if reasoner is None:
-        reasoner = load_reasoner(cfg, cfg.reasoner)
+        embedder = load_embedder(cfg.model, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device)
+    if reasoner is None and cfg.reasoner:
+        reasoner = load_reasoner(cfg.reasoner, dtype=cfg.dtype, device=cfg.device, compact_prompts=cfg.compact_prompts)
     if isinstance(chat_model, Reasoner):
         chat_model = ChatModel.from_reasoner(chat_model)
     if chat_model is None and cfg.chat_model:
-        chat_model = ChatModel.load(cfg.chat_model, dtype=torch_dtype(cfg.dtype), device=cfg.device)
+        chat_model = load_chat_model(cfg.chat_model, dtype=cfg.dtype, device=cfg.device)
     if index is None and cfg.index:
         index = SearchIndex.load(cfg.index)
     return embedder, reasoner, chat_model, index
+
+
+def _min_video_frames(embedder: Any, reasoner: Any) -> int:
+    """The fewest frames a video may have: the temporal patch size of each model that reads frames as a video."""
+    sizes = [
+        model.adapter.temporal_patch_size
+        for model in (embedder, reasoner)
+        if getattr(model, "adapter", None) is not None
+        and getattr(model, "video_as", "video") == "video"
+        and getattr(model, "layout", "embedrl") != "reference"
+    ]
+    return max(sizes, default=1)
 
 
 def _build_state(cfg: ServeConfig, embedder: Any, reasoner: Any, chat_model: Any, index: Any) -> _State:
@@ -371,7 +537,8 @@ def _build_state(cfg: ServeConfig, embedder: Any, reasoner: Any, chat_model: Any
     embedder, reasoner, chat_model, index = _load_models(cfg, embedder, reasoner, chat_model, index)
     if embedder is None and reasoner is None and chat_model is None:
         raise ConfigError("nothing to serve: set model (an Embedder), reasoner or chat_model")
-    state = _State(cfg=cfg, media=MediaReader(cfg), token=token, embedder=embedder, reasoner=reasoner)
+    media = MediaReader(cfg, min_video_frames=_min_video_frames(embedder, reasoner))
+    state = _State(cfg=cfg, media=media, token=token, embedder=embedder, reasoner=reasoner)
     if embedder is not None:
         decoding = Decoding(
             temperature=cfg.tcot_temperature,
@@ -419,17 +586,25 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> Any:
-        state.batcher = MicroBatcher(cfg.max_batch_size, cfg.max_wait_ms / 1000)
+        state.decoder = ThreadPoolExecutor(cfg.decode_threads, thread_name_prefix="embedrl-decode")
+        state.batcher = MicroBatcher(
+            cfg.max_batch_size, cfg.max_wait_ms / 1000, max_batch_cost=(cfg.max_batch_pixels, cfg.max_batch_frames)
+        )
         try:
             yield
         finally:
             batcher, state.batcher = state.batcher, None
             batcher.close()
+            decoder, state.decoder = state.decoder, None
+            decoder.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="embedrl", summary="Embed-RL embeddings, chat and search", lifespan=lifespan)
+    # With a token, only /health answers without it (docs/serve.md): the schema is served behind the token below,
+    # and the interactive pages (a browser cannot send the token to fetch the schema) are off.
+    public_docs = {} if not state.token else {"openapi_url": None, "docs_url": None, "redoc_url": None}
+    app = FastAPI(title="embedrl", summary="Embed-RL embeddings, chat and search", lifespan=lifespan, **public_docs)
     app.state.embedrl = state
     app.add_middleware(_BodyLimit, max_bytes=cfg.max_request_bytes)
-    _add_error_handlers(app)
+    _add_error_handlers(app, _secrets(cfg, state.media))
 
     async def authorize(request: Request) -> None:
         if not state.token:
@@ -444,6 +619,12 @@ def create_app(
             )
 
     guarded = [Depends(authorize)]
+
+    if state.token:
+
+        @app.get("/openapi.json", dependencies=guarded, include_in_schema=False)
+        async def openapi() -> dict[str, Any]:
+            return app.openapi()
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
@@ -482,8 +663,10 @@ def create_app(
         if body.k > cfg.max_k:
             raise APIError(400, f"k={body.k} exceeds max_k={cfg.max_k}", param="k")
         raw = body.query if isinstance(body.query, str) else body.query.model_dump()
-        item = state.media.item(raw, "query")
-        result = await state.run(("search",), functools.partial(_search_batch, state.searcher), (item, body.k))
+        item = await state.offload(state.media.item, raw, "query")
+        result = await state.run(
+            ("search",), functools.partial(_search_batch, state.searcher), (item, body.k), _pixels([item])
+        )
         return result.as_dict()
 
     return app
@@ -513,7 +696,7 @@ async def _embeddings(state: _State, body: EmbeddingsBody) -> dict[str, Any]:
         raise APIError(
             400, f"{len(raw_inputs)} inputs exceed max_inputs={cfg.max_inputs}", param="input", code="too_many_inputs"
         )
-    items = [state.media.item(x, f"input[{i}]") for i, x in enumerate(raw_inputs)]
+    items = await state.offload(state.media.items, raw_inputs, [f"input[{i}]" for i in range(len(raw_inputs))])
     mode = body.mode or ("full" if state.reasoner is not None else "raw")
     if mode != "raw" and state.reasoner is None:
         missing = [it.id for it in items if it.tcot is None]
@@ -526,7 +709,7 @@ async def _embeddings(state: _State, body: EmbeddingsBody) -> dict[str, Any]:
             )
     key = ("embed", mode, body.side, body.target_modality)
     fn = functools.partial(_embed_batch, state, mode, body.side, body.target_modality)
-    vectors, tcots, tokens = await state.run(key, fn, items)
+    vectors, tcots, tokens = await state.run(key, fn, items, _pixels(items))
     data = []
     for i, (vector, tcot) in enumerate(zip(vectors, tcots, strict=True)):
         if body.encoding_format == "base64":
@@ -569,7 +752,7 @@ async def _chat(state: _State, body: ChatBody) -> dict[str, Any]:
     if body.n > cfg.max_n:
         raise APIError(400, f"n={body.n} exceeds max_n={cfg.max_n}", param="n")
     model = state.chat_models[name]
-    conversation = state.media.conversation(body.messages, model.vision)
+    conversation = await state.offload(state.media.conversation, body.messages, model.vision)
     greedy = body.temperature == 0
     params = ChatParams(
         max_tokens=max_tokens,
@@ -580,7 +763,8 @@ async def _chat(state: _State, body: ChatBody) -> dict[str, Any]:
     )
     # A seeded sampled request runs alone: the seed then reproduces it whatever else is queued.
     key = ("chat", name, params, uuid.uuid4().hex if params.seed is not None else None)
-    outputs = await state.run(key, functools.partial(_chat_batch, model, params), conversation)
+    pixels = sum(im.width * im.height for im in conversation.images)
+    outputs = await state.run(key, functools.partial(_chat_batch, model, params), conversation, (pixels, 0))
     prompt_tokens = outputs[0].prompt_tokens
     completion_tokens = sum(o.completion_tokens for o in outputs)
     return {
@@ -610,30 +794,48 @@ async def _chat(state: _State, body: ChatBody) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _add_error_handlers(app: FastAPI) -> None:
+def _secrets(cfg: ServeConfig, media: MediaReader) -> list[str]:
+    """Server paths no error message may show: the media root and the index directory, as given and resolved."""
+    paths = {str(media.root)} if media.root is not None else set()
+    for raw in (cfg.media_root, cfg.index):
+        if raw:
+            paths |= {raw, str(Path(raw).resolve()), str(Path(raw).absolute())}
+    return sorted((p for p in paths if Path(p).is_absolute() and len(p) > 1), key=len, reverse=True)
+
+
+def _add_error_handlers(app: FastAPI, secrets: Sequence[str] = ()) -> None:
+    """JSON errors for every failure; a message never shows a path of ``secrets`` (replaced by ``<server path>``)."""
+
+    def respond(err: APIError) -> JSONResponse:
+        for secret in secrets:
+            err.message = err.message.replace(secret, "<server path>")
+        return err.response()
+
     async def api_error(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, APIError)
-        return err.response()
+        return respond(err)
 
     async def validation_error(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, RequestValidationError)
         problems = []
         for e in err.errors():
             if e.get("type") == "json_invalid":
-                return APIError(
-                    400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}", code="invalid_json"
-                ).response()
+                return respond(
+                    APIError(
+                        400, f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}", code="invalid_json"
+                    )
+                )
             loc = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
             problems.append(f"{loc or 'body'}: {e.get('msg')}")
-        return APIError(400, "invalid request: " + "; ".join(problems)).response()
+        return respond(APIError(400, "invalid request: " + "; ".join(problems)))
 
     async def http_error(request: Request, err: Exception) -> JSONResponse:
         assert isinstance(err, StarletteHTTPException)
-        return APIError(err.status_code, str(err.detail), type="invalid_request_error").response()
+        return respond(APIError(err.status_code, str(err.detail), type="invalid_request_error"))
 
     async def value_error(request: Request, err: Exception) -> JSONResponse:
         logger.warning("request failed: %s", err)
-        return APIError(400, str(err)).response()
+        return respond(APIError(400, str(err)))
 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -641,7 +843,7 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     async def server_error(request: Request, err: Exception) -> JSONResponse:
         logger.error("request to %s failed", request.url.path, exc_info=err)
-        return APIError(500, f"internal error: {type(err).__name__}: {err}", type="server_error").response()
+        return respond(APIError(500, f"internal error: {_brief(err)}", type="server_error"))
 
     app.add_exception_handler(IndexFormatError, value_error)
     app.add_exception_handler(Exception, server_error)
@@ -668,6 +870,9 @@ class _BodyLimit:
                 error = self._too_large(int(declared))
                 await error.response()(scope, receive, send)
                 return
+        if declared is None:
+            await self._buffered(scope, receive, send)
+            return
         received = 0
 
         async def limited_receive() -> dict:
@@ -676,10 +881,40 @@ class _BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    raise self._too_large(received)
+                    raise self._too_large(received)  # a body longer than its Content-Length (h11 refuses it too)
             return message
 
         await self.app(scope, limited_receive, send)
+
+    async def _buffered(self, scope: dict, receive: Any, send: Any) -> None:
+        """A body without Content-Length (chunked) is read here up to ``max_bytes``: beyond, 413 at once, before
+        the app sees it (an error raised while the app reads the body would be answered as a malformed body)."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client went away
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                error = self._too_large(size)
+                error.message = (
+                    f"request body (sent without Content-Length) exceeds max_request_bytes={self.max_bytes}"
+                )
+                await error.response()(scope, receive, send)
+                return
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
 
     def _too_large(self, size: int) -> APIError:
         return APIError(
@@ -707,7 +942,9 @@ def serve_in_background(
     """
     import uvicorn  # only running the app needs the server (create_app does not); optional: the serve extra
 
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on such sockets (and their accepted connections); with the
+    # default proto=0 every response waited ~40 ms for a delayed ACK (Nagle).
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
     server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, lifespan="on"))

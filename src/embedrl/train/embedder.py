@@ -35,6 +35,7 @@ from embedrl.data.sampler import DatasetInfo, SubBatchSampler, split_for_rank
 from embedrl.data.schema import Item, Pair, read_pairs
 from embedrl.losses import cached_info_nce, info_nce
 from embedrl.models.embedder import Embedder
+from embedrl.models.loading import resolve_checkpoint
 from embedrl.tcot import TCoT, parse_tcot, render_tcot
 
 logger = logging.getLogger(__name__)
@@ -305,7 +306,8 @@ def train_embedder(cfg: EmbedderTrainConfig, on_step: StepCallback | None = None
     data = load_training_data(cfg.data, cfg.datasets)
     sampler = build_sampler(data, cfg)
     total = cfg.max_steps or cfg.epochs * len(sampler)
-    embedder = Embedder.from_backbone(cfg.backbone, device=cfg.device, mode=cfg.mode, video_as=cfg.video_as)
+    backbone = resolve_checkpoint(cfg.backbone)  # a missing local folder fails here, never on the hub
+    embedder = Embedder.from_backbone(backbone, device=cfg.device, mode=cfg.mode, video_as=cfg.video_as)
     embedder.model = prepare_model(embedder.model, cfg)
     embedder.model.train()
     params = [p for p in embedder.model.parameters() if p.requires_grad]

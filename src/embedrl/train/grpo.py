@@ -5,7 +5,9 @@ bottom: build (data, models, optimiser) → resume → per step:
 
 1. **batch**: ``B`` whole pairs of ONE dataset (:func:`step_batches`: shuffle each dataset's pairs, cut into
    batches of ``B`` with drop-last, shuffle the batch order; seed + epoch), each pair prompted on both sides with
-   its family prompt; a pair whose prompt overflows ``max_prompt_tokens`` on either side is dropped on both;
+   its family prompt; a pair whose prompt overflows ``max_prompt_tokens`` on either side is dropped on both (both
+   prompts of every pair are measured once at start-up, :func:`screen_prompts`, which logs per dataset how many
+   pairs the limit drops; each step's record carries the count of its dataset as ``data/dropped_prompt_tokens``);
 2. **rollouts**: ``G`` samples per (pair, side) prompt with HF ``generate`` (:func:`generate_rollouts`), every
    trajectory keyed ``(pair_id, side, rollout)``;
 3. **rewards**: format, process (Discriminator) and outcome (Embedder) over the whole step batch
@@ -49,6 +51,7 @@ from embedrl.config import GRPOTrainConfig, RewardConfig, save_config
 from embedrl.data.schema import Item, Pair, read_pairs
 from embedrl.models.embedder import Embedder
 from embedrl.models.generation import generate_completions, stop_token_ids, vision_token_ids
+from embedrl.models.loading import load_embedder, load_reasoner, torch_dtype
 from embedrl.models.reasoner import Decoding, Reasoner, ReasonerPrompt, build_reasoner_prompt
 from embedrl.rewards.judges import (
     ENDPOINT_TOKEN_ENV,
@@ -73,6 +76,7 @@ __all__ = [
     "METRICS_FILE",
     "RL_META_FILE",
     "SAMPLES_FILE",
+    "PromptScreen",
     "RLData",
     "RLModels",
     "RolloutBatch",
@@ -88,6 +92,7 @@ __all__ = [
     "rollout_decoding",
     "sample_table",
     "score_rollouts",
+    "screen_prompts",
     "step_batches",
     "step_metrics",
     "train_rl",
@@ -106,6 +111,7 @@ COMPONENTS = ("format", "process", "outcome")  # the order of build_reward_funcs
 SIDES = ("query", "target")
 SAMPLE_TABLE_ROWS = 16
 SAMPLE_TEXT_CHARS = 160
+SCREEN_BATCH_SIZE = 8  # prompts per processor call when measuring prompt lengths at start-up
 
 StepCallback = Callable[[int, dict[str, Any], "RolloutBatch"], None]
 
@@ -258,10 +264,8 @@ def load_models(cfg: GRPOTrainConfig, *, reference: bool = True, lora: bool = Tr
         raise ImportError(
             "use_vllm=true needs vLLM: pip install 'embedrl[gpu]' on a GPU machine, or set use_vllm: false"
         )
-    dtype = getattr(torch, cfg.dtype)
-    policy = Reasoner.from_pretrained(
-        cfg.reasoner, dtype=dtype, device=cfg.device, compact_prompts=cfg.compact_prompts
-    )
+    dtype = torch_dtype(cfg.dtype)
+    policy = load_reasoner(cfg.reasoner, dtype=dtype, device=cfg.device, compact_prompts=cfg.compact_prompts)
     context = policy.model.config.get_text_config().max_position_embeddings
     if cfg.max_prompt_tokens + cfg.max_new_tokens > context:
         raise ValueError(
@@ -270,7 +274,7 @@ def load_models(cfg: GRPOTrainConfig, *, reference: bool = True, lora: bool = Tr
         )
     ref_model = None
     if reference and cfg.beta > 0 and not cfg.lora:  # with LoRA the reference is the policy without its adapters
-        ref_model = _freeze(Reasoner.from_pretrained(cfg.reasoner, dtype=dtype, device=cfg.device).model)
+        ref_model = _freeze(load_reasoner(cfg.reasoner, dtype=dtype, device=cfg.device).model)
     if lora and cfg.lora:
         policy.model = _add_lora(policy.model, cfg.lora)
     if not cfg.lora:
@@ -279,7 +283,7 @@ def load_models(cfg: GRPOTrainConfig, *, reference: bool = True, lora: bool = Tr
         policy.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     embedder = None
     if not cfg.embedder_url:
-        embedder = Embedder.load(cfg.embedder, dtype=dtype, device=cfg.device)
+        embedder = load_embedder(cfg.embedder, layout=cfg.layout, dtype=dtype, device=cfg.device)
         _freeze(embedder.model)
     if cfg.reward_config().w_process == 0:  # the process term is not computed: no Discriminator to load or call
         return RLModels(policy, ref_model, embedder, _no_discriminator, None)
@@ -292,7 +296,7 @@ def load_models(cfg: GRPOTrainConfig, *, reference: bool = True, lora: bool = Tr
             token=os.environ.get(ENDPOINT_TOKEN_ENV, ""),
         )
         return RLModels(policy, ref_model, embedder, endpoint, None)
-    disc = Reasoner.from_pretrained(cfg.discriminator or cfg.reasoner, dtype=dtype, device=cfg.device)
+    disc = load_reasoner(cfg.discriminator or cfg.reasoner, dtype=dtype, device=cfg.device)
     _freeze(disc.model)
     discriminator = ChatDiscriminator(disc, cfg.discriminator_max_new_tokens, cfg.discriminator_batch_size)
     return RLModels(policy, ref_model, embedder, discriminator, disc.model)
@@ -339,18 +343,96 @@ def pair_prompts(pair: Pair, compact: bool) -> list[tuple[str, ReasonerPrompt, I
     ]
 
 
+@dataclass(frozen=True)
+class PromptScreen:
+    """Which RL pairs fit ``max_prompt_tokens`` on both sides (docs/method.md §8 item 19), counted per dataset.
+
+    Attributes:
+        limit: the ``max_prompt_tokens`` the pairs were measured against.
+        totals: dataset -> pairs read.
+        dropped: dataset -> pairs whose query or target prompt is longer than ``limit`` (0 for a dataset without).
+        overlong: ``(dataset, pair_id)`` of every dropped pair.
+    """
+
+    limit: int
+    totals: dict[str, int]
+    dropped: dict[str, int]
+    overlong: frozenset[tuple[str, str]]
+
+    def fits(self, pair: Pair) -> bool:
+        return (pair.dataset, pair.pair_id) not in self.overlong
+
+    def kept(self, pairs: Sequence[Pair]) -> list[Pair]:
+        """``pairs`` without the dropped ones, in order."""
+        return [p for p in pairs if self.fits(p)]
+
+    @property
+    def total_dropped(self) -> int:
+        return sum(self.dropped.values())
+
+    def log(self) -> None:
+        """One line per dataset: ``dropped N of M pairs of <dataset>: prompt > max_prompt_tokens (<limit>)`` (a
+        warning when N > 0)."""
+        for name in sorted(self.totals):
+            n = self.dropped[name]
+            logger.log(logging.WARNING if n else logging.INFO,
+                       "dropped %d of %d pairs of %s: prompt > max_prompt_tokens (%d)", n, self.totals[name], name,
+                       self.limit)  # fmt: skip
+
+
+def prompt_lengths(
+    policy: Reasoner, prompts: Sequence[ReasonerPrompt], batch_size: int = SCREEN_BATCH_SIZE
+) -> list[int]:
+    """Tokens of each prompt as the policy sees it (chat template, generation prompt, visual tokens), in order."""
+    lengths: list[int] = []
+    for start in range(0, len(prompts), batch_size):
+        mask = policy.chat_inputs(prompts[start : start + batch_size])["attention_mask"]  # [b, T], left-padded
+        lengths += [int(n) for n in mask.sum(1).tolist()]
+    return lengths
+
+
+def screen_prompts(pairs: Sequence[Pair], policy: Reasoner, max_prompt_tokens: int) -> PromptScreen:
+    """Measure both prompts of every pair once and count, per dataset, the pairs ``max_prompt_tokens`` drops.
+
+    A video pair's prompt holds every frame's visual tokens (8 frames of up to 300 tokens each in the paper's
+    setting), so a limit that is too small silently removes most video data; the screen makes that visible at
+    start-up (:meth:`PromptScreen.log`) and in every step's ``data/dropped_prompt_tokens``.
+    """
+    flat = [pr for p in pairs for _, pr, _ in pair_prompts(p, policy.compact_prompts)]
+    lengths = prompt_lengths(policy, flat)  # [2 * len(pairs)]: query then target of each pair
+    totals: dict[str, int] = defaultdict(int)
+    dropped: dict[str, int] = defaultdict(int)
+    overlong: set[tuple[str, str]] = set()
+    for i, pair in enumerate(pairs):
+        totals[pair.dataset] += 1
+        if max(lengths[2 * i], lengths[2 * i + 1]) > max_prompt_tokens:
+            dropped[pair.dataset] += 1
+            overlong.add((pair.dataset, pair.pair_id))
+    return PromptScreen(max_prompt_tokens, dict(totals), {n: dropped[n] for n in totals}, frozenset(overlong))
+
+
 def generate_rollouts(
-    policy: Reasoner, step: int, dataset: str, pairs: Sequence[Pair], cfg: GRPOTrainConfig
+    policy: Reasoner,
+    step: int,
+    dataset: str,
+    pairs: Sequence[Pair],
+    cfg: GRPOTrainConfig,
+    screen: PromptScreen | None = None,
 ) -> RolloutBatch:
     """``G`` sampled responses per (pair, side) prompt; overlong pairs are dropped on both sides first.
 
-    Sampling is seeded from ``(seed, step)``, so a resumed run draws the same rollouts from the same weights.
+    ``screen``: the start-up measurement of the pairs (:func:`screen_prompts`); without it the step's prompts are
+    measured here. Sampling is seeded from ``(seed, step)``, so a resumed run draws the same rollouts from the same
+    weights.
     """
     G = cfg.group_size
     prompts = {p.pair_id: pair_prompts(p, policy.compact_prompts) for p in pairs}
-    flat = [pr for p in pairs for _, pr, _ in prompts[p.pair_id]]
-    lengths = policy.chat_inputs(flat)["attention_mask"].sum(1).tolist()  # [2B], query then target per pair
-    over = {pairs[i // 2].pair_id for i, n in enumerate(lengths) if n > cfg.max_prompt_tokens}
+    if screen is not None and screen.limit == cfg.max_prompt_tokens:
+        over = {p.pair_id for p in pairs if not screen.fits(p)}
+    else:
+        flat = [pr for p in pairs for _, pr, _ in prompts[p.pair_id]]
+        lengths = prompt_lengths(policy, flat)  # [2B], query then target per pair
+        over = {pairs[i // 2].pair_id for i, n in enumerate(lengths) if n > cfg.max_prompt_tokens}
     kept = [p for p in pairs if p.pair_id not in over]
     eos_ids, pad_id = stop_token_ids(policy.model, policy.processor)
     gen = GenerationConfig(
@@ -721,6 +803,9 @@ def train_rl(cfg: GRPOTrainConfig, models: RLModels | None = None, on_step: Step
     data = RLData.from_jsonl(cfg.data, cfg.pairs_per_step, cfg.seed)
     total = cfg.max_steps or cfg.epochs * data.steps_per_epoch
     models = models or load_models(cfg)
+    # Measured once: the start-up log says per dataset how many pairs the limit drops (each step then drops its own).
+    screen = screen_prompts([p for ps in data.datasets.values() for p in ps], models.policy, cfg.max_prompt_tokens)
+    screen.log()
     G = cfg.group_size
     embed, discriminator = Timed(reward_embedder(cfg, models)), Timed(models.discriminator)
     funcs, _ = build_reward_funcs(reward_cfg, embed, discriminator, num_generations=G, seed=cfg.seed)
@@ -746,10 +831,11 @@ def train_rl(cfg: GRPOTrainConfig, models: RLModels | None = None, on_step: Step
             step += 1
             embed.seconds = discriminator.seconds = 0.0
             t0 = time.perf_counter()
-            batch = generate_rollouts(models.policy, step, dataset, pairs, cfg)
+            batch = generate_rollouts(models.policy, step, dataset, pairs, cfg, screen)
             t1 = time.perf_counter()
             record: dict[str, Any] = {"step": step, "epoch": epoch, "dataset": dataset, "pairs": len(batch.pairs),
                                       "prompts": 2 * len(batch.pairs), "trajectories": len(batch.keys),
+                                      "data/dropped_prompt_tokens": screen.dropped[dataset],
                                       "data/pairs_dropped_overlong": len(batch.dropped_pairs)}  # fmt: skip
             if len(batch.pairs) < 2:  # docs/method.md §4.4: no negatives; counted, not trained on
                 logger.warning(

@@ -19,7 +19,11 @@ The EG-RL requirements map onto ``GRPOTrainer`` like this:
   ``num_iterations`` (PPO epochs), ``peft_config`` (LoRA), ``use_vllm``/``vllm_mode``, ``save_steps`` and
   ``resume_from_checkpoint``. Loss ``dapo`` is the token mean over the mini-batch (docs/method.md §4.2); TRL's
   advantage uses ``std + 1e-4`` where the method writes ``1e-6`` (the ``native`` engine uses the latter).
-- **Logging.** ``out/metrics.jsonl`` gets one line per RL step: our reward components and terms per side, response
+- **Prompt length.** Both prompts of every pair are measured once (:func:`~embedrl.train.grpo.screen_prompts`); a
+  pair longer than ``max_prompt_tokens`` on either side is dropped before batching, and the start-up log says per
+  dataset how many pairs that removed.
+- **Logging.** ``out/metrics.jsonl`` gets one line per RL step: the pairs of its dataset dropped for
+  ``max_prompt_tokens`` (``data/dropped_prompt_tokens``), our reward components and terms per side, response
   lengths, evidence counts, TRL's loss statistics (``trl/...``), and the step time split into generation, reward
   (Embedder, Discriminator, other) and update. ``out/samples.md`` gets a table of sample T-CoTs with their rewards
   and advantages every ``sample_table_every`` steps.
@@ -50,7 +54,7 @@ from trl import GRPOConfig, GRPOTrainer
 from embedrl.config import GRPOTrainConfig, RewardConfig, save_config
 from embedrl.data.schema import Item, Pair, read_pairs
 from embedrl.models.generation import stop_token_ids
-from embedrl.models.reasoner import Reasoner, build_reasoner_prompt
+from embedrl.models.reasoner import build_reasoner_prompt
 from embedrl.prompts import join_task_text
 from embedrl.rewards.terms import build_reward_funcs, check_groups, rollout_keys, total_reward
 from embedrl.train.grpo import (
@@ -60,6 +64,7 @@ from embedrl.train.grpo import (
     RL_META_FILE,
     SAMPLES_FILE,
     SIDES,
+    PromptScreen,
     RLData,
     RLModels,
     RolloutBatch,
@@ -70,6 +75,7 @@ from embedrl.train.grpo import (
     lora_config,
     reward_embedder,
     sample_table,
+    screen_prompts,
     step_line,
     step_metrics,
     trained_reasoner,
@@ -127,24 +133,6 @@ def rl_step_geometry(cfg: GRPOTrainConfig) -> StepGeometry:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _prompt_length(policy: Reasoner, pair: Pair, side: str, compact: bool) -> int:
-    item = pair.query if side == "query" else pair.target
-    prompt = build_reasoner_prompt(item, side, pair.target.modality if side == "query" else None, compact=compact)
-    return int(policy.chat_inputs([prompt])["attention_mask"].sum())
-
-
-def drop_overlong(pairs: Sequence[Pair], policy: Reasoner, max_prompt_tokens: int, compact: bool) -> list[Pair]:
-    """The pairs whose prompts fit ``max_prompt_tokens`` on **both** sides (docs/method.md §8 item 19); logs the
-    rest."""
-    kept = [
-        p for p in pairs if all(_prompt_length(policy, p, s, compact) <= max_prompt_tokens for s in SIDES)
-    ]  # fmt: skip
-    if len(kept) < len(pairs):
-        logger.warning("dropped %d pair(s) whose prompt exceeds max_prompt_tokens=%d", len(pairs) - len(kept),
-                       max_prompt_tokens)  # fmt: skip
-    return kept
-
-
 def _row(pair: Pair, side: str, block: int, compact: bool) -> dict[str, Any]:
     item = pair.query if side == "query" else pair.target
     prompt = build_reasoner_prompt(item, side, pair.target.modality if side == "query" else None, compact=compact)
@@ -199,12 +187,13 @@ class TRLRewards:
     def __init__(
         self, funcs: Sequence[Callable[..., list[float | None]]], reward_cfg: RewardConfig, G: int,
         embed: Timed, discriminator: Timed, clock: StepClock, eos_ids: Sequence[int], out: Path,
-        sample_every: int, steps_per_rl_step: int, scale: bool = True,
+        sample_every: int, steps_per_rl_step: int, scale: bool = True, screen: PromptScreen | None = None,
     ) -> None:  # fmt: skip
         self.funcs, self.reward_cfg, self.G = list(funcs), reward_cfg, G
         self.embed, self.discriminator, self.clock = embed, discriminator, clock
         self.eos_ids, self.out, self.sample_every = set(eos_ids), out, sample_every
         self.steps_per_rl_step, self.scale = steps_per_rl_step, scale
+        self.dropped = dict(screen.dropped) if screen is not None else {}
         self.components: dict[str, list[float | None]] = {}
 
     def reward_funcs(self) -> list[Callable[..., list[float | None]]]:
@@ -261,6 +250,7 @@ class TRLRewards:
         record: dict[str, Any] = {
             "step": step, "dataset": columns["dataset"][0], "pairs": len({k.pair_id for k in keys}),
             "prompts": len({k[:2] for k in keys}), "trajectories": len(keys),
+            "data/dropped_prompt_tokens": self.dropped.get(columns["dataset"][0], 0),
         }  # fmt: skip
         record.update(step_metrics(batch, components, totals, rewards, self.funcs))
         record.update({
@@ -376,8 +366,10 @@ def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
     models = models or load_models(cfg, reference=False, lora=False)
     policy = models.policy
     policy.processor.image_processor.size = policy.adapter.image_size(policy.budget)  # the checkpoint's budget
-    pairs = drop_overlong(read_pairs(cfg.data), policy, cfg.max_prompt_tokens, policy.compact_prompts)
-    data = RLData(pairs, cfg.pairs_per_step, cfg.seed)
+    pairs = read_pairs(cfg.data)
+    screen = screen_prompts(pairs, policy, cfg.max_prompt_tokens)  # dropped before batching: every step keeps B
+    screen.log()
+    data = RLData(screen.kept(pairs), cfg.pairs_per_step, cfg.seed)
     total = cfg.max_steps or cfg.epochs * data.steps_per_epoch // processes
     dataset = build_trl_dataset(data, total * processes, policy.compact_prompts)
     logger.info(
@@ -391,7 +383,7 @@ def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
     funcs, weights = build_reward_funcs(reward_cfg, embed, discriminator, num_generations=G, seed=cfg.seed)
     eos_ids, _ = stop_token_ids(policy.model, policy.processor)
     rewards = TRLRewards(funcs, reward_cfg, G, embed, discriminator, clock, eos_ids, out, cfg.sample_table_every, k,
-                         cfg.scale_advantages)  # fmt: skip
+                         cfg.scale_advantages, screen)  # fmt: skip
     policy.model.requires_grad_(True)
     _check_disjoint(models, [p for p in policy.model.parameters()])
 

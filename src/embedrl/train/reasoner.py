@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from embedrl.config import ReasonerTrainConfig, save_config
 from embedrl.data.schema import read_jsonl, read_pairs
+from embedrl.models.loading import load_reasoner
 from embedrl.models.reasoner import Reasoner, ReasonerPrompt, build_reasoner_prompt
 from embedrl.prompts import IM_END, join_task_text, render_discriminator
 
@@ -114,7 +115,7 @@ def train_reasoner(cfg: ReasonerTrainConfig) -> Path:
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     # compact_prompts null = the backbone's (embedrl_reasoner.json); the final checkpoint records the style used.
-    reasoner = Reasoner.from_pretrained(cfg.backbone, device=cfg.device, compact_prompts=cfg.compact_prompts)
+    reasoner = load_reasoner(cfg.backbone, device=cfg.device, compact_prompts=cfg.compact_prompts)
     examples = tcot_examples(cfg.data, reasoner.compact_prompts)
     if cfg.discrimination_data:
         examples += discrimination_examples(cfg.discrimination_data)

@@ -52,6 +52,7 @@ from embedrl.backbones.tiny import BACKBONE_CONFIG_FILENAME
 from embedrl.config import BackbonePretrainConfig, TeacherNoiseConfig, save_config
 from embedrl.data.schema import Item, Modality
 from embedrl.models.generation import generate_texts
+from embedrl.models.loading import load_reasoner
 from embedrl.models.reasoner import Reasoner, ReasonerPrompt, build_reasoner_prompt
 from embedrl.tcot import parse_tcot
 from embedrl.train.reasoner import SFTExample, discrimination_sft, sft_batch, warmup_linear_decay
@@ -293,7 +294,7 @@ def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
     save_config(cfg, out)
     torch.manual_seed(cfg.seed)
     geo = Geometry()
-    reasoner = Reasoner.from_pretrained(cfg.backbone, device=cfg.device, compact_prompts=COMPACT_PROMPTS)
+    reasoner = load_reasoner(cfg.backbone, device=cfg.device, compact_prompts=COMPACT_PROMPTS)
     model = reasoner.model
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -1,0 +1,226 @@
+"""The one loader: how a path or hub id becomes an Embedder or a Reasoner, and how a dtype string becomes a dtype.
+
+Every entry point (evaluation, index build and search, the server, the RL reward, the demo's stages) loads through
+:func:`load_embedder` and :func:`load_reasoner` (other chat models through :func:`load_chat_model`), and every path
+or hub id becomes a local folder in :func:`resolve_checkpoint`; :func:`torch_dtype` is the one dtype handler. The two
+main loaders are exported lazily from the package root (``embedrl.load_embedder``).
+
+:func:`load_embedder` reads two kinds of folder:
+
+- **an embedrl Embedder** (``embedder.json`` present, written by :meth:`~embedrl.models.Embedder.save`): its saved
+  mode, pixel budget and input layout (``embedrl`` for an older ``embedder.json`` without one);
+- **a published Embed-RL checkpoint** (a plain Hugging Face Qwen-VL folder as the authors' merge script writes it:
+  ``config.json`` with ``emb_token_ids``, a tokenizer holding ``<emb>`` as an ordinary added token, the model's own
+  chat template, no embedrl files): the ``reference`` layout, the reference pixel budgets, mode ``full``
+  (docs/published-models.md).
+
+``layout`` overrides the checkpoint's layout (logged in one line when it differs).
+
+Where the folder comes from: an existing local path is used as it is; a name of the form ``owner/name`` whose first
+part is not a local folder is a Hugging Face hub id, fetched with ``huggingface_hub.snapshot_download`` (the HF cache;
+offline, only what is cached); anything else is a local path that does not exist, and that is an error at once,
+never a hub look-up.
+
+Example:
+    >>> import embedrl
+    >>> embedder = embedrl.load_embedder("ZoengHouNaam/Embed-RL-2B", dtype="bfloat16", device="cuda")  # doctest: +SKIP
+    >>> embedder.layout  # doctest: +SKIP
+    'reference'
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import HfHubHTTPError
+from transformers import AutoConfig, AutoTokenizer
+
+from embedrl import prompts
+from embedrl.backbones import load_backbone
+from embedrl.config import UserError
+from embedrl.models.chat import ChatModel
+from embedrl.models.embedder import EMBEDDER_CONFIG_FILENAME, Embedder
+from embedrl.models.reasoner import Reasoner
+
+__all__ = [
+    "DTYPES",
+    "CheckpointError",
+    "load_chat_model",
+    "load_embedder",
+    "load_reasoner",
+    "resolve_checkpoint",
+    "torch_dtype",
+]
+
+logger = logging.getLogger(__name__)
+
+DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+# A hub repository id: owner/name, each of letters, digits, '-', '_' and '.', not starting with '.' or '-'.
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9_][\w.-]*")
+# The files a checkpoint folder needs (weights, configs, tokenizer, chat template); other repository files are skipped.
+_CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+# Settings of a published checkpoint, which has no embedder.json: the reference layout and evaluation mode, and
+# frames as separate images (what the reference does; the reference layout always does it).
+PUBLISHED_MODE = "full"
+PUBLISHED_VIDEO_AS = "frames"
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint that cannot be found or loaded: a missing local folder, a hub id that cannot be fetched, a folder
+    without the ``<emb>`` token, or files that do not belong together. The message says what to do."""
+
+
+def torch_dtype(name: str | torch.dtype) -> str | torch.dtype:
+    """A config's ``dtype`` as the loaders take it: ``"auto"`` (the checkpoint's) or a torch dtype.
+
+    >>> torch_dtype("bfloat16"), torch_dtype("auto")
+    (torch.bfloat16, 'auto')
+
+    Raises:
+        CheckpointError: a name other than ``auto``, ``float32``, ``bfloat16`` and ``float16``.
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise CheckpointError(f"dtype={name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return "auto" if name == "auto" else getattr(torch, name)
+
+
+def _is_hub_id(name: str) -> bool:
+    """``owner/name`` whose first part is not a local folder (``runs/final`` with a ``runs`` folder is local)."""
+    return bool(_HUB_ID.fullmatch(name)) and not Path(name.split("/")[0]).exists()
+
+
+def resolve_checkpoint(path_or_id: str | Path) -> Path:
+    """The local folder of a checkpoint: an existing local path, or the cached snapshot of a hub id.
+
+    Raises:
+        CheckpointError: a local path that does not exist or is not a folder (never looked up on the hub), or a hub
+            id that cannot be fetched (offline and not cached, unknown, gated).
+    """
+    name = str(path_or_id)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file, not a checkpoint folder")
+        return path
+    if isinstance(path_or_id, Path) or not _is_hub_id(name):
+        raise CheckpointError(
+            f"{name} does not exist: no such local checkpoint folder (a local path is never looked up on the "
+            "Hugging Face hub; a hub id has the form owner/name)"
+        )
+    try:
+        return Path(snapshot_download(name, allow_patterns=_CHECKPOINT_FILES))
+    except (OSError, ValueError, HfHubHTTPError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(
+            f"could not fetch {name} from the Hugging Face hub ({type(err).__name__}: {reason}); check the id and "
+            "the network, or download the folder and pass its path (HF_HUB_OFFLINE=1 allows cached ids only)"
+        ) from err
+
+
+def _published_emb_token_id(folder: Path) -> int:
+    """The ``<emb>`` id of a published checkpoint: ``config.emb_token_ids[0]``, else the tokenizer's ``<emb>``."""
+    config = AutoConfig.from_pretrained(folder)
+    recorded = getattr(config, prompts.EMB_CONFIG_KEY, None)
+    if recorded:
+        ids = recorded if isinstance(recorded, (list, tuple)) else [recorded]
+        return int(ids[0])  # a one-element list; the reference reads its first entry
+    emb_id = AutoTokenizer.from_pretrained(folder).get_vocab().get(prompts.EMB_TOKEN)
+    if emb_id is None:
+        raise CheckpointError(
+            f"{folder} is not an Embedder: it has no {EMBEDDER_CONFIG_FILENAME}, its config.json has no "
+            f"{prompts.EMB_CONFIG_KEY} and its tokenizer has no {prompts.EMB_TOKEN} token. Pass a published Embed-RL "
+            "checkpoint or a folder written by Embedder.save (a plain backbone becomes an Embedder with "
+            "`embedrl train-embedder`)"
+        )
+    return int(emb_id)
+
+
+def load_embedder(
+    path_or_id: str | Path,
+    *,
+    layout: str | None = None,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+) -> Embedder:
+    """The Embedder in a folder or hub repository: an embedrl Embedder, or a published Embed-RL checkpoint.
+
+    Args:
+        path_or_id: a local folder, or a hub id such as ``"ZoengHouNaam/Embed-RL-2B"`` (:func:`resolve_checkpoint`).
+        layout: ``embedrl`` or ``reference`` (``prompts.LAYOUTS``); None = the checkpoint's (``embedder.json``'s, or
+            ``reference`` for a published checkpoint). A value that differs from the checkpoint's is logged.
+        dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16``, ``float16`` or a torch dtype.
+        device: where to put the model.
+
+    Raises:
+        CheckpointError: an unknown layout, or a folder that cannot be found or fetched, has no ``<emb>`` token, or
+            whose files disagree.
+    """
+    if layout is not None and layout not in prompts.LAYOUTS:
+        raise CheckpointError(f"layout={layout!r}; use one of {', '.join(prompts.LAYOUTS)}")
+    folder = resolve_checkpoint(path_or_id)
+    dtype = torch_dtype(dtype)
+    try:
+        if (folder / EMBEDDER_CONFIG_FILENAME).is_file():
+            embedder = Embedder.load(folder, dtype=dtype, device=device)
+            own = embedder.layout
+        else:
+            emb_id = _published_emb_token_id(folder)
+            model, processor = load_backbone(folder, dtype=dtype, device=device)
+            own = prompts.LAYOUT_REFERENCE
+            embedder = Embedder(model, processor, emb_token_id=emb_id, mode=PUBLISHED_MODE,
+                                video_as=PUBLISHED_VIDEO_AS, layout=own)  # fmt: skip
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as err:  # files that do not load or do not belong together
+        raise CheckpointError(f"cannot load an Embedder from {path_or_id}: {err}") from err
+    if layout is not None and layout != own:
+        logger.info("Embedder %s: input layout %s instead of the checkpoint's %s", path_or_id, layout, own)
+        embedder.layout = layout
+    return embedder
+
+
+def load_reasoner(
+    path_or_id: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    compact_prompts: bool | None = None,
+) -> Reasoner:
+    """The Reasoner (or any Qwen-VL chat checkpoint used as one) in a folder or hub repository, with the prompt style
+    and decoding its ``embedrl_reasoner.json`` records (full prompts without one); ``compact_prompts`` overrides.
+
+    Raises:
+        CheckpointError: the folder cannot be found, fetched or loaded.
+    """
+    folder = resolve_checkpoint(path_or_id)
+    try:
+        reasoner = Reasoner.from_pretrained(
+            folder, dtype=torch_dtype(dtype), device=str(device), compact_prompts=compact_prompts
+        )
+    except CheckpointError:
+        raise
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"cannot load a Reasoner from {path_or_id}: {err}") from err
+    reasoner.model_id = str(path_or_id)  # the name the user gave, not the hub cache's snapshot folder
+    return reasoner
+
+
+def load_chat_model(
+    path_or_id: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"
+) -> ChatModel:
+    """A chat checkpoint served or used as an annotator: a Qwen-VL family, or any text causal LM.
+
+    Raises:
+        CheckpointError: the folder cannot be found, fetched or loaded.
+    """
+    folder = resolve_checkpoint(path_or_id)
+    try:
+        return ChatModel.load(folder, dtype=torch_dtype(dtype), device=str(device))
+    except (OSError, ValueError, TypeError, KeyError) as err:
+        raise CheckpointError(f"cannot load a chat model from {path_or_id}: {err}") from err
