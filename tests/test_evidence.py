@@ -379,3 +379,17 @@ def test_bad_arguments_raise() -> None:
         build_embedder_messages(Item(id="n", text="x", tcot=""), "evidence")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="video_as"):
         build_embedder_messages(Item(id="n", text="x", tcot=""), video_as="clip")  # type: ignore[arg-type]
+
+
+def test_crop_boxes_drops_non_numeric_boxes() -> None:
+    boxes = [["a", 0, 500, 500], [None, 0, 500, 500], [True, 0, 500, 500], [0, 0, 500], "abcd", [0, 0, 500, 500]]
+    crops, problems = crop_boxes(Image.new("RGB", (100, 100)), boxes)
+    assert [c.size for c in crops] == [(50, 50)]
+    assert len(problems) == 5 and all("not 4 finite numbers" in p for p in problems)
+
+
+def test_select_frames_drops_non_integers() -> None:
+    frames = ["f0", "f1", "f2"]
+    chosen, problems = select_frames(frames, [1.5, "1", None, True, 2])
+    assert chosen == ["f2"]
+    assert len(problems) == 4 and all("not an integer" in p for p in problems)

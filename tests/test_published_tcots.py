@@ -270,3 +270,23 @@ def test_cli_import_then_eval_with_the_file_and_no_reasoner(
     assert meta["pixel_budget"]["frame_max_pixels"] == 300 * 32 * 32  # the reference harness's budget
     args[args.index("--tcot_cache") + 1] = str(tmp_path / "nope.jsonl")
     assert main(args) == 2  # a missing T-CoT file: one-line error
+
+
+def test_cli_eval_mmeb_with_a_checkpoint_in_the_published_layout(
+    release: tuple[Path, Path, Path], published_embedder_dir: Path, tmp_path: Path
+) -> None:
+    """A plain HF folder as the authors publish it (no embedrl file) evaluates MMEB-V2 with the published T-CoTs
+    and no Reasoner, in the reference layout without asking for it."""
+    data, src, _ = release
+    tcots = tmp_path / "published.jsonl"
+    assert main(["eval", "import-tcots", "--src", str(src), "--data", str(data), "--out", str(tcots),
+                 "--tasks", "K700,ViDoRe_arxivqa", "--num_frames", "2"]) == 0  # fmt: skip
+    out = tmp_path / "run"
+    assert main(["eval", "mmeb", "--data", str(data), "--model", str(published_embedder_dir), "--tcot_cache",
+                 str(tcots), "--tasks", "K700,ViDoRe_arxivqa", "--out", str(out), "--num_frames", "2",
+                 "--check_counts", "false", "--show_progress_bar", "false", "--dtype", "float32"]) == 0  # fmt: skip
+    summary = json.loads((out / "summary.json").read_text())
+    meta = summary["metadata"]
+    assert meta["embedder"]["layout"] == "reference" and meta["reasoner"] is None
+    assert meta["tcot_file"]["items_without_tcot"] == 4
+    assert set(summary["results"]) == {"K700", "ViDoRe_arxivqa"}

@@ -80,9 +80,9 @@ def test_killed_run_resumes_to_identical_weights(tiny_backbone_dir, world: Path,
     assert a.keys() == b.keys() and len(a) > 10
     for name in a:
         assert torch.equal(a[name], b[name]), name
-    # The log holds each step once per run that reached it: 4 + (3 + 2 after resume).
+    # The log holds each step once: the records past the resumed checkpoint (step 3) are dropped.
     steps = [json.loads(line)["step"] for line in (tmp_path / "b" / METRICS_FILE).read_text().splitlines()]
-    assert steps == [1, 2, 3, 3, 4]
+    assert steps == [1, 2, 3, 4]
     assert (tmp_path / "b" / "final" / "embedder.json").is_file()
 
 
@@ -275,3 +275,89 @@ def test_step_views_are_a_function_of_seed_and_step(world: Path, tmp_path: Path)
 def test_evidence_only_rate_is_validated(tmp_path: Path, kw: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         EmbedderTrainConfig(backbone="x", data="d", out=str(tmp_path), **kw)
+
+
+def _error_line(capsys: pytest.CaptureFixture, argv: list[str]) -> str:
+    """Run the CLI; it must exit 2 with exactly one stderr line, which is returned."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("embedrl: error: ")
+    return lines[0]
+
+
+def _train_argv(backbone: Path, data: Path, out: Path, *extra: str) -> list[str]:
+    return ["train-embedder", "--backbone", str(backbone), "--data", str(data), "--out", str(out),
+            "--finetune", "full", "--max_steps", "2", "--sub_batch_size", "4", "--save_every", "1",
+            *extra]  # fmt: skip
+
+
+def test_truncated_jsonl_is_one_line(tiny_backbone_dir, world: Path, tmp_path: Path, capsys) -> None:
+    data = world / "trunc.jsonl"  # media paths resolve against the file's folder
+    data.write_text((world / "train.jsonl").read_text()[:3000])
+    line = _error_line(capsys, _train_argv(tiny_backbone_dir("qwen3-vl"), data, tmp_path / "out"))
+    assert f"not valid JSON ({data}, line 2:" in line and "repair or delete the line" in line
+
+
+def test_bad_yaml_config_is_one_line(world: Path, tmp_path: Path, capsys) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("seed: 3\nlr: [1, 2\n")
+    line = _error_line(capsys, _train_argv(Path("bb"), world / "train.jsonl", tmp_path / "out", "--config", str(bad)))
+    assert f"not valid YAML ({bad}, line 3:" in line and "fix the file's syntax" in line
+
+
+def test_missing_data_file_is_one_line(tiny_backbone_dir, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "nope.jsonl"
+    line = _error_line(capsys, _train_argv(tiny_backbone_dir("qwen3-vl"), data, tmp_path / "out"))
+    assert (
+        line
+        == f"embedrl: error: training data not found ({data}): pass --data a pairs JSONL (e.g. a world's train.jsonl)"
+    )
+
+
+def test_missing_backbone_is_one_line_without_hub_error(world: Path, tmp_path: Path, capsys) -> None:
+    line = _error_line(capsys, _train_argv(tmp_path / "nope", world / "train.jsonl", tmp_path / "out"))
+    assert f"{tmp_path / 'nope'} does not exist" in line and "Repo id" not in line
+
+
+def test_missing_image_fails_before_training(tiny_backbone_dir, world: Path, tmp_path: Path, capsys) -> None:
+    lines = (world / "train.jsonl").read_text().splitlines()
+    record = json.loads(lines[2])
+    record["query"]["images"] = ["media/nope.png"]
+    lines[2] = json.dumps(record)
+    data = world / "missing_image.jsonl"  # media paths resolve against the file's folder
+    data.write_text("\n".join(lines) + "\n")
+    out = tmp_path / "out"
+    line = _error_line(capsys, _train_argv(tiny_backbone_dir("qwen3-vl"), data, out))
+    assert f"missing media file {world / 'media/nope.png'} ({data}, line 3)" in line
+    assert not (out / "checkpoints").exists()
+
+
+def test_dataset_smaller_than_sub_batch_is_one_line(tiny_backbone_dir, world: Path, tmp_path: Path, capsys) -> None:
+    data = tmp_path / "small.jsonl"
+    data.write_text("\n".join((world / "train.jsonl").read_text().splitlines()[:3]) + "\n")
+    (tmp_path / "media").symlink_to(world / "media")
+    line = _error_line(capsys, _train_argv(tiny_backbone_dir("qwen3-vl"), data, tmp_path / "out"))
+    assert f"has 3 pairs, fewer than sub_batch_size=4 ({data}): lower --sub_batch_size" in line
+
+
+def test_resume_false_into_a_used_folder_refuses(tiny_backbone_dir, world: Path, tmp_path: Path, capsys) -> None:
+    backbone, out = tiny_backbone_dir("qwen3-vl"), tmp_path / "out"
+    assert main(_train_argv(backbone, world / "train.jsonl", out)) == 0
+    line = _error_line(capsys, _train_argv(backbone, world / "train.jsonl", out, "--resume", "false"))
+    assert f"output folder is not empty ({out}): pass --resume true" in line
+    assert main(_train_argv(backbone, world / "train.jsonl", out, "--resume", "false", "--overwrite", "true")) == 0
+    assert not list((out / "checkpoints").glob("*.tmp"))
+    steps = [json.loads(line)["step"] for line in (out / METRICS_FILE).read_text().splitlines()]
+    assert steps == [1, 2]
+
+
+def test_resume_with_a_different_config_refuses(tiny_backbone_dir, world: Path, tmp_path: Path, capsys) -> None:
+    backbone, out = tiny_backbone_dir("qwen3-vl"), tmp_path / "out"
+    assert main(_train_argv(backbone, world / "train.jsonl", out)) == 0
+    final = (out / "final" / "embedder.json").stat().st_mtime_ns
+    line = _error_line(capsys, _train_argv(backbone, world / "train.jsonl", out, "--lr", "0.5", "--seed", "9"))
+    assert "config differs from the run being resumed in lr, seed (" in line and "--overwrite true" in line
+    assert (out / "final" / "embedder.json").stat().st_mtime_ns == final
+    assert main(_train_argv(backbone, world / "train.jsonl", out, "--lr", "0.5", "--overwrite", "true")) == 0

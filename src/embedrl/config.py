@@ -20,9 +20,11 @@ import json
 import math
 import os
 import re
+import shutil
 import types
 import typing
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
@@ -49,11 +51,13 @@ __all__ = [
     "UVRBEvalConfig",
     "UserError",
     "WorldConfig",
+    "check_run_dir",
     "config_fields",
     "config_from_dict",
     "config_to_dict",
     "load_config",
     "save_config",
+    "truncate_metrics",
 ]
 
 C = TypeVar("C")
@@ -433,6 +437,9 @@ class EmbedderTrainConfig:
     save_every: int = field(default=50, metadata=_help("write a resumable checkpoint every N steps"))
     log_every: int = field(default=1, metadata=_help("log metrics every N steps"))
     resume: bool = field(default=True, metadata=_help("resume from the latest checkpoint in out/ when present"))
+    overwrite: bool = field(
+        default=False, metadata=_help("discard a previous run in out/ (checkpoints, metrics, final/) and start over")
+    )
     device: str = field(default="cpu", metadata=_help("torch device (cuda:N for the local rank on GPU machines)"))
 
     def __post_init__(self) -> None:
@@ -1421,7 +1428,13 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f"{path}, line {mark.line + 1}" if mark is not None else str(path)
+            problem = getattr(err, "problem", None) or type(err).__name__
+            raise ConfigError(f"not valid YAML ({where}: {problem}): fix the file's syntax") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a YAML mapping of {cls.__name__} keys")
         data = loaded
@@ -1446,6 +1459,84 @@ def read_saved_config(cls: type[C], out_dir: str | Path, filename: str = CONFIG_
     if payload.get("stage") != cls.__name__:
         raise ConfigError(f"{out_dir}/{filename} holds a {payload.get('stage')} config, not {cls.__name__}")
     return config_from_dict(cls, payload["config"])
+
+
+# Keys that may change between a run and its resume: they do not change what the run computes.
+RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "device", "log_every", "save_every", "eval_every"})
+
+
+def check_run_dir(cfg: Any, out: str | Path, *, resume: bool, overwrite: bool, leftovers: Sequence[str]) -> bool:
+    """Decide what a resumable stage may do with its output folder ``out``, before it writes anything there.
+
+    Returns True when the stage should resume the run in ``out`` (same config, ``resume``), False when it starts
+    fresh. With ``overwrite`` the previous run's ``leftovers`` (names inside ``out``: checkpoints, metrics, final
+    folder) are deleted and the stage starts fresh.
+
+    Raises:
+        ConfigError: ``out`` holds a previous run (anything at all) and ``resume`` is off, or that run's saved
+            config differs from ``cfg`` in keys other than :data:`RESUME_FREE_KEYS` (named in the message), and
+            ``overwrite`` is off.
+    """
+    out = Path(out)
+    if not out.is_dir() or not any(out.iterdir()):
+        return False
+    if overwrite:
+        for name in leftovers:
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+        return False
+    if not resume:
+        raise ConfigError(
+            f"output folder is not empty ({out}): pass --resume true to continue its run, --overwrite true to "
+            "replace it, or another --out"
+        )
+    saved_file = out / CONFIG_FILENAME
+    if not saved_file.is_file():
+        raise ConfigError(
+            f"output folder is not empty and holds no {CONFIG_FILENAME} ({out}): pass --overwrite true to write "
+            "into it anyway, or another --out"
+        )
+    saved = json.loads(saved_file.read_text())
+    if saved.get("stage") != type(cfg).__name__:
+        raise ConfigError(
+            f"output folder holds a {saved.get('stage')} run, not {type(cfg).__name__} ({saved_file}): "
+            "pass another --out"
+        )
+    now = _flatten(config_to_dict(cfg))
+    before = _flatten(saved.get("config", {}))
+    differ = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in RESUME_FREE_KEYS)
+    if differ:
+        raise ConfigError(
+            f"config differs from the run being resumed in {', '.join(differ)} ({saved_file}): pass the saved "
+            "values to resume it, --overwrite true to start over, or another --out"
+        )
+    return True
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> ``{"lora.rank": 8, ...}``."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def truncate_metrics(path: str | Path, step: int) -> None:
+    """Keep only the records of a metrics JSONL whose ``step`` is <= ``step`` (the step a run resumes at), so the
+    resumed run logs each later step exactly once. A missing file is left missing."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def _mixin_fields(cls: type) -> set[str]:

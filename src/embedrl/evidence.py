@@ -22,6 +22,7 @@ import base64
 import io
 import json
 import math
+import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,7 +105,7 @@ def crop_boxes(
     crops: list[Image.Image] = []
     problems: list[str] = []
     for i, box in enumerate(boxes, 1):
-        if len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
+        if not _is_box(box):
             problems.append(f"crop {i} dropped (box {list(box)} is not 4 finite numbers)")
             continue
         left, top, right, bottom = box_to_pixels(box, *img.size)
@@ -122,14 +123,28 @@ def crop_boxes(
     return crops, problems
 
 
+def _is_box(box: Any) -> bool:
+    """4 finite real numbers (bools, strings, None and nested lists are not)."""
+    try:
+        values = list(box)
+    except TypeError:
+        return False
+    return len(values) == 4 and all(
+        isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v) for v in values
+    )
+
+
 def select_frames(frames: Sequence[ImageLike], indices: Sequence[int]) -> tuple[list[ImageLike], list[str]]:
-    """The frames at 0-based ``indices``, in the order given; out-of-range and repeated indices are dropped and
-    recorded. (T-CoT key frames are 1-based in text; :func:`embedrl.tcot.parse_tcot` already made them 0-based.)"""
+    """The frames at 0-based ``indices``, in the order given; non-integer (``1.5``, ``"1"``, ``None``, ``True``),
+    out-of-range and repeated indices are dropped and recorded. (T-CoT key frames are 1-based in text;
+    :func:`embedrl.tcot.parse_tcot` already made them 0-based.)"""
     chosen: list[ImageLike] = []
     seen: set[int] = set()
     problems: list[str] = []
     for idx in indices:
-        if not 0 <= idx < len(frames):
+        if not isinstance(idx, numbers.Integral) or isinstance(idx, bool):
+            problems.append(f"frame index {idx!r} is not an integer, dropped")
+        elif not 0 <= idx < len(frames):
             problems.append(f"frame index {idx} outside 0..{len(frames) - 1} dropped")
         elif idx in seen:
             problems.append(f"repeated frame index {idx} dropped")

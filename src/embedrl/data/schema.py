@@ -22,8 +22,16 @@ from typing import Any, Literal
 
 from PIL import Image
 
+from embedrl.config import UserError
+
 Modality = Literal["text", "image", "video"]
 ImageLike = str | Path | Image.Image
+
+
+class DataError(UserError, ValueError):
+    """A data file that is missing, malformed, or names media that do not exist; the message names the file and
+    line (``<what> (<file>, line <n>): <how to fix>``)."""
+
 
 ITEM_KEYS = ("id", "text", "instruction", "images", "frames", "tcot", "meta")
 
@@ -153,21 +161,67 @@ def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> int:
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
     """Yield the JSON objects of a JSONL file, naming the file and line of a malformed one."""
+    for _, record in read_jsonl_lines(path):
+        yield record
+
+
+def read_jsonl_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` for each object of a JSONL file.
+
+    Raises:
+        DataError: the file does not exist, or a line is not a JSON object (a truncated or corrupt file).
+    """
     path = Path(path)
+    if not path.is_file():
+        raise DataError(f"data file not found ({path}): check the path")
     with path.open() as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)
+                record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from err
+                raise DataError(
+                    f"not valid JSON ({path}, line {lineno}: {err.msg}): repair or delete the line (a truncated "
+                    "file? write it again)"
+                ) from None
+            if not isinstance(record, dict):
+                raise DataError(
+                    f"not a JSON object ({path}, line {lineno}: a {type(record).__name__}): each line must hold "
+                    "one object"
+                )
+            yield lineno, record
 
 
-def read_pairs(path: str | Path) -> list[Pair]:
-    """Read a pairs JSONL file; media paths resolve against the file's directory."""
+def missing_media(item: Item) -> list[Path]:
+    """The image and frame files of ``item`` that do not exist (in-memory images are never missing)."""
+    return [Path(x) for x in (*item.images, *item.frames) if not isinstance(x, Image.Image) and not Path(x).is_file()]
+
+
+def read_pairs(path: str | Path, check_media: bool = False) -> list[Pair]:
+    """Read a pairs JSONL file; media paths resolve against the file's directory.
+
+    Raises:
+        DataError: the file is missing or malformed, a line is not a pair record, or (``check_media``) a pair names
+            an image or frame file that does not exist; the message names the file and line.
+    """
     path = Path(path)
-    return [Pair.from_record(rec, path.parent) for rec in read_jsonl(path)]
+    pairs = []
+    for lineno, record in read_jsonl_lines(path):
+        try:
+            pair = Pair.from_record(record, path.parent)
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise DataError(
+                f"not a pair record ({path}, line {lineno}: {err}): see docs/data.md for the schema"
+            ) from None
+        if check_media:
+            missing = missing_media(pair.query) + missing_media(pair.target)
+            if missing:
+                raise DataError(
+                    f"missing media file {missing[0]} ({path}, line {lineno}): restore the file or drop the row"
+                )
+        pairs.append(pair)
+    return pairs
 
 
 def write_pairs(path: str | Path, pairs: Iterable[Pair]) -> int:

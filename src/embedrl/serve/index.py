@@ -42,7 +42,7 @@ import numpy as np
 
 from embedrl import __version__
 from embedrl.config import IndexConfig, UserError, config_from_dict, save_config
-from embedrl.data.schema import Item, Modality, read_jsonl
+from embedrl.data.schema import DataError, Item, Modality, missing_media, read_jsonl, read_jsonl_lines
 from embedrl.eval.cache import EmbeddingCache, atomic_write_bytes
 from embedrl.eval.pipeline import (
     EMBEDDINGS_DIR,
@@ -93,11 +93,22 @@ def read_corpus(path: str | Path) -> list[Item]:
 
     Raises:
         IndexFormatError: an item without an id, or an id used twice (ids are the join key of every cache).
+        DataError: the file is malformed, a line is not an item record, or an item names a missing media file
+            (each named by file and line).
     """
     path = Path(path).resolve()
     if not path.is_file():
-        raise IndexFormatError(f"corpus {path} does not exist")
-    items = [Item.from_record(record, path.parent) for record in read_jsonl(path)]
+        raise IndexFormatError(f"corpus not found ({path}): pass --corpus an items JSONL (see docs/serve.md)")
+    items = []
+    for lineno, record in read_jsonl_lines(path):
+        try:
+            item = Item.from_record(record, path.parent)
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise DataError(f"not an item record ({path}, line {lineno}: {err}): see docs/data.md") from None
+        missing = missing_media(item)
+        if missing:
+            raise DataError(f"missing media file {missing[0]} ({path}, line {lineno}): restore it or drop the row")
+        items.append(item)
     _check_ids(items, where=str(path))
     return items
 

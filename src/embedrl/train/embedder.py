@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -30,9 +31,9 @@ import torch
 from peft import LoraConfig, get_peft_model
 from tqdm.auto import tqdm
 
-from embedrl.config import EmbedderTrainConfig, save_config
+from embedrl.config import ConfigError, EmbedderTrainConfig, check_run_dir, save_config, truncate_metrics
 from embedrl.data.sampler import DatasetInfo, SubBatchSampler, split_for_rank
-from embedrl.data.schema import Item, Pair, read_pairs
+from embedrl.data.schema import DataError, Item, Pair, read_pairs
 from embedrl.losses import cached_info_nce, info_nce
 from embedrl.models.embedder import Embedder
 from embedrl.models.loading import resolve_checkpoint
@@ -53,22 +54,34 @@ StepCallback = Callable[[int, dict[str, float]], None]
 
 
 def load_training_data(path: str | Path, datasets: Sequence[str] = ()) -> dict[str, list[Pair]]:
-    """Pairs grouped by dataset, in file order; only ``datasets`` when given."""
+    """Pairs grouped by dataset, in file order; only ``datasets`` when given.
+
+    Every row is validated here, before training starts: a malformed line or a media file that does not exist
+    raises :class:`~embedrl.data.schema.DataError` naming the file and line.
+    """
+    if not Path(path).is_file():
+        raise DataError(f"training data not found ({path}): pass --data a pairs JSONL (e.g. a world's train.jsonl)")
     by_dataset: dict[str, list[Pair]] = defaultdict(list)
-    for pair in read_pairs(path):
+    for pair in read_pairs(path, check_media=True):
         by_dataset[pair.dataset].append(pair)
     if not by_dataset:
-        raise ValueError(f"{path} holds no pairs")
+        raise DataError(f"no pairs in the training data ({path}): write pairs into it (see docs/data.md)")
     missing = sorted(set(datasets) - set(by_dataset))
     if missing:
-        raise ValueError(f"datasets {missing} are not in {path}; it holds {sorted(by_dataset)}")
+        raise ConfigError(f"datasets {missing} are not in the training data ({path}): it holds {sorted(by_dataset)}")
     return {name: by_dataset[name] for name in sorted(datasets or by_dataset)}
 
 
 def build_sampler(data: dict[str, list[Pair]], cfg: EmbedderTrainConfig) -> SubBatchSampler:
     unknown = sorted(set(cfg.dataset_weights) - set(data))
     if unknown:
-        raise ValueError(f"dataset_weights names {unknown}, which are not in {cfg.data}; datasets: {sorted(data)}")
+        raise ConfigError(f"dataset_weights names {unknown}, which are not in {cfg.data}; datasets: {sorted(data)}")
+    for name, pairs in data.items():
+        if len(pairs) < cfg.sub_batch_size:
+            raise ConfigError(
+                f"dataset {name!r} has {len(pairs)} pairs, fewer than sub_batch_size={cfg.sub_batch_size} "
+                f"({cfg.data}): lower --sub_batch_size, add pairs, or leave the dataset out with --datasets"
+            )
     infos = {
         name: DatasetInfo(
             size=len(pairs),
@@ -245,19 +258,31 @@ def save_checkpoint(out: Path, step: int, model: torch.nn.Module, optimizer: Any
     """Everything needed for an exact resume: trainable weights, optimiser, schedule and every RNG state."""
     path = out / CHECKPOINT_DIR / f"step-{step:07d}"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(
-        {
-            "step": step,
-            "model": _trainable_state(model),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-        },
-        tmp / "state.pt",
-    )
-    tmp.replace(path)  # a checkpoint directory exists only once it is complete
+    shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftover
+    tmp.mkdir(parents=True)
+    try:
+        torch.save(
+            {
+                "step": step,
+                "model": _trainable_state(model),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
+            },
+            tmp / "state.pt",
+        )
+        if path.exists():  # a stale checkpoint of the same step (a run that was overwritten)
+            shutil.rmtree(path)
+        tmp.replace(path)  # a checkpoint directory exists only once it is complete
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def remove_partial_checkpoints(out: Path) -> None:
+    """Delete the ``.tmp`` folders a killed save left in ``out``'s checkpoints."""
+    for tmp in (out / CHECKPOINT_DIR).glob("step-*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -300,11 +325,16 @@ def train_embedder(cfg: EmbedderTrainConfig, on_step: StepCallback | None = None
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
+    data = load_training_data(cfg.data, cfg.datasets)  # every row and media file is checked before training
+    sampler = build_sampler(data, cfg)
+    resume = check_run_dir(
+        cfg, out, resume=cfg.resume, overwrite=cfg.overwrite, leftovers=(CHECKPOINT_DIR, METRICS_FILE, FINAL_DIR)
+    )
+    if world > 1:
+        torch.distributed.barrier()  # every process has checked the folder before rank 0 writes into it
     if rank == 0:
         save_config(cfg, out)
-
-    data = load_training_data(cfg.data, cfg.datasets)
-    sampler = build_sampler(data, cfg)
+        remove_partial_checkpoints(out)
     total = cfg.max_steps or cfg.epochs * len(sampler)
     backbone = resolve_checkpoint(cfg.backbone)  # a missing local folder fails here, never on the hub
     embedder = Embedder.from_backbone(backbone, device=cfg.device, mode=cfg.mode, video_as=cfg.video_as)
@@ -325,10 +355,12 @@ def train_embedder(cfg: EmbedderTrainConfig, on_step: StepCallback | None = None
     )
 
     step = 0
-    ckpt = latest_checkpoint(out) if cfg.resume else None
+    ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
         step = load_checkpoint(ckpt, embedder.model, optimizer, scheduler)
         logger.info("resumed from %s at step %d", ckpt, step)
+    if rank == 0:
+        truncate_metrics(out / METRICS_FILE, step)  # the steps after the checkpoint are logged again
 
     metrics_file = (out / METRICS_FILE).open("a") if rank == 0 else None
     progress = tqdm(total=total, initial=step, desc="train-embedder", disable=rank != 0)
