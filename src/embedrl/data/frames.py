@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["FRAME_SUFFIXES", "list_frames", "natural_key", "sample_frames", "sample_indices"]
 
@@ -38,15 +40,16 @@ def sample_indices(n: int, k: int) -> list[int]:
     return [math.floor(i * (n - 1) / (k - 1)) for i in range(k)]
 
 
-def list_frames(folder: str | Path) -> list[Path]:
-    """The frame images of ``folder`` in natural order; raises FileNotFoundError if there are none."""
+def list_frames(folder: str | Path, key: Callable[[str], Any] = natural_key) -> list[Path]:
+    """The frame images of ``folder`` sorted by ``key`` of their names (default: natural order); raises
+    FileNotFoundError if there are none."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"frame folder {folder} does not exist")
     frames = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES]
     if not frames:
         raise FileNotFoundError(f"frame folder {folder} holds no {'/'.join(FRAME_SUFFIXES)} files")
-    return sorted(frames, key=lambda p: natural_key(p.name))
+    return sorted(frames, key=lambda p: key(p.name))
 
 
 def sample_frames(folder: str | Path, k: int = 8) -> list[Path]:

@@ -25,7 +25,7 @@ from typing import Any, ClassVar, Generic, Literal, Protocol, TypeVar
 
 from embedrl.backbones import PixelBudget
 from embedrl.config import BenchmarkEvalConfig
-from embedrl.data.frames import FRAME_SUFFIXES, list_frames, sample_indices
+from embedrl.data.frames import list_frames, natural_key, sample_indices
 from embedrl.data.rows import BadRowPolicy
 from embedrl.data.schema import Item
 from embedrl.eval.cache import TCoTCache, TCoTKey, decoding_key
@@ -83,16 +83,8 @@ def pick_frames(folder: str | Path, k: int, order: FrameOrder = "natural") -> li
     Raises:
         FileNotFoundError: the folder does not exist or holds no frame image.
     """
-    if order == "natural":
-        frames = list_frames(folder)
-    else:
-        folder = Path(folder)
-        if not folder.is_dir():
-            raise FileNotFoundError(f"frame folder {folder} does not exist")
-        frames = [p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in FRAME_SUFFIXES]
-        if not frames:
-            raise FileNotFoundError(f"frame folder {folder} holds no {'/'.join(FRAME_SUFFIXES)} files")
-        frames.sort(key=(lambda p: _vlm2vec_key(p.name)) if order == "vlm2vec" else (lambda p: p.name))
+    keys = {"natural": natural_key, "vlm2vec": _vlm2vec_key, "sorted": str}
+    frames = list_frames(folder, key=keys[order])
     if k <= 0:
         return frames
     return [frames[i] for i in sample_indices(len(frames), k)]
