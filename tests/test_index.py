@@ -343,3 +343,17 @@ def test_cli_index_build_then_search(
     assert [round(r["score"], 4) for r in result["results"]] == scores
     assert f"T-CoT: {result['tcot']}" in printed
     assert main(["search", "--index", str(tmp_path / "nope"), "q"]) == 2
+
+
+def test_cli_index_build_reports_bad_corpora_in_one_line(embedder_dir: Path, tmp_path: Path, capsys) -> None:
+    """A truncated corpus line and a missing image: exit 2, one stderr line with the file and line number."""
+    truncated = tmp_path / "truncated.jsonl"
+    truncated.write_text('{"id": "a", "text": "x"}\n{"id": "b", "te')
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"id": "a", "text": "x", "images": ["gone.png"]}\n')
+    for corpus, expected in ((truncated, f"({truncated}, line 2"), (missing, f"({missing}, line 1)")):
+        argv = ["index", "build", "--corpus", str(corpus), "--model", str(embedder_dir), "--out",
+                str(tmp_path / corpus.stem), "--tcot_source", "none", "--mode", "raw"]  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("embedrl: error: ") and expected in err[0], err

@@ -341,3 +341,20 @@ def test_cli_eval_world(world: Path, embedder_dir: Path, tmp_path: Path, capsys)
     assert board["metadata"]["eval_config"]["mode"] == "raw" and board["metadata"]["embedder"]["path"]
     assert math.isfinite(board["metrics"]["image"][LOCAL]["hit@1"])
     assert main([*args, "--mode", "raw"]) == 2  # raw with teacher T-CoTs: a configuration error
+
+
+def test_cli_user_mistakes_are_one_line_errors(world: Path, embedder_dir: Path, tmp_path: Path, capsys) -> None:
+    """Each mistake: exit 2, exactly one stderr line naming the input and the fix, no traceback."""
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("world: [unclosed\n")
+    args = ["eval", "world", "--out", str(tmp_path / "o"), "--mode", "raw", "--tcot_source", "none"]
+    cases = [
+        ([*args, "--world", str(tmp_path / "nowhere"), "--embedder", str(embedder_dir)], "is not a world"),
+        ([*args, "--world", str(world), "--embedder", str(tmp_path / "no-model")], "no-model"),
+        (["eval", "world", "--config", str(bad_yaml)], f"not valid YAML ({bad_yaml}, line 2"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("embedrl: error: ") and expected in err[0], err
+        assert "Traceback" not in err[0] and "Repo id" not in err[0]

@@ -545,10 +545,10 @@ def run_eval_stage(
     settings: Mapping[str, Any] | None = None,
     extra_metadata: Callable[[Embedder], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The body of ``embedrl eval world|mmeb|uvrb``: save the config, load the Embedder (and the Reasoner when
-    ``cfg.reasoner`` is set), build the evaluator, evaluate with the run's metadata, and return the report with
-    ``"markdown"`` and ``"files"``: the evaluator's :attr:`~TaskEvaluator.result_files` (name -> path under
-    ``cfg.out``).
+    """The body of ``embedrl eval world|mmeb|uvrb``: save the config, build the evaluator (which reads and checks
+    the data), load the Embedder (and the Reasoner when ``cfg.reasoner`` is set), evaluate with the run's
+    metadata, and return the report with ``"markdown"`` and ``"files"``: the evaluator's
+    :attr:`~TaskEvaluator.result_files` (name -> path under ``cfg.out``).
 
     Args:
         evaluator: a :class:`TaskEvaluator` subclass, called with ``data``, ``cfg.tasks`` (None when empty) and as
@@ -560,12 +560,6 @@ def run_eval_stage(
     """
     out = Path(cfg.out)
     save_config(cfg, out)
-    embedder = load_embedder(embedder_path, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device)
-    reasoner = (
-        load_reasoner(cfg.reasoner, dtype=cfg.dtype, device=cfg.device, compact_prompts=cfg.compact_prompts)
-        if cfg.reasoner
-        else None
-    )
     options = {name: getattr(cfg, name) for name in getattr(evaluator, "config_options", ())}
     task_evaluator = evaluator(
         data,
@@ -578,6 +572,13 @@ def run_eval_stage(
         cache_dir=cfg.cache_dir or out / "cache",
         out_dir=out,
         show_progress_bar=cfg.show_progress_bar,
+    )
+    # the data is read and checked first: a wrong path fails at once, before minutes of model loading
+    embedder = load_embedder(embedder_path, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device)
+    reasoner = (
+        load_reasoner(cfg.reasoner, dtype=cfg.dtype, device=cfg.device, compact_prompts=cfg.compact_prompts)
+        if cfg.reasoner
+        else None
     )
     report = task_evaluator.evaluate(
         embedder,
