@@ -231,11 +231,14 @@ def test_interrupted_run_resumes_at_the_checkpoint_step(full_run: SimpleNamespac
     with pytest.raises(_Killed):
         train_rl(make_cfg(tmp_path, save_every=1), on_step=crash_at_2)
     assert latest_checkpoint(tmp_path).name == "step-0000001"
+    (tmp_path / "checkpoints" / "step-0000002.tmp").mkdir()  # a killed save's leftover
     resumed: list[int] = []
+    # max_steps may change on a resume (the LR is constant, each step's batch a function of (seed, step)).
     train_rl(make_cfg(tmp_path, save_every=1, max_steps=2), on_step=lambda step, record, batch: resumed.append(step))
     assert resumed == [2]
     steps = [json.loads(line)["step"] for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
-    assert steps == [1, 2, 2]
+    assert steps == [1, 2], "the resumed run logged a step twice"
+    assert not list((tmp_path / "checkpoints").glob("*.tmp"))
     # Same batches, rollouts (seeded per step) and optimiser state: the resumed run is where the full run was.
     a = torch.load(Path(full_run.cfg.out) / "checkpoints" / "step-0000002" / "state.pt", weights_only=False)
     b = torch.load(latest_checkpoint(tmp_path) / "state.pt", weights_only=False)
@@ -244,6 +247,24 @@ def test_interrupted_run_resumes_at_the_checkpoint_step(full_run: SimpleNamespac
         torch.testing.assert_close(a["model"][name], b["model"][name], rtol=0, atol=1e-6, msg=name)
     for group_a, group_b in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values(), strict=True):
         torch.testing.assert_close(group_a["exp_avg"], group_b["exp_avg"], rtol=0, atol=1e-6)
+
+
+def test_used_out_is_refused_unless_same_config_or_overwrite(make_cfg, tmp_path: Path, capsys) -> None:
+    train_rl(make_cfg(tmp_path, max_steps=1))
+    capsys.readouterr()
+    cfg = make_cfg(tmp_path)
+    args = ["rl", "--reasoner", cfg.reasoner, "--embedder", cfg.embedder, "--data", cfg.data, "--out", str(tmp_path),
+            "--resume", "false"]  # fmt: skip
+    assert main(args) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"output folder is not empty ({tmp_path}): pass --resume true" in lines[0], lines
+    with pytest.raises(ConfigError, match=r"config differs from the run being resumed in lr, seed \("):
+        train_rl(make_cfg(tmp_path, max_steps=1, lr=0.5, seed=3))
+    final = train_rl(make_cfg(tmp_path, max_steps=1, lr=0.5, overwrite=True))
+    assert json.loads((final / "train_config.json").read_text())["config"]["lr"] == 0.5
+    steps = [json.loads(line)["step"] for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    assert steps == [1]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["step-0000001"]
 
 
 def test_cli_rl_smoke(make_cfg, tmp_path: Path) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,7 +18,7 @@ from PIL import Image
 import embedrl.train.grpo_trl as grpo_trl_module
 from embedrl.backbones import load_backbone, read_reasoner_settings
 from embedrl.cli import main
-from embedrl.config import GRPOTrainConfig, RewardConfig, ServeConfig, WorldConfig
+from embedrl.config import ConfigError, GRPOTrainConfig, RewardConfig, ServeConfig, WorldConfig
 from embedrl.data.schema import Item, Pair, read_pairs
 from embedrl.models.embedder import Embedder
 from embedrl.models.reasoner import Reasoner, build_reasoner_prompt
@@ -135,10 +137,19 @@ def test_trl_resume_continues_from_the_last_checkpoint(make_cfg, tmp_path: Path)
     cfg = make_cfg(tmp_path / "run", max_steps=2, save_every=1, max_new_tokens=8)
     train_rl_trl(cfg)
     assert (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()
-    resumed = make_cfg(tmp_path / "run", max_steps=3, save_every=1, max_new_tokens=8)
+    # A run killed after logging step 2, before its checkpoint: the resume redoes step 2 and logs it once.
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "checkpoint-2")
+    resumed = make_cfg(tmp_path / "run", max_steps=3, save_every=1, max_new_tokens=8)  # max_steps may change
     train_rl_trl(resumed)
     steps = [r["step"] for r in _metrics(tmp_path / "run")]
     assert steps == [1, 2, 3], f"the resumed run redid or skipped steps: {steps}"
+    # A used out/ is refused (before anything is loaded) unless resumed with the same config, or overwritten.
+    with pytest.raises(ConfigError, match=re.escape(f"output folder is not empty ({tmp_path / 'run'})")):
+        train_rl_trl(make_cfg(tmp_path / "run", max_steps=3, save_every=1, max_new_tokens=8, resume=False))
+    with pytest.raises(ConfigError, match=r"config differs from the run being resumed in lr \("):
+        train_rl_trl(make_cfg(tmp_path / "run", max_steps=3, save_every=1, max_new_tokens=8, lr=0.5))
+    train_rl_trl(make_cfg(tmp_path / "run", max_steps=1, max_new_tokens=8, lr=0.5, resume=False, overwrite=True))
+    assert [r["step"] for r in _metrics(tmp_path / "run")] == [1]
 
 
 def test_dataset_blocks_are_whole_pairs_of_one_dataset(world: Path) -> None:

@@ -139,22 +139,27 @@ def test_pretrain_changes_weights_and_resume_equals_uninterrupted(tmp_path, tiny
     losses = [json.loads(line)["train/loss"] for line in (tmp_path / "a" / "pre" / "metrics.jsonl").open()]
     assert len(losses) == 4 and all(torch.isfinite(torch.tensor(losses)))
 
-    # A run killed during step 3 (after the state of step 2 was saved) and then rerun ends where the full run did.
+    # A run killed during step 4 (step 3 logged, the state of step 2 saved) and then rerun ends where the full run
+    # did, and logs steps 3 and 4 once each.
     real = pretrain.step_examples
 
     def killed(cfg, step, geo):
-        if step == 3:
+        if step == 4:
             raise KeyboardInterrupt
         return real(cfg, step, geo)
 
     monkeypatch.setattr(pretrain, "step_examples", killed)
     with pytest.raises(KeyboardInterrupt):
         pretrain_backbone(_cfg(tmp_path / "b", backbone))
-    assert (tmp_path / "b" / "pre" / pretrain.STATE_FILE).is_file()
+    pre = tmp_path / "b" / "pre"
+    assert (pre / pretrain.STATE_FILE).is_file()
+    assert [json.loads(line)["step"] for line in (pre / "metrics.jsonl").open()] == [1, 2, 3]
+    (pre / (pretrain.STATE_FILE + ".tmp")).write_bytes(b"a killed save")
     monkeypatch.setattr(pretrain, "step_examples", real)
-    resumed = pretrain_backbone(_cfg(tmp_path / "b", backbone))
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / "pre" / "metrics.jsonl").open()]
+    resumed = pretrain_backbone(_cfg(tmp_path / "b", backbone, eval_every=1000))  # eval_every may change
+    steps = [json.loads(line)["step"] for line in (pre / "metrics.jsonl").open()]
     assert steps == [1, 2, 3, 4]
+    assert not list(pre.glob("*.tmp"))
     again = _weights(resumed)
     for k in after:
         torch.testing.assert_close(again[k], after[k], rtol=0, atol=1e-6)
@@ -208,3 +213,34 @@ def test_cli_pretrain_prints_scores(tmp_path, tiny_backbone_dir, capsys):
     assert "held-out accuracy: copy" in printed and "crop" in printed
     saved = json.loads((out / "final" / "pretrain_config.json").read_text())
     assert saved["config"]["task_weights"] == {"crop": 1.0, "copy": 1.0}
+
+
+def _pretrain_argv(backbone, out, *extra: str) -> list[str]:
+    return ["backbone", "pretrain", "--backbone", str(backbone), "--out", str(out), "--max_steps", "2",
+            "--batch_size", "2", "--eval_every", "0", "--eval_examples", "2", "--save_every", "1",
+            "--task_weights", '{"crop": 1, "copy": 1}', *extra]  # fmt: skip
+
+
+def _error_line(capsys, argv: list[str]) -> str:
+    """Run the CLI; it must exit 2 with exactly one stderr line, which is returned."""
+    capsys.readouterr()
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("embedrl: error: "), lines
+    return lines[0]
+
+
+def test_cli_refuses_a_used_out_unless_same_config_or_overwrite(tmp_path, tiny_backbone_dir, capsys):
+    backbone, out = tiny_backbone_dir("qwen3-vl"), tmp_path / "pre"
+    assert main(_pretrain_argv(backbone, out)) == 0
+    final = (out / "final" / pretrain.PERCEPTION_FILE).stat().st_mtime_ns
+    line = _error_line(capsys, _pretrain_argv(backbone, out, "--resume", "false"))
+    assert f"output folder is not empty ({out}): pass --resume true" in line
+    line = _error_line(capsys, _pretrain_argv(backbone, out, "--lr", "0.5", "--seed", "3"))
+    assert "config differs from the run being resumed in lr, seed (" in line and "--overwrite true" in line
+    assert (out / "final" / pretrain.PERCEPTION_FILE).stat().st_mtime_ns == final  # nothing was touched
+    (out / (pretrain.STATE_FILE + ".tmp")).write_bytes(b"a killed save")
+    assert main(_pretrain_argv(backbone, out, "--resume", "false", "--lr", "0.5", "--overwrite", "true")) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").open()] == [1, 2]
+    assert not list(out.glob("*.tmp")) and not (out / pretrain.STATE_FILE).exists()
+    assert json.loads((out / "config.json").read_text())["config"]["lr"] == 0.5

@@ -24,7 +24,7 @@ import shutil
 import types
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
@@ -286,6 +286,10 @@ class BackbonePretrainConfig:
     )
     eval_examples: int = field(default=64, metadata=_help("held-out examples per task in the final score"))
     save_every: int = field(default=250, metadata=_help("write a resumable trainer state every N steps (0 = never)"))
+    resume: bool = field(default=True, metadata=_help("resume from the trainer state in out/ when present"))
+    overwrite: bool = field(
+        default=False, metadata=_help("discard a previous run in out/ (trainer state, metrics, final/) and start over")
+    )
     device: str = field(default="cpu", metadata=_help("torch device"))
 
     def __post_init__(self) -> None:
@@ -760,6 +764,10 @@ class GRPOTrainConfig(SamplingFields, PromptStyleFields, EmbedderLayoutFields):
         default=10, metadata=_help("log a table of sample T-CoTs with rewards and advantages every N steps; 0 = off")
     )
     resume: bool = field(default=True, metadata=_help("resume from the latest checkpoint in out/ when present"))
+    overwrite: bool = field(
+        default=False,
+        metadata=_help("discard a previous run in out/ (checkpoints, metrics, samples, final/) and start over"),
+    )
 
     def __post_init__(self) -> None:
         _require(self, ("reasoner", "embedder", "data", "out"), "embedrl rl")
@@ -1465,7 +1473,15 @@ def read_saved_config(cls: type[C], out_dir: str | Path, filename: str = CONFIG_
 RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "device", "log_every", "save_every", "eval_every"})
 
 
-def check_run_dir(cfg: Any, out: str | Path, *, resume: bool, overwrite: bool, leftovers: Sequence[str]) -> bool:
+def check_run_dir(
+    cfg: Any,
+    out: str | Path,
+    *,
+    resume: bool,
+    overwrite: bool,
+    leftovers: Sequence[str],
+    free_keys: Collection[str] = (),
+) -> bool:
     """Decide what a resumable stage may do with its output folder ``out``, before it writes anything there.
 
     Returns True when the stage should resume the run in ``out`` (same config, ``resume``), False when it starts
@@ -1474,8 +1490,8 @@ def check_run_dir(cfg: Any, out: str | Path, *, resume: bool, overwrite: bool, l
 
     Raises:
         ConfigError: ``out`` holds a previous run (anything at all) and ``resume`` is off, or that run's saved
-            config differs from ``cfg`` in keys other than :data:`RESUME_FREE_KEYS` (named in the message), and
-            ``overwrite`` is off.
+            config differs from ``cfg`` in keys other than :data:`RESUME_FREE_KEYS` and the stage's own
+            ``free_keys`` (named in the message), and ``overwrite`` is off.
     """
     out = Path(out)
     if not out.is_dir() or not any(out.iterdir()):
@@ -1507,7 +1523,8 @@ def check_run_dir(cfg: Any, out: str | Path, *, resume: bool, overwrite: bool, l
         )
     now = _flatten(config_to_dict(cfg))
     before = _flatten(saved.get("config", {}))
-    differ = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in RESUME_FREE_KEYS)
+    free = RESUME_FREE_KEYS | set(free_keys)
+    differ = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in free)
     if differ:
         raise ConfigError(
             f"config differs from the run being resumed in {', '.join(differ)} ({saved_file}): pass the saved "

@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
@@ -47,7 +48,7 @@ from transformers import GenerationConfig, PreTrainedModel
 
 from embedrl import prompts as P
 from embedrl.backbones import write_reasoner_settings
-from embedrl.config import GRPOTrainConfig, RewardConfig, save_config
+from embedrl.config import GRPOTrainConfig, RewardConfig, check_run_dir, save_config, truncate_metrics
 from embedrl.data.schema import Item, Pair, read_pairs
 from embedrl.models.embedder import Embedder
 from embedrl.models.generation import generate_completions, stop_token_ids, vision_token_ids
@@ -69,7 +70,13 @@ from embedrl.rewards.terms import (
     total_reward,
 )
 from embedrl.tcot import parse_tcot
-from embedrl.train.embedder import latest_checkpoint, load_checkpoint, save_checkpoint
+from embedrl.train.embedder import (
+    CHECKPOINT_DIR,
+    latest_checkpoint,
+    load_checkpoint,
+    remove_partial_checkpoints,
+    save_checkpoint,
+)
 from embedrl.train.grpo_math import group_advantages, group_stats, grpo_loss
 
 __all__ = [
@@ -81,6 +88,7 @@ __all__ = [
     "RLModels",
     "RolloutBatch",
     "Timed",
+    "check_rl_run_dir",
     "check_step_batch",
     "completion_logprobs",
     "generate_rollouts",
@@ -97,6 +105,7 @@ __all__ = [
     "step_metrics",
     "train_rl",
     "trained_reasoner",
+    "truncate_samples",
     "update_policy",
     "write_policy_settings",
 ]
@@ -107,6 +116,9 @@ METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.md"
 FINAL_DIR = "final"
 RL_META_FILE = "embedrl_rl.json"  # in final/ and every checkpoint: Embedder id, resolved reward config, step
+# Keys a resume may change: the LR is constant and each step's batch is a pure function of (seed, step), so a run
+# can be extended (more steps or epochs) or its sample tables thinned without changing what the steps compute.
+RL_RESUME_FREE_KEYS = ("max_steps", "epochs", "sample_table_every")
 COMPONENTS = ("format", "process", "outcome")  # the order of build_reward_funcs' (funcs, weights)
 SIDES = ("query", "target")
 SAMPLE_TABLE_ROWS = 16
@@ -783,6 +795,25 @@ def _check_disjoint(models: RLModels, params: Sequence[torch.nn.Parameter]) -> N
         raise ValueError("the policy shares parameters with a frozen model; load the Discriminator separately")
 
 
+def check_rl_run_dir(cfg: GRPOTrainConfig) -> bool:
+    """Both engines' check of ``cfg.out`` before anything is written there (:func:`~embedrl.config.check_run_dir`):
+    True to resume the run in it; refuses a differing or unasked-for previous run unless ``cfg.overwrite``."""
+    leftovers = (CHECKPOINT_DIR, METRICS_FILE, SAMPLES_FILE, FINAL_DIR, "reward_config.json")
+    return check_run_dir(
+        cfg, cfg.out, resume=cfg.resume, overwrite=cfg.overwrite, leftovers=leftovers, free_keys=RL_RESUME_FREE_KEYS
+    )
+
+
+def truncate_samples(path: Path, step: int) -> None:
+    """Keep only the sample tables of steps <= ``step`` in ``samples.md`` (a resumed run writes the later ones
+    again). A missing file is left missing."""
+    if not path.is_file():
+        return
+    sections = re.split(r"(?m)^(?=## step \d+ )", path.read_text())
+    kept = [s for s in sections if not s.startswith("## step ") or int(s.split()[2]) <= step]
+    path.write_text("".join(kept))
+
+
 def train_rl(cfg: GRPOTrainConfig, models: RLModels | None = None, on_step: StepCallback | None = None) -> Path:
     """Run EG-RL and return the directory of the trained Reasoner (``out/final``).
 
@@ -792,7 +823,9 @@ def train_rl(cfg: GRPOTrainConfig, models: RLModels | None = None, on_step: Step
         on_step: ``on_step(step, record, batch)`` after every step (tests check batches, or interrupt a run).
     """
     out = Path(cfg.out)
+    resume = check_rl_run_dir(cfg)
     save_config(cfg, out)
+    remove_partial_checkpoints(out)
     reward_cfg = cfg.reward_config()
     (out / "reward_config.json").write_text(json.dumps(reward_cfg.to_dict(), indent=2, sort_keys=True) + "\n")
     logger.info("EG-RL reward config (resolved): %s", reward_cfg.to_dict())
@@ -820,10 +853,12 @@ def train_rl(cfg: GRPOTrainConfig, models: RLModels | None = None, on_step: Step
     )  # fmt: skip
 
     step = 0
-    ckpt = latest_checkpoint(out) if cfg.resume else None
+    ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
         step = load_checkpoint(ckpt, models.policy.model, optimizer, constant)
         logger.info("resumed from %s at step %d", ckpt, step)
+    truncate_metrics(out / METRICS_FILE, step)  # the steps after the checkpoint are logged again
+    truncate_samples(out / SAMPLES_FILE, step)
 
     with (out / METRICS_FILE).open("a") as metrics_file:
         while step < total:

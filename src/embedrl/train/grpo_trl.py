@@ -51,7 +51,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from trl import GRPOConfig, GRPOTrainer
 
-from embedrl.config import GRPOTrainConfig, RewardConfig, save_config
+from embedrl.config import GRPOTrainConfig, RewardConfig, save_config, truncate_metrics
 from embedrl.data.schema import Item, Pair, read_pairs
 from embedrl.models.generation import stop_token_ids
 from embedrl.models.reasoner import build_reasoner_prompt
@@ -71,6 +71,7 @@ from embedrl.train.grpo import (
     Timed,
     _check_disjoint,
     _meta,
+    check_rl_run_dir,
     load_models,
     lora_config,
     reward_embedder,
@@ -79,6 +80,7 @@ from embedrl.train.grpo import (
     step_line,
     step_metrics,
     trained_reasoner,
+    truncate_samples,
     write_policy_settings,
 )
 from embedrl.train.grpo_math import group_advantages
@@ -355,6 +357,7 @@ class EGRLLogger(TrainerCallback):
 def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
     """Run EG-RL with TRL's ``GRPOTrainer`` and return the directory of the trained Reasoner (``out/final``)."""
     out = Path(cfg.out)
+    resume = check_rl_run_dir(cfg)
     save_config(cfg, out)
     reward_cfg = cfg.reward_config()
     (out / "reward_config.json").write_text(json.dumps(reward_cfg.to_dict(), indent=2, sort_keys=True) + "\n")
@@ -436,9 +439,13 @@ def train_rl_trl(cfg: GRPOTrainConfig, models: RLModels | None = None) -> Path:
         peft_config=lora_config(policy.model, cfg.lora) if cfg.lora else None,
         callbacks=[EGRLLogger(clock, out, total, k, lambda path: write_policy_settings(path, policy, cfg))],
     )
-    last = get_last_checkpoint(args.output_dir) if cfg.resume and Path(args.output_dir).is_dir() else None
+    last = get_last_checkpoint(args.output_dir) if resume and Path(args.output_dir).is_dir() else None
     if last:
         logger.info("resuming from %s", last)
+    if PartialState().is_main_process:  # the RL steps after the checkpoint are logged again
+        done = int(Path(last).name.rsplit("-", 1)[1]) // k if last else 0
+        truncate_metrics(out / METRICS_FILE, done)
+        truncate_samples(out / SAMPLES_FILE, done)
     hook = policy.model.get_submodule("model").register_forward_pre_hook(_drop_empty_images, with_kwargs=True)
     try:
         trainer.train(resume_from_checkpoint=last)

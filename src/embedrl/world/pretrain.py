@@ -49,7 +49,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from embedrl.backbones.tiny import BACKBONE_CONFIG_FILENAME
-from embedrl.config import BackbonePretrainConfig, TeacherNoiseConfig, save_config
+from embedrl.config import BackbonePretrainConfig, TeacherNoiseConfig, check_run_dir, save_config, truncate_metrics
 from embedrl.data.schema import Item, Modality
 from embedrl.models.generation import generate_texts
 from embedrl.models.loading import load_reasoner
@@ -289,9 +289,14 @@ def _save_state(out: Path, step: int, model: torch.nn.Module, optimizer: torch.o
 def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
     """Train ``cfg.backbone`` on the perception tasks; writes ``cfg.out/final`` (a backbone checkpoint, usable
     wherever a tiny backbone is) with ``perception.json``, and returns that path. Resumes from ``cfg.out`` when a
-    ``trainer_state.pt`` of an unfinished run is there."""
+    ``trainer_state.pt`` of an unfinished run is there (and ``cfg.resume``); refuses a used ``cfg.out`` whose run
+    differs unless ``cfg.overwrite`` (:func:`~embedrl.config.check_run_dir`)."""
     out = Path(cfg.out)
+    resume = check_run_dir(
+        cfg, out, resume=cfg.resume, overwrite=cfg.overwrite, leftovers=(STATE_FILE, METRICS_FILE, "final")
+    )
     save_config(cfg, out)
+    (out / (STATE_FILE + ".tmp")).unlink(missing_ok=True)  # a killed save's leftover
     torch.manual_seed(cfg.seed)
     geo = Geometry()
     reasoner = load_reasoner(cfg.backbone, device=cfg.device, compact_prompts=COMPACT_PROMPTS)
@@ -300,7 +305,7 @@ def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = warmup_linear_decay(optimizer, cfg.warmup_steps, cfg.max_steps)
     first = 1
-    if (out / STATE_FILE).is_file():
+    if resume and (out / STATE_FILE).is_file():
         state = torch.load(out / STATE_FILE, map_location=cfg.device, weights_only=False)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -308,8 +313,7 @@ def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
         first = state["step"] + 1
         logger.info("resuming perception pre-training at step %d", first)
     metrics = out / METRICS_FILE
-    if first == 1:
-        metrics.unlink(missing_ok=True)
+    truncate_metrics(metrics, first - 1)  # the steps after the saved state are logged again
     with metrics.open("a") as log:
         bar = tqdm(range(first, cfg.max_steps + 1), desc="backbone pretrain", initial=first - 1, total=cfg.max_steps)
         for step in bar:
