@@ -84,3 +84,24 @@ def published_embedder_dir(tiny_backbone_dir, tmp_path_factory):
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def embedder_dir(tiny_backbone_dir, tmp_path_factory):
+    """A saved Embedder (our layout) on the tiny Qwen3-VL with a small pixel budget: a few visual tokens per image
+    and frame keep it fast. Read-only."""
+    from embedrl.backbones import PixelBudget
+    from embedrl.models import Embedder
+
+    out = tmp_path_factory.mktemp("embedder")
+    budget = PixelBudget(32 * 32, 64 * 64, 32 * 32, 64 * 64, num_frames=4)
+    Embedder.from_backbone(tiny_backbone_dir("qwen3-vl"), budget=budget).save(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def embedder(embedder_dir):
+    """:func:`embedder_dir` loaded (shared: do not change its settings in a test)."""
+    from embedrl.models import Embedder
+
+    return Embedder.load(embedder_dir)

@@ -165,22 +165,6 @@ def test_pipeline_keys_by_id_with_a_cache_and_by_position_without(tmp_path: Path
 
 
 @pytest.fixture(scope="module")
-def embedder_dir(tiny_backbone_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from embedrl.models import Embedder
-
-    out = tmp_path_factory.mktemp("embedder")
-    Embedder.from_backbone(tiny_backbone_dir("qwen3-vl"), budget=SMALL).save(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def embedder(embedder_dir: Path):
-    from embedrl.models import Embedder
-
-    return Embedder.load(embedder_dir)
-
-
-@pytest.fixture(scope="module")
 def reasoner(tiny_backbone_dir):
     from embedrl.models.reasoner import Reasoner
 

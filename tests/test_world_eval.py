@@ -17,8 +17,8 @@ from embedrl.cli import main
 from embedrl.config import ConfigError, EvalConfig, WorldConfig
 from embedrl.data.schema import Item, read_jsonl, write_jsonl
 from embedrl.eval.cache import EmbeddingCache, TCoTCache, TCoTKey, decoding_key, embedding_key
-from embedrl.eval.evaluator import MissingTCoTError
 from embedrl.eval.scores import SCORE_KEYS, read_task_scores
+from embedrl.eval.task import MissingTCoTError
 from embedrl.world.evaluate import MODE_PRESETS, PRIMARY_METRIC, WorldEvaluator, preset_config, read_query_values
 from embedrl.world.generate import generate_world, load_eval_task
 
@@ -34,22 +34,6 @@ class Killed(Exception):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_world(WorldConfig(out=str(tmp_path_factory.mktemp("world") / "w"), seed=0, size="tiny"))
-
-
-@pytest.fixture(scope="module")
-def embedder_dir(tiny_backbone_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from embedrl.models import Embedder
-
-    out = tmp_path_factory.mktemp("embedder")
-    Embedder.from_backbone(tiny_backbone_dir("qwen3-vl"), budget=SMALL).save(out)
-    return out
-
-
-@pytest.fixture(scope="module")
-def embedder(embedder_dir: Path):
-    from embedrl.models import Embedder
-
-    return Embedder.load(embedder_dir)
 
 
 class OracleEncoder:

@@ -66,10 +66,8 @@ from embedrl.prompts import Side
 __all__ = [
     "EMBED_MODES",
     "Encoder",
-    "EvalError",
     "EvalReport",
     "EvalRun",
-    "MissingTCoTError",
     "Ranked",
     "ReportT",
     "TaskEvaluator",

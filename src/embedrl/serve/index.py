@@ -57,7 +57,6 @@ from embedrl.models.reasoner import Reasoner
 from embedrl.prompts import CUE_KEYS, LAYOUT_EMBEDRL, LAYOUT_REFERENCE
 
 __all__ = [
-    "EmbedPipeline",
     "IndexFormatError",
     "SearchHit",
     "SearchIndex",
