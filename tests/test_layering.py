@@ -19,6 +19,7 @@ RANKS: list[tuple[str, ...]] = [
     ("embedrl.prompts",),  # every prompt and special token
     ("embedrl.config",),  # one config dataclass per stage
     ("embedrl.data",),  # record types and readers
+    ("embedrl.plots",),  # curves from any run's metrics.jsonl
     ("embedrl.tcot",),  # the T-CoT grammar
     ("embedrl.evidence",),  # evidence -> pixels
     ("embedrl.losses",),
@@ -26,7 +27,7 @@ RANKS: list[tuple[str, ...]] = [
     ("embedrl.models",),  # Embedder, Reasoner, chat, generation
     ("embedrl.rewards",),  # reward terms and the models that score them
     ("embedrl.eval",),  # metrics, caches, the evaluator, MMEB-V2, UVRB
-    ("embedrl.prep", "embedrl.train"),  # stages; neither imports the other
+    ("embedrl.prep", "embedrl.train", "embedrl.integrations"),  # stages and ecosystem adapters; none imports another
     ("embedrl.serve",),
     ("embedrl.world",),  # the synthetic world: only demo and cli import it
     ("embedrl.demo",),
