@@ -32,6 +32,7 @@ from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 import yaml
 
 __all__ = [
+    "REPORT_TO",
     "STAGE_CONFIGS",
     "AnnotateConfig",
     "AnnotatorSettings",
@@ -48,6 +49,7 @@ __all__ = [
     "ServeConfig",
     "TeacherNoiseConfig",
     "TinyBackboneConfig",
+    "TrackingFields",
     "UVRBEvalConfig",
     "UserError",
     "WorldConfig",
@@ -148,6 +150,36 @@ class DecodingFields(SamplingFields, PromptStyleFields):
 
     def _check_decoding(self) -> None:
         self._check_sampling(self.greedy)
+
+
+REPORT_TO = ("tensorboard", "wandb", "trackio", "none")
+
+
+@dataclass
+class TrackingFields:
+    """Where a training stage reports its scalars besides ``metrics.jsonl`` (which it always writes)."""
+
+    _config_mixin: ClassVar[bool] = True
+
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata=_help(
+            "experiment trackers, passed to accelerate/TRL: any of tensorboard, wandb, trackio, or none "
+            "(logs go under <out>/runs for tensorboard)"
+        ),
+    )
+
+    def _check_tracking(self) -> None:
+        unknown = [name for name in self.report_to if name not in REPORT_TO]
+        if unknown:
+            raise ConfigError(f"report_to={self.report_to}: unknown tracker(s) {unknown}; use any of {REPORT_TO}")
+        if "none" in self.report_to and len(self.report_to) > 1:
+            raise ConfigError(f"report_to={self.report_to}: 'none' cannot be combined with a tracker")
+
+    @property
+    def trackers(self) -> list[str]:
+        """The trackers to start: ``report_to`` without ``none``."""
+        return [name for name in self.report_to if name != "none"]
 
 
 _LAYOUT_HELP = _help(
