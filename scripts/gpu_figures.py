@@ -168,9 +168,10 @@ def section_generate(model: torch.nn.Module, processor: object, args: argparse.N
     model.save_pretrained(ckpt)
     processor.save_pretrained(ckpt)
     del reasoner
+    from embedrl.models.generation import EngineSettings
     from embedrl.models.reasoner import Decoding
 
-    vllm_reasoner = Reasoner.from_pretrained(ckpt, backend="vllm", compact_prompts=True)
+    vllm_reasoner = Reasoner.from_pretrained(ckpt, engine=EngineSettings(backend="vllm"), compact_prompts=True)
     prompts = [Item(id=f"g{i}", text=f"which kite is red? scene {i}", images=(_image(100 + i),)) for i in range(64)]
     decoding = Decoding(greedy=True, max_new_tokens=args.new_tokens)
     vllm_reasoner.generate(prompts[:4], "query", "text", decoding=decoding)  # start-up and warm-up

@@ -84,8 +84,19 @@ def test_claims_carry_a_paired_interval_when_per_query_values_are_given() -> Non
     results |= {"claims": list(claims.values()), "n_queries": {"a": 10, "b": 20}, "wall_s": 1.0, "stage_s": {}}
     results["modes"] = {m: {"overall": o, "tasks": {"a": 0.0, "b": 0.0}} for m, o in overall.items()}
     report = format_results(results)
-    assert "egrl > pre_rl: holds (+50.00, 95 % CI [+50.00, +50.00])" in report
-    assert "pre_rl > raw: FAILS (-2.50, 95 % CI [" in report and "not clear of noise" in report
+    lines = report.splitlines()
+    assert "- egrl > pre_rl: holds: margin +50.00 points, 95 % CI [+50.00, +50.00], above 0" in lines
+    low, high = claims["pre_rl > raw"]["ci95"]
+    ci = f"95 % CI [{low:+.2f}, {high:+.2f}]"
+    assert f"- pre_rl > raw: does not hold: margin -2.50 points, {ci}, includes 0" in lines
+    assert "- egrl > no_evidence: does not hold: margin +0.00 points, 95 % CI [+0.00, +0.00], includes 0" in lines
+    assert "holds (" not in report and "clear of noise" not in report  # no verdict that hedges
+    # A positive margin whose interval reaches 0 does not hold either; without an interval nothing is claimed.
+    noisy = {"claim": "egrl > pre_rl", "margin": 1.45, "holds": True, "ci95": [-1.41, 4.31], "clear": False}
+    untested = {"claim": "pre_rl > raw", "margin": 5.5, "holds": True}
+    lines = format_results(results | {"claims": [noisy, untested]}).splitlines()
+    assert "- egrl > pre_rl: does not hold: margin +1.45 points, 95 % CI [-1.41, +4.31], includes 0" in lines
+    assert "- pre_rl > raw: not tested (no interval): margin +5.50 points" in lines
     teacher = {"keyword_precision": 0.9, "keyword_recall": 1.0, "box_exact_rate": 0.875, "key_frame_precision": 0.8,
                "key_frame_recall": None}  # fmt: skip
     results["evidence_agreement"] = {"teacher": teacher}

@@ -299,3 +299,149 @@ def test_default_budget_is_the_checkpoints(tiny_backbone_dir) -> None:
     assert Embedder(model, processor).budget == PixelBudget(**recorded)
     delattr(model.config, BUDGET_CONFIG_KEY)
     assert Embedder(model, processor).budget == ADAPTERS["qwen3-vl"].default_budget()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# encode takes what users pass (as_item), encode_query / encode_document, similarity, T-CoTs from a Reasoner
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_as_item_reads_every_input_kind(tmp_path) -> None:
+    from embedrl.models.embedder import as_item
+
+    img, path, frames = noise_image(1), tmp_path / "kite.png", [noise_image(2), tmp_path / "f.png"]
+    assert as_item("kite.png") == Item(id="kite.png", text="kite.png")  # a str is always text
+    assert as_item(path, "q").images == (path,) and as_item(img, "q").images == (img,)
+    assert as_item(frames, "v").frames == tuple(frames) and as_item(frames, "v").modality == "video"
+    item = Item(id="mine", text="x", tcot=TEXT_TCOT)
+    assert as_item(item, "ignored") is item
+    record = as_item({"text": "t", "image": "a.png", "instruction": "Find:", "tcot": "c", "id": "d1"}, "w")
+    assert record == Item(id="d1", text="t", instruction="Find:", images=("a.png",), tcot="c")
+    assert as_item({"video": ["f1.png", "f2.png"]}, "w").frames == ("f1.png", "f2.png")
+    assert as_item({"images": [img, path]}, "w").images == (img, path)
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        ({"txt": "a"}, ValueError, r"unknown key\(s\) \['txt'\]"),
+        ({"image": "a.png", "images": ["b.png"]}, ValueError, "both 'image' and 'images'"),
+        ({"instruction": "Find:"}, ValueError, "no content"),
+        ({"video": "clip.mp4"}, TypeError, "a video is a list of frames"),
+        ({"text": 3}, TypeError, r"\['text'\] must be a str"),
+        ([noise_image(1), "f.png"], TypeError, r"\[1\] is 'f.png'.*a str is text: pass an image file as pathlib.Path"),
+        ([], ValueError, "empty list"),
+        (3.5, TypeError, "is a float"),
+    ],
+)
+def test_as_item_refuses_with_a_message_that_names_the_input(value, error, match) -> None:
+    from embedrl.models.embedder import as_item
+
+    with pytest.raises(error, match=match):
+        as_item(value, "inputs[4]")
+
+
+@pytest.fixture(scope="module")
+def user_embedder(embedder_dir) -> Embedder:
+    """The saved tiny Embedder (mode full), private to these tests: some attach a Reasoner."""
+    return Embedder.load(embedder_dir)
+
+
+def test_encode_takes_user_inputs_like_the_equivalent_items(user_embedder: Embedder, tmp_path) -> None:
+    path = tmp_path / "kite.png"
+    noise_image(5, 96).save(path)
+    frames = [noise_image(10 + i, 48) for i in range(4)]
+    inputs = ["two red kites", noise_image(1), path, frames, {"text": "a square", "image": noise_image(2)}]
+    items = [
+        Item(text="two red kites"),
+        Item(images=(noise_image(1),)),
+        Item(images=(path,)),
+        Item(frames=tuple(frames)),
+        Item(text="a square", images=(noise_image(2),)),
+    ]
+    vectors = user_embedder.encode(inputs, mode="raw", batch_size=2)
+    np.testing.assert_allclose(vectors, user_embedder.encode(items, mode="raw"), atol=1e-5)
+    assert vectors.shape == (5, user_embedder.dim) and vectors.dtype == np.float32
+    one = user_embedder.encode("two red kites", mode="raw")  # one input: one vector
+    assert one.shape == (user_embedder.dim,)
+    np.testing.assert_allclose(one, vectors[0], atol=1e-5)
+    assert user_embedder.encode(iter(items[:2]), mode="raw").shape == (2, user_embedder.dim)  # any iterable
+
+
+def test_encode_tensor_and_unnormalised_outputs(user_embedder: Embedder) -> None:
+    inputs = [{"text": "two red kites", "tcot": TEXT_TCOT}, {"image": noise_image(1), "tcot": IMAGE_TCOT}]
+    unit = user_embedder.encode(inputs)
+    raw = user_embedder.encode(inputs, normalize_embeddings=False)
+    norms = np.linalg.norm(raw, axis=1)
+    assert np.abs(norms - 1).min() > 1e-3  # the pooled hidden states, not unit vectors
+    np.testing.assert_allclose(raw / norms[:, None], unit, atol=1e-5)
+    tensor = user_embedder.encode(inputs, convert_to_tensor=True)
+    assert isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32 and tensor.device == user_embedder.device
+    np.testing.assert_allclose(tensor.cpu().numpy(), unit, atol=1e-6)
+
+
+def test_query_and_document_instructions(user_embedder: Embedder) -> None:
+    text = {"text": "two red kites", "tcot": TEXT_TCOT}
+    own = {"text": "two red kites", "tcot": TEXT_TCOT, "instruction": "Find the kite photo:"}
+    query, document, plain = (f([text, own]) for f in (user_embedder.encode_query, user_embedder.encode_document,
+                                                         user_embedder.encode))  # fmt: skip
+    np.testing.assert_allclose(query[0], user_embedder.encode(text, instruction=prompts.QUERY_INSTRUCTION), atol=1e-5)
+    np.testing.assert_allclose(document[0], user_embedder.encode(text, instruction=prompts.DOCUMENT_INSTRUCTION),
+                               atol=1e-5)  # fmt: skip
+    assert np.abs(query[0] - document[0]).max() > 1e-3 and np.abs(query[0] - plain[0]).max() > 1e-3
+    np.testing.assert_allclose(query[1], plain[1], atol=1e-5)  # an input's own instruction is kept
+    np.testing.assert_allclose(document[1], plain[1], atol=1e-5)
+    np.testing.assert_allclose(user_embedder.encode_query(text, instruction=""), plain[0], atol=1e-5)
+
+
+def test_missing_tcot_error_says_how_to_fix(user_embedder: Embedder) -> None:
+    with pytest.raises(ValueError, match=r"'inputs\[1\]' \(and 1 more\) has no T-CoT.*no Reasoner is attached"):
+        user_embedder.encode_query([{"text": "a", "tcot": TEXT_TCOT}, "b", noise_image(1)])
+    with pytest.raises(ValueError, match="mode='raw'"):
+        user_embedder.encode("a red kite")
+    assert user_embedder.encode("a red kite", mode="raw").shape == (user_embedder.dim,)
+    with pytest.raises(TypeError, match="takes an embedrl Reasoner"):
+        user_embedder.attach_reasoner(object())  # type: ignore[arg-type]
+
+
+def test_reasoner_writes_missing_tcots_on_the_right_side(user_embedder: Embedder, tiny_backbone_dir) -> None:
+    from embedrl.models.reasoner import Decoding, Reasoner
+
+    reasoner = Reasoner.from_pretrained(tiny_backbone_dir("qwen3-vl"), compact_prompts=True)
+    reasoner.decoding = Decoding(greedy=True, max_new_tokens=12)
+    assert user_embedder.attach_reasoner(reasoner) is user_embedder
+    try:
+        item = Item(id="q", text="a red kite")
+        for encode, side, instruction in (
+            (user_embedder.encode_query, "query", prompts.QUERY_INSTRUCTION),
+            (user_embedder.encode_document, "target", prompts.DOCUMENT_INSTRUCTION),
+        ):
+            asked = Item(id="q", text="a red kite", instruction=instruction)
+            (generation,) = reasoner.generate([asked], side)[0]
+            expected = user_embedder.encode(asked.with_tcot(generation.text))
+            np.testing.assert_allclose(encode(item), expected, atol=1e-5)
+        with pytest.raises(ValueError, match="use encode_query or encode_document"):
+            user_embedder.encode(item)
+        np.testing.assert_allclose(user_embedder.encode(item, side="query", instruction=prompts.QUERY_INSTRUCTION),
+                                   user_embedder.encode_query(item), atol=1e-5)  # fmt: skip
+    finally:
+        user_embedder.attach_reasoner(None)
+
+
+def test_similarity_is_the_cosine_matrix_in_the_inputs_kind() -> None:
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(3, 8)).astype(np.float32), rng.normal(size=(4, 8)).astype(np.float32)
+    expected = (a / np.linalg.norm(a, axis=1, keepdims=True)) @ (b / np.linalg.norm(b, axis=1, keepdims=True)).T
+    scores = Embedder.similarity(a, b)
+    assert isinstance(scores, np.ndarray) and scores.shape == (3, 4) and scores.dtype == np.float32
+    np.testing.assert_allclose(scores, expected, atol=1e-6)
+    np.testing.assert_allclose(Embedder.similarity(a[0], b), expected[:1], atol=1e-6)  # a vector is one row
+    tensor = Embedder.similarity(torch.from_numpy(a), torch.from_numpy(b))
+    assert isinstance(tensor, torch.Tensor)
+    np.testing.assert_allclose(tensor.numpy(), expected, atol=1e-6)
+    with pytest.raises(TypeError, match="two numpy arrays or two torch tensors"):
+        Embedder.similarity(a, torch.from_numpy(b))
+    with pytest.raises(ValueError, match="vectors of size 8 and 5"):
+        Embedder.similarity(a, b[:, :5])
+    with pytest.raises(ValueError, match="zero vector"):
+        Embedder.similarity(np.zeros(8), b)

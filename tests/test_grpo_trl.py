@@ -1,7 +1,10 @@
-"""EG-RL on TRL's GRPOTrainer (engine 'trl'): step blocks, reward checks, frozen reward models, metrics, resume."""
+"""EG-RL on TRL's GRPOTrainer, the one engine: step blocks, reward checks, frozen reward models, metrics, resume,
+every config key's route into TRL, TRL's loss against the method's objective, the console, and two processes."""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import json
 import logging
 import re
@@ -9,38 +12,37 @@ import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from trl import GRPOTrainer
 
 import embedrl.train.grpo_trl as grpo_trl_module
 from embedrl.backbones import load_backbone, read_reasoner_settings
 from embedrl.cli import main
-from embedrl.config import ConfigError, GRPOTrainConfig, RewardConfig, ServeConfig, WorldConfig
+from embedrl.config import ConfigError, GRPOTrainConfig, RewardConfig, ServeConfig, WorldConfig, load_config
 from embedrl.data.schema import Item, Pair, read_pairs
 from embedrl.models.embedder import Embedder
 from embedrl.models.reasoner import Reasoner, build_reasoner_prompt
 from embedrl.rewards.judges import ChatDiscriminator, EmbedderReward, EndpointDiscriminator, EndpointEmbedderReward
-from embedrl.train.grpo import (
-    METRICS_FILE,
-    RL_META_FILE,
-    SAMPLES_FILE,
-    RLData,
-    Timed,
-    load_models,
-    pair_prompts,
-    prompt_lengths,
-)
+from embedrl.rewards.terms import build_reward_funcs
 from embedrl.train.grpo_trl import (
+    CONFIG_ROUTES,
+    ProcessLayout,
     StepClock,
+    Timed,
     TRLRewards,
-    build_trl_dataset,
+    grpo_args,
     mixed_batch_processor,
     rl_step_geometry,
     train_rl_trl,
 )
+from embedrl.train.rl_data import RLData, build_trl_dataset, pair_prompts, prompt_lengths
+from embedrl.train.rl_models import load_models, reward_embedder
+from embedrl.train.rl_outputs import COMPONENTS, METRICS_FILE, RL_META_FILE, SAMPLES_FILE, TRAIN_LOG_FILE
 from embedrl.world.generate import generate_world
 
 G, B = 2, 2
@@ -52,17 +54,10 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def embedder_dir(tiny_backbone_dir, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("embedder")
-    Embedder.from_backbone(tiny_backbone_dir("qwen3-vl")).save(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def make_cfg(tiny_backbone_dir, embedder_dir: Path, world: Path):
     def make(out: Path, **kw) -> GRPOTrainConfig:
         base = dict(
-            engine="trl", reasoner=str(tiny_backbone_dir("qwen3-vl")), embedder=str(embedder_dir),
+            reasoner=str(tiny_backbone_dir("qwen3-vl")), embedder=str(embedder_dir),
             data=str(world / "rl.jsonl"), out=str(out), seed=0, num_generations=G, pairs_per_step=B, max_steps=3,
             max_new_tokens=16, discriminator_max_new_tokens=4, lr=1e-3, save_every=2,
             sample_table_every=2, micro_batch_size=8, w_outcome=0.8, w_process=0.2, acc_mode="fraction",
@@ -84,7 +79,7 @@ def _metrics(out: Path) -> list[dict]:
 @pytest.fixture(scope="module")
 def trl_run(make_cfg, tmp_path_factory: pytest.TempPathFactory) -> SimpleNamespace:
     cfg = make_cfg(tmp_path_factory.mktemp("rl-trl"))
-    models = load_models(cfg, reference=False, lora=False)
+    models = load_models(cfg)
     frozen = {"embedder": models.embedder.model, "discriminator": models.discriminator_model}
     before = {name: _snapshot(m) for name, m in {**frozen, "policy": models.policy.model}.items()}
     final = train_rl_trl(cfg, models=models)
@@ -128,6 +123,7 @@ def test_trl_final_checkpoint_reloads_with_metadata(trl_run: SimpleNamespace) ->
     checkpoints = sorted((trl_run.out / "checkpoints").glob("checkpoint-*"))
     settings = read_reasoner_settings(trl_run.final)
     assert checkpoints and all(read_reasoner_settings(c) == settings for c in checkpoints)
+    assert [json.loads((c / RL_META_FILE).read_text())["step"] for c in checkpoints] == [2, 3]  # every 2, the last
     after = trl_run.models.policy.model.state_dict()
     for key, t in reasoner.model.state_dict().items():
         assert torch.equal(t, after[key]), key
@@ -169,20 +165,21 @@ def test_dataset_blocks_are_whole_pairs_of_one_dataset(world: Path) -> None:
         assert len(video[0]["images"]) >= video[0]["n_frames"]  # frames travel as images
 
 
-def _rewards(clock: StepClock, tmp_path: Path) -> TRLRewards:
+def _rewards(clock: StepClock, tmp_path: Path, layout: ProcessLayout | None = None) -> TRLRewards:
     def embed(side, texts, columns):
         return torch.nn.functional.normalize(torch.randn(len(texts), 4), dim=-1)
 
     cfg = RewardConfig.from_preset("paper", w_process=0.0)
     funcs = [lambda **kw: [1.0] * len(kw["completions"]), None, lambda **kw: [0.5] * len(kw["completions"])]
-    return TRLRewards(funcs, cfg, 2, Timed(embed), Timed(lambda p: p), clock, [0], tmp_path, 0, 1)
+    return TRLRewards(funcs, cfg, 2, Timed(embed), Timed(lambda p: p), clock, [0], tmp_path, 0, 1, layout=layout)
 
 
 def test_reward_call_rejects_a_batch_that_mixes_step_blocks(tmp_path: Path) -> None:
     fmt = _rewards(StepClock(), tmp_path).reward_funcs()[0]
     item = json.dumps({"id": "x", "text": "t"})
     cols = dict(pair_id=["a", "a", "a", "a", "b", "b", "b", "b"], side=["query"] * 2 + ["target"] * 2 + ["query"] * 2
-                + ["target"] * 2, item=[item] * 8, dataset=["d"] * 8)  # fmt: skip
+                + ["target"] * 2, item=[item] * 8, dataset=["d"] * 8,
+                trainer_state=SimpleNamespace(global_step=0))  # fmt: skip
     fmt(prompts=[""] * 8, completions=["x"] * 8, block=[0] * 8, **cols)  # one block: accepted
     with pytest.raises(ValueError, match="blocks"):
         fmt(prompts=[""] * 8, completions=["x"] * 8, block=[0] * 4 + [1] * 4, **cols)
@@ -190,7 +187,19 @@ def test_reward_call_rejects_a_batch_that_mixes_step_blocks(tmp_path: Path) -> N
         fmt(prompts=[""] * 8, completions=["x"] * 8, block=[0] * 8, **{**cols, "dataset": ["d"] * 4 + ["e"] * 4})
     with pytest.raises(ValueError, match="no target-side rollouts"):
         fmt(prompts=[""] * 2, completions=["x"] * 2, block=[0] * 2, dataset=["d"] * 2, pair_id=["a", "a"],
-            side=["query", "query"], item=[item] * 2)  # fmt: skip
+            side=["query", "query"], item=[item] * 2, trainer_state=SimpleNamespace(global_step=0))  # fmt: skip
+    # The block must be the one this process is due: step s (global_step // k) of P processes -> s*P + rank.
+    fmt(prompts=[""] * 8, completions=["x"] * 8, block=[3] * 8, **{**cols, "trainer_state": SimpleNamespace(
+        global_step=3)})  # fmt: skip
+    with pytest.raises(ValueError, match="process 0 of 1 got step block 2 where block 3 was due"):
+        fmt(prompts=[""] * 8, completions=["x"] * 8, block=[2] * 8, **{**cols, "trainer_state": SimpleNamespace(
+            global_step=3)})  # fmt: skip
+    second = _rewards(StepClock(), tmp_path, ProcessLayout(rank=1, processes=2)).reward_funcs()[0]
+    second(prompts=[""] * 8, completions=["x"] * 8, block=[7] * 8, **{**cols, "trainer_state": SimpleNamespace(
+        global_step=3)})  # fmt: skip
+    with pytest.raises(ValueError, match="process 1 of 2 got step block 6 where block 7 was due"):
+        second(prompts=[""] * 8, completions=["x"] * 8, block=[6] * 8, **{**cols, "trainer_state": SimpleNamespace(
+            global_step=3)})  # fmt: skip
 
 
 def test_mixed_batch_processor_accepts_text_only_prompts(tiny_backbone_dir, tmp_path: Path) -> None:
@@ -221,15 +230,29 @@ def test_geometry_checks_batch_sizes(make_cfg, tmp_path: Path) -> None:
                                   micro_batch_size=6))  # fmt: skip
 
 
-def test_cli_rl_trl_with_lora_kl_and_ppo_minibatches(make_cfg, tmp_path: Path) -> None:
+def test_cli_rl_trl_with_lora_kl_and_ppo_minibatches(
+    make_cfg, tmp_path: Path, capfd: pytest.CaptureFixture, caplog: pytest.LogCaptureFixture
+) -> None:
     """LoRA (TRL's peft_config; the KL reference is the adapter-free base), beta > 0, 2 PPO epochs x 2 mini-batches
-    of 2 micro-batches: micro-batches of text-only prompts occur and must run."""
+    of 2 micro-batches: micro-batches of text-only prompts occur and must run. The console (issue 21) gets one step
+    line per RL step (not one per optimiser step) and no TRL metric dict; those go to train.log."""
     cfg = make_cfg(tmp_path)
     args = ["rl", "--reasoner", cfg.reasoner, "--embedder", cfg.embedder, "--data", cfg.data, "--out", str(tmp_path),
             "--num_generations", "2", "--pairs_per_step", "2", "--max_steps", "1", "--max_new_tokens", "8",
-            "--compact_prompts", "true", "--engine", "trl", "--lora", "4", "--beta", "0.01", "--ppo_epochs", "2",
+            "--compact_prompts", "true", "--lora", "4", "--beta", "0.01", "--ppo_epochs", "2",
             "--mini_batch_size", "4", "--micro_batch_size", "2"]  # fmt: skip
-    assert main(args) == 0
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO):
+        assert main(args) == 0
+    out, err = capfd.readouterr()
+    assert out.strip().splitlines() == [f"EG-RL Reasoner written to {tmp_path / 'final'}"]
+    assert "{'loss'" not in out + err and "'loss':" not in err and "Warning" not in out + err
+    console = [r.getMessage() for r in caplog.records if r.name.startswith("embedrl")]
+    assert [line.split(":")[0] for line in console if line.startswith("step ")] == ["step 1/1 " + json.loads(
+        (tmp_path / METRICS_FILE).read_text())["dataset"]]  # fmt: skip
+    assert not [r for r in caplog.records if r.name.startswith(("trl", "transformers", "py.warnings"))]
+    log = (tmp_path / TRAIN_LOG_FILE).read_text()
+    assert log.count("TRL logs at optimiser step 4: {'loss': ") == 1 and "step 1/1 " in log
     record = json.loads((tmp_path / METRICS_FILE).read_text().splitlines()[-1])
     assert record["step"] == 1 and "trl/kl" in record and record["trl/kl"] == record["trl/kl"]  # finite, not NaN
     model, _ = load_backbone(tmp_path / "final")  # LoRA merged: a plain checkpoint
@@ -278,7 +301,7 @@ def test_trl_grpo_moves_the_policy_toward_higher_reward(
     reward that pays for reply tokens from a fixed half of the vocabulary, a few GRPO steps must raise the policy's
     probability of those tokens. A reward scattered to the wrong trajectories, or a flipped sign, fails this."""
     cfg = make_cfg(tmp_path / "rl", w_format=1.0, w_process=0.0, w_outcome=0.0, temperature=1.0, max_steps=12,
-                   lr=1e-2, save_every=12)  # fmt: skip
+                   lr=1e-2, save_every=12, log_every=5)  # fmt: skip
     # The lucky half of the vocabulary: the ids whose output-embedding rows point along one random direction, so
     # the policy can reach all of them at once by moving its final hidden state.
     head = Reasoner.from_pretrained(cfg.reasoner).model.get_output_embeddings()
@@ -299,6 +322,7 @@ def test_trl_grpo_moves_the_policy_toward_higher_reward(
     before = _lucky_mass(cfg.reasoner, pairs, lucky)
     after = _lucky_mass(final, pairs, lucky)
     assert after > before + 0.05, (before, after)
+    assert [r["step"] for r in _metrics(tmp_path / "rl")] == [5, 10, 12]  # log_every 5, and the last step
 
 
 def test_trl_run_drops_overlong_video_pairs_before_batching_and_reports_them(
@@ -326,7 +350,7 @@ def test_trl_run_drops_overlong_video_pairs_before_batching_and_reports_them(
     data = tmp_path / "video_heavy.jsonl"
     data.write_text("".join(json.dumps(p.to_record()) + "\n" for p in pairs))
     light = dict(w_process=0.0, max_new_tokens=4, sample_table_every=0, save_every=100)
-    models = load_models(make_cfg(tmp_path / "probe", **light), reference=False, lora=False)
+    models = load_models(make_cfg(tmp_path / "probe", **light))
     policy = models.policy
     lengths = prompt_lengths(policy, [pr for p in pairs for _, pr, _ in pair_prompts(p, policy.compact_prompts)])
     longest = [max(lengths[2 * i], lengths[2 * i + 1]) for i in range(len(pairs))]
@@ -335,7 +359,7 @@ def test_trl_run_drops_overlong_video_pairs_before_batching_and_reports_them(
     assert min(n for n, v in zip(longest, video_pairs, strict=True) if v) > limit + 80
 
     cfg = make_cfg(tmp_path / "run", data=str(data), max_prompt_tokens=limit, max_steps=3, **light)
-    with caplog.at_level(logging.INFO, logger="embedrl.train.grpo"):
+    with caplog.at_level(logging.INFO, logger="embedrl.train.rl_data"):
         train_rl_trl(cfg, models=models)
     assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("dropped ")] == [
         f"dropped 4 of 4 pairs of clips: prompt > max_prompt_tokens ({limit})",
@@ -347,3 +371,206 @@ def test_trl_run_drops_overlong_video_pairs_before_batching_and_reports_them(
     assert sorted(r["dataset"] for r in records) == ["photos", "photos", "video_mix"]
     for r in records:
         assert r["pairs"] == B and r["data/dropped_prompt_tokens"] == {"photos": 0, "video_mix": 4}[r["dataset"]]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every GRPOTrainConfig key reaches TRL, the rewards or the data path (issue 18 point 2)
+# ----------------------------------------------------------------------------------------------------------------
+
+# A value other than make_cfg's for every key routed to a GRPOConfig argument (make_cfg with micro_batch_size=2).
+ROUTED_VALUES = {
+    "seed": 7, "num_generations": 4, "pairs_per_step": 4, "ppo_epochs": 2, "mini_batch_size": 4,
+    "micro_batch_size": 4, "scale_advantages": False, "clip_eps": 0.3, "beta": 0.05, "lr": 1e-4, "weight_decay": 0.1,
+    "max_grad_norm": 0.0, "temperature": 0.7, "top_p": 0.9, "max_new_tokens": 32, "gradient_checkpointing": True,
+    "use_vllm": True, "vllm_mode": "server", "vllm_server_base_url": "http://vllm:8000",
+    "vllm_gpu_memory_utilization": 0.5, "vllm_tensor_parallel_size": 2, "dtype": "bfloat16", "device": "cuda",
+    "save_every": 3, "report_to": ["tensorboard"],
+}  # fmt: skip
+
+
+def _consumers() -> dict[str, Any]:
+    from embedrl.cli import configure_stage_threads
+    from embedrl.train import grpo_trl, rl_models, rl_outputs
+
+    return {"load_models": rl_models.load_models, "reward_embedder": rl_models.reward_embedder,
+            "rollout_decoding": rl_models.rollout_decoding, "process_device": rl_models.process_device,
+            "rl_meta": rl_outputs.rl_meta, "check_rl_run_dir": rl_outputs.check_rl_run_dir,
+            "train_rl_trl": grpo_trl.train_rl_trl, "grpo_args": grpo_trl.grpo_args,
+            "reward_config": GRPOTrainConfig.reward_config,
+            "configure_stage_threads": configure_stage_threads}  # fmt: skip
+
+
+def test_every_config_key_is_routed_into_the_engine(make_cfg, tmp_path: Path) -> None:
+    """CONFIG_ROUTES names every GRPOTrainConfig field (a new field fails here until it is routed, or removed into
+    REMOVED_KEYS); each key routed to a GRPOConfig argument changes that argument, and each function named as a
+    consumer reads the key."""
+    fields = {f.name for f in dataclasses.fields(GRPOTrainConfig)}
+    assert set(CONFIG_ROUTES) == fields, f"unrouted: {sorted(fields - set(CONFIG_ROUTES))}"
+    assert not set(GRPOTrainConfig.REMOVED_KEYS) & fields
+    base = make_cfg(tmp_path, micro_batch_size=2)
+    args = grpo_args(base, total=3)
+    routed = {key: [r.split(".", 1)[1] for r in routes if r.startswith("GRPOConfig.")] for key, routes in
+              CONFIG_ROUTES.items()}  # fmt: skip
+    assert {key for key, targets in routed.items() if targets} == set(ROUTED_VALUES)
+    for key, value in ROUTED_VALUES.items():
+        changed = grpo_args(dataclasses.replace(base, **{key: value}), total=3)
+        for target in routed[key]:
+            assert getattr(changed, target) != getattr(args, target), f"{key} does not reach GRPOConfig.{target}"
+    consumers = _consumers()
+    for key, routes in CONFIG_ROUTES.items():
+        for name in (r for r in routes if not r.startswith("GRPOConfig.")):
+            source = inspect.getsource(consumers[name])
+            assert re.search(rf"\.{key}\b", source), f"{name} does not read {key}"
+
+
+def test_trl_args_pass_through_and_refuse_unknown_or_derived_arguments(make_cfg, tmp_path: Path) -> None:
+    args = grpo_args(make_cfg(tmp_path, trl_args={"repetition_penalty": 1.1, "vllm_enable_sleep_mode": True}), 2)
+    assert args.repetition_penalty == 1.1 and args.vllm_enable_sleep_mode is True
+    with pytest.raises(ConfigError, match=r"trl_args: \['no_such_arg'\] are not arguments of TRL's GRPOConfig"):
+        grpo_args(make_cfg(tmp_path, trl_args={"no_such_arg": 1}), 2)
+    with pytest.raises(ConfigError, match=r"trl_args sets beta \(set beta\), learning_rate \(set lr\), which"):
+        grpo_args(make_cfg(tmp_path, trl_args={"learning_rate": 1.0, "beta": 0.5}), 2)
+    with pytest.raises(ConfigError, match="trl_args sets shuffle_dataset, which embedrl derives"):
+        grpo_args(make_cfg(tmp_path, trl_args={"shuffle_dataset": True}), 2)
+    with pytest.raises(ConfigError, match=r"GRPOConfig refuses the settings \(check trl_args\)"):
+        grpo_args(make_cfg(tmp_path, trl_args={"log_completions_hub_repo": "me/x"}), 2)  # needs log_completions
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# TRL's loss is the method's objective (docs/method.md §4.2; embedrl.train.grpo_math is the reference)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_trl_loss_equals_the_reference_grpo_objective(make_cfg, tmp_path: Path) -> None:
+    """GRPOTrainer's loss (loss_type dapo, epsilon, beta as grpo_args sets them) on a fixed batch equals grpo_loss
+    (clipped ratio, k3 KL, token mean) on the same log-probs, with ratios far enough from 1 that the clip acts.
+    It calls TRL's internal ``_compute_loss``: a TRL upgrade that changes the objective (or that method) fails here."""
+    from datasets import Dataset
+
+    from embedrl.train.grpo_math import grpo_loss
+
+    cfg = make_cfg(tmp_path, beta=0.04, clip_eps=0.2, micro_batch_size=2)
+    policy = Reasoner.from_pretrained(cfg.reasoner)
+    trainer = GRPOTrainer(
+        model=policy.model, reward_funcs=[lambda completions, **kw: [0.0] * len(completions)] * 3,
+        args=grpo_args(cfg, total=1), train_dataset=Dataset.from_list([{"prompt": "x"}] * 8),
+        processing_class=policy.processor,
+    )  # fmt: skip
+    model = trainer.model.eval()  # eval: the loss is the plain token mean over the batch (no accumulation scaling)
+    gen = torch.Generator().manual_seed(0)
+    n, prompt_len, width = 4, 5, 6
+    vocab = model.get_output_embeddings().weight.shape[0]
+    prompt_ids = torch.randint(10, 200, (n, prompt_len), generator=gen)
+    completion_ids = torch.randint(10, min(vocab, 200), (n, width), generator=gen)
+    mask = torch.ones(n, width, dtype=torch.long)
+    mask[1, 4:] = 0  # padded responses of different lengths
+    mask[3, 2:] = 0
+    with torch.no_grad():
+        logp, _, _ = trainer._get_per_token_logps_and_entropies(
+            model, torch.cat([prompt_ids, completion_ids], 1), torch.ones(n, prompt_len + width, dtype=torch.long),
+            width,
+        )  # fmt: skip
+    old = logp + 0.5 * torch.randn(logp.shape, generator=gen)  # ratios well outside [0.8, 1.2]
+    ref = logp + 0.3 * torch.randn(logp.shape, generator=gen)
+    adv = torch.tensor([1.0, -0.5, 0.25, -1.5])
+    inputs = {"prompt_ids": prompt_ids, "prompt_mask": torch.ones_like(prompt_ids), "completion_ids": completion_ids,
+              "completion_mask": mask, "advantages": adv, "old_per_token_logps": old, "ref_per_token_logps": ref,
+              "num_items_in_batch": mask.sum()}  # fmt: skip
+    with torch.no_grad():
+        got = trainer._compute_loss(model, inputs)
+        want, stats = grpo_loss(logp, old, ref, adv, mask, eps_clip=cfg.clip_eps, beta=cfg.beta)
+    assert 0.05 < float(stats["clipfrac"]) < 0.95, "the batch must exercise the clip"
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Two processes (torch.distributed, gloo on CPU): each rewards whole pairs of its own step block
+# ----------------------------------------------------------------------------------------------------------------
+
+TWO_PROCESS_WORKER = """
+import json, sys
+from pathlib import Path
+from accelerate import PartialState
+from embedrl.config import GRPOTrainConfig
+from embedrl.train.grpo_trl import train_rl_trl
+
+cfg = GRPOTrainConfig(**json.loads(Path(sys.argv[1]).read_text()))
+rows = []
+
+def on_step(batch):
+    rows.append({"step": batch.step, "block": batch.block, "dataset": batch.dataset, "texts": batch.texts,
+                 "keys": [list(k) for k in batch.keys], "items": [it.to_record() for it in batch.items],
+                 "completion_ids": batch.completion_ids, "components": batch.components})
+
+train_rl_trl(cfg, on_step=on_step)
+rank = PartialState().process_index
+(Path(cfg.out) / f"rollouts-rank{rank}.json").write_text(json.dumps(rows))
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_reward_their_own_blocks_as_one_process_would(make_cfg, world: Path, tmp_path: Path) -> None:
+    """``torchrun --nproc_per_node 2`` (gloo, CPU), one RL step: process k scores step block k (whole pairs of one
+    dataset, the batch the 1-process run takes at step k + 1), the metrics line merges both blocks, and every reward
+    equals what one process computes for the same rollouts."""
+    import os
+    import subprocess
+    import sys
+
+    cfg = make_cfg(tmp_path / "run", max_steps=1, max_new_tokens=8, save_every=5, sample_table_every=1)
+    spec = tmp_path / "cfg.json"
+    spec.write_text(json.dumps(dataclasses.asdict(cfg)))
+    worker = tmp_path / "worker.py"
+    worker.write_text(TWO_PROCESS_WORKER)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    run = subprocess.run([*launch, str(worker), str(spec)], env=env, capture_output=True, text=True, timeout=1200)
+    assert run.returncode == 0, run.stderr[-4000:]
+    out = Path(cfg.out)
+    ranks = [json.loads((out / f"rollouts-rank{r}.json").read_text()) for r in range(2)]
+    data = RLData(read_pairs(cfg.data), B, cfg.seed)
+    for rank, rows in enumerate(ranks):
+        (row,) = rows
+        _, dataset, pairs = data.batch(rank)  # the 1-process run's step rank + 1
+        assert row["step"] == 1 and row["block"] == rank and row["dataset"] == dataset
+        assert Counter(tuple(k[:2]) for k in row["keys"]) == {
+            (p.pair_id, s): G for p in pairs for s in ("query", "target")
+        }
+    assert not {k[0] for k in ranks[0][0]["keys"]} & {k[0] for k in ranks[1][0]["keys"]}
+    (record,) = _metrics(out)
+    assert record["processes"] == 2 and record["trajectories"] == 2 * 2 * B * G
+    assert record["dataset"] == ",".join(data.batch(r)[1] for r in range(2))
+    # The same rollouts scored in this one process, through the engine's reward functions.
+    models = load_models(cfg)
+    reward_cfg = cfg.reward_config()
+    funcs, _ = build_reward_funcs(reward_cfg, Timed(reward_embedder(cfg, models)), Timed(models.discriminator),
+                                  num_generations=G, seed=cfg.seed)  # fmt: skip
+    prompt_rows = {(r["pair_id"], r["side"]): r for r in build_trl_dataset(data, 2, models.policy.compact_prompts)}
+    for rank, (row,) in enumerate(ranks):
+        # Scored here alone, as the process that is due block `rank` at step 0 (the Discriminator's shuffles are
+        # seeded by the step, so the step is the 2-process run's).
+        rewards = TRLRewards(funcs, reward_cfg, G, Timed(lambda *a: None), Timed(lambda *a: None), StepClock(), [0],
+                             tmp_path, 0, 1, layout=ProcessLayout(rank, 2)).reward_funcs()  # fmt: skip
+        rows = [prompt_rows[tuple(k[:2])] for k in row["keys"]]
+        columns = {name: [r[name] for r in rows] for name in ("pair_id", "side", "dataset", "block", "cue_key",
+                                                               "n_frames", "input_text", "item")}  # fmt: skip
+        columns.update(completion_ids=row["completion_ids"], trainer_state=SimpleNamespace(global_step=0))
+        assert [json.loads(x) for x in columns["item"]] == row["items"]
+        for name, fn in zip(COMPONENTS, rewards, strict=True):
+            got = fn(prompts=[""] * len(row["texts"]), completions=row["texts"], **dict(columns))
+            if name in row["components"]:
+                np.testing.assert_allclose(got, row["components"][name], rtol=0, atol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize("name", ["rl.yaml", "rl-tiny.yaml", "rl-paper-8b.yaml", "rl-paper-8b-vllm-server.yaml"])
+def test_shipped_rl_configs_build_their_grpo_config(name: str, tmp_path: Path) -> None:
+    """The shipped configs (the paper-scale ones are untested on GPUs here) give TRL a valid GRPOConfig: vLLM mode,
+    precision, their trl_args, and one process's generation batch = one step block (device cpu: TrainingArguments
+    refuses bf16 on a GPU it cannot see)."""
+    path = Path(__file__).resolve().parents[1] / "configs" / name
+    cfg = load_config(GRPOTrainConfig, path, {"out": str(tmp_path), "device": "cpu"})
+    args = grpo_args(cfg, total=10)
+    assert (args.use_vllm, args.vllm_mode, args.bf16) == (cfg.use_vllm, cfg.vllm_mode, cfg.dtype == "bfloat16")
+    assert all(getattr(args, key) == value for key, value in cfg.trl_args.items())
+    assert args.per_device_train_batch_size * args.steps_per_generation == 2 * cfg.pairs_per_step * cfg.group_size
+    assert args.shuffle_dataset is False and args.loss_type == "dapo" and args.use_bias_correction_kl is False

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ from embedrl.backbones import PixelBudget
 from embedrl.cli import main
 from embedrl.config import ConfigError, IndexConfig, load_config
 from embedrl.data.schema import Item, write_jsonl
+from embedrl.serve import index as index_module
 from embedrl.serve.index import (
     EmbedPipeline,
     IndexFormatError,
@@ -202,6 +205,20 @@ def _counting(real, calls: list[list[str]], kill_at: int | None = None):
     return wrapper
 
 
+def _counting_batches(real, calls: list[list[str]], kill_at: int | None = None):
+    """``Reasoner.generate_batches`` counting its batches (item ids); raises Killed before the ``kill_at``-th one is
+    handed to the pipeline (so it never reaches the cache)."""
+
+    def wrapper(items, *args, **kwargs):
+        for batch, generations in real(items, *args, **kwargs):
+            if kill_at is not None and len(calls) + 1 == kill_at:
+                raise Killed
+            calls.append([items[i].id for i in batch])
+            yield batch, generations
+
+    return wrapper
+
+
 def test_killed_build_resumes_without_recomputing(
     corpus: Path, embedder, reasoner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -215,20 +232,20 @@ def test_killed_build_resumes_without_recomputing(
         reasoner_batch_size=2,
         show_progress_bar=False,
     )
-    encode, generate = embedder.encode, reasoner.generate
+    encode, generate = embedder.encode, reasoner.generate_batches
     encoded: list[list[str]] = []
     generated: list[list[str]] = []
-    # Run 1: killed during the second T-CoT batch.
-    monkeypatch.setattr(reasoner, "generate", _counting(generate, generated, kill_at=2))
+    # Run 1: killed during the second T-CoT batch (batches: the corpus sorted by modality, then prompt length).
+    monkeypatch.setattr(reasoner, "generate_batches", _counting_batches(generate, generated, kill_at=2))
     with pytest.raises(Killed):
         build_index(cfg, embedder=embedder, reasoner=reasoner)
-    assert generated == [["t0", "t1"]]
+    assert generated == [["img-red", "img-green"]]
     # Run 2: the T-CoTs resume from batch 2; killed during the third embedding batch.
-    monkeypatch.setattr(reasoner, "generate", _counting(generate, generated))
+    monkeypatch.setattr(reasoner, "generate_batches", _counting_batches(generate, generated))
     monkeypatch.setattr(embedder, "encode", _counting(encode, encoded, kill_at=3))
     with pytest.raises(Killed):
         build_index(cfg, embedder=embedder, reasoner=reasoner)
-    assert generated == [["t0", "t1"], ["t2", "t3"], ["img-red", "img-green"]]
+    assert generated == [["img-red", "img-green"], ["t0", "t1"], ["t2", "t3"]]
     assert len(encoded) == 2
     # Run 3: only the last embedding batch is computed; no T-CoT is generated again.
     monkeypatch.setattr(embedder, "encode", _counting(encode, encoded))
@@ -341,3 +358,89 @@ def test_cli_index_build_reports_bad_corpora_in_one_line(embedder_dir: Path, tmp
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("embedrl: error: ") and expected in err[0], err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Memory: index build adds in chunks from the embedding cache, FAISS storage sized once; quiet FAISS
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _fake_encode(dim: int):
+    """A stand-in for ``Embedder.encode``: unit vectors that depend only on each item's number (ids ``c0000``...)."""
+
+    def encode(items, *args, **kwargs):
+        numbers = np.array([int(item.id[1:]) for item in items], dtype=np.float64)[:, None]  # [n, 1]
+        vectors = np.sin((numbers + 1.0) * np.linspace(0.1, 3.0, dim)[None, :]).astype(np.float32)  # [n, dim]
+        return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+    return encode
+
+
+@pytest.mark.parametrize("index_type", ["flat", "ivf"])
+def test_build_adds_chunk_by_chunk_and_equals_the_matrix(
+    embedder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, index_type: str
+) -> None:
+    items = _items(43)
+    write_jsonl(tmp_path / "corpus.jsonl", [it.to_record() for it in items])
+    encode = _fake_encode(embedder.dim)
+    monkeypatch.setattr(embedder, "encode", encode)
+    monkeypatch.setattr(index_module, "ADD_CHUNK_ROWS", 8)
+    added: list[int] = []
+    real_add = SearchIndex.add
+    monkeypatch.setattr(
+        SearchIndex, "add", lambda self, its, v, t=None: (added.append(len(v)), real_add(self, its, v, t))
+    )
+    cfg = IndexConfig(model="m", corpus=str(tmp_path / "corpus.jsonl"), out=str(tmp_path / "index"), mode="raw",
+                      tcot_source="none", index_type=index_type, batch_size=4, show_progress_bar=False)  # fmt: skip
+    index = build_index(cfg, embedder=embedder)
+    assert added == [8, 8, 8, 8, 8, 3]  # whole Embedder batches of 4 per chunk; never the whole matrix at once
+    np.testing.assert_array_equal(index.vectors(), encode(items))
+    assert [it.id for it in SearchIndex.load(tmp_path / "index").items] == [it.id for it in items]
+    shards = sorted((tmp_path / "index" / "cache" / "embeddings").glob("*.npy"))
+    assert len(shards) == 1 and np.load(shards[0]).shape == (43, embedder.dim)  # compacted
+    if index_type == "ivf":  # trained once on the whole corpus: nlist = round(4 * sqrt(43)), not that of a chunk
+        inner = index_module._faiss().extract_index_ivf(index.faiss_index)
+        assert inner.nlist == round(4 * np.sqrt(43)) == 26
+
+
+def _storage_address(index: SearchIndex) -> int:
+    faiss = index_module._faiss()
+    inner = faiss.downcast_index(index.faiss_index.index)
+    storage = faiss.downcast_index(inner.storage) if index.cfg.index_type == "hnsw" else inner
+    return faiss.rev_swig_ptr(storage.codes.data(), 1).__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("index_type", ["flat", "hnsw"])
+def test_reserve_sizes_the_storage_once(index_type: str) -> None:
+    rng = np.random.default_rng(7)
+    corpus = _unit(rng, 300)
+    items = _items(len(corpus))
+    addresses: dict[bool, set[int]] = {}
+    for reserve in (True, False):
+        index = SearchIndex(_raw_cfg(index_type=index_type, hnsw_m=8), DIM)
+        index.add(items[:10], corpus[:10])
+        if reserve:
+            index._reserve(290)
+        seen = {_storage_address(index)}
+        for start in range(10, 300, 29):
+            index.add(items[start : start + 29], corpus[start : start + 29])
+            seen.add(_storage_address(index))
+        addresses[reserve] = seen
+        assert len(index) == 300
+        np.testing.assert_array_equal(index.vectors(), corpus)
+    assert len(addresses[True]) == 1  # filled in place
+    assert len(addresses[False]) > 1  # without it, FAISS reallocates as it grows
+
+
+def test_faiss_loader_logs_nothing_at_info() -> None:
+    """FAISS's loader logs its library choice at INFO on import; the index module keeps only its warnings."""
+    code = "import logging; logging.basicConfig(level=logging.INFO); {}"
+    quiet = subprocess.run(
+        [sys.executable, "-c", code.format("from embedrl.serve.index import _faiss; _faiss().IndexFlatIP(4)")],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "faiss" not in quiet.stderr.lower(), quiet.stderr
+    loud = subprocess.run(
+        [sys.executable, "-c", code.format("import faiss")], capture_output=True, text=True, check=True
+    )
+    assert "INFO faiss.loader" in loud.stderr or "INFO:faiss.loader" in loud.stderr  # the control: it does log

@@ -290,6 +290,52 @@ def test_matches_naive_reference(case) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Top-k by argpartition: the head of the full stable sort, ties at the cut included
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _tied_scores(rng: np.random.Generator, kind: str, n_q: int, n_c: int) -> np.ndarray:
+    if kind == "int":
+        return rng.integers(-3, 4, size=(n_q, n_c))
+    if kind == "quantized":  # float32 with many exact ties, and 0.0 beside -0.0 (equal scores)
+        scores = (rng.integers(-4, 5, size=(n_q, n_c)) / 4).astype(np.float32)
+        scores[:, ::7] = -0.0
+        return scores
+    scores = rng.standard_normal((n_q, n_c))  # float64, padded with -inf, some rows all padding past a few
+    scores[rng.random((n_q, n_c)) < 0.4] = -np.inf
+    scores[0, 2:] = -np.inf
+    return scores
+
+
+@pytest.mark.parametrize("kind", ["int", "quantized", "padded"])
+def test_top_k_is_the_head_of_the_stable_full_sort(kind: str) -> None:
+    rng = np.random.default_rng(11)
+    for n_c in (1, 2, 7, 60, 301):
+        scores = _tied_scores(rng, kind, 9, n_c)
+        wide = scores.astype(np.float64)
+        full = np.argsort(-wide, axis=1, kind="stable")  # the reference: descending, ties by index
+        assert np.array_equal(rank_candidates(scores), full)
+        for k in {1, 2, 3, 5, 10, n_c - 1, n_c, n_c + 4} - {0}:
+            got = rank_candidates(scores, k)
+            assert got.dtype == np.int64 and np.array_equal(got, full[:, :k]), (n_c, k)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_metrics_on_large_tied_pools_match_the_definitions(dense: bool) -> None:
+    rng = np.random.default_rng(12)
+    n_q, n_c = 25, 400
+    scores = (rng.integers(0, 12, size=(n_q, n_c)) / 3).astype(np.float32)  # ~33 candidates per score value
+    grades = rng.integers(0, 4, size=(n_q, n_c)) * (rng.random((n_q, n_c)) < 0.05)
+    grades[np.arange(n_q), rng.integers(0, n_c, size=n_q)] = 2  # every query has a relevant candidate
+    relevance = [{int(c): int(g) for c, g in enumerate(row) if g > 0} for row in grades]
+    ks = (1, 5, 10)
+    expected = naive_metrics(scores.astype(float).tolist(), relevance, ks)
+    got = compute_metrics(scores, grades if dense else relevance, ks=ks)
+    for name, value in expected.items():
+        assert got[name] == pytest.approx(value, abs=1e-12), name
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Key names as in the published score files
 # ----------------------------------------------------------------------------------------------------------------
 

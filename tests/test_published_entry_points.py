@@ -23,7 +23,7 @@ from embedrl.models.loading import load_embedder
 from embedrl.rewards.judges import EmbedderReward
 from embedrl.serve.index import SearchIndex
 from embedrl.serve.server import serve_in_background
-from embedrl.train.grpo import load_models
+from embedrl.train.rl_models import load_models
 from embedrl.world.generate import generate_world
 
 TOL = 1e-5
@@ -124,10 +124,10 @@ def test_rl_reward_embedder(published_embedder_dir: Path, published: Embedder, t
                             tmp_path: Path) -> None:  # fmt: skip
     """The RL loading path gives the frozen reward Embedder the published checkpoint in the reference layout
     (``--layout`` overrides it), and the reward embeds rollouts exactly as the Embedder does."""
-    base = dict(engine="trl", reasoner=str(tiny_backbone_dir("qwen3-vl")), embedder=str(published_embedder_dir),
+    base = dict(reasoner=str(tiny_backbone_dir("qwen3-vl")), embedder=str(published_embedder_dir),
                 data=str(world / "rl.jsonl"), out=str(tmp_path), w_process=0.0, num_generations=2, pairs_per_step=2,
                 max_new_tokens=8, max_prompt_tokens=4096)  # fmt: skip
-    models = load_models(GRPOTrainConfig(**base), reference=False, lora=False)
+    models = load_models(GRPOTrainConfig(**base))
     embedder = models.embedder
     assert embedder is not None and embedder.layout == "reference"
     assert not any(p.requires_grad for p in embedder.model.parameters())
@@ -136,6 +136,6 @@ def test_rl_reward_embedder(published_embedder_dir: Path, published: Embedder, t
     got = EmbedderReward(embedder)("target", [TCOT, TCOT], {"item": items})
     want = published.encode([it.with_tcot(TCOT) for it in items], mode="full")
     assert torch.allclose(got, torch.from_numpy(want), atol=TOL)
-    switched = load_models(GRPOTrainConfig(**base, layout="embedrl"), reference=False, lora=False).embedder
+    switched = load_models(GRPOTrainConfig(**base, layout="embedrl")).embedder
     assert switched is not None and switched.layout == "embedrl"
     assert SUMMARIZE not in switched.processor.decode(switched.collate([items[1].with_tcot(TCOT)])["input_ids"][0])

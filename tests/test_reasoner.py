@@ -1,4 +1,4 @@
-"""Reasoner prompts and generation, and the cold-start SFT (labels, learning, CLI)."""
+"""Reasoner prompts and generation, and its checkpoint-bound settings (the cold start: test_train_reasoner.py)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from embedrl.backbones import REASONER_SETTINGS_FILENAME, instruct_backbone, load_backbone, read_reasoner_settings
-from embedrl.cli import main
-from embedrl.config import ReasonerTrainConfig, WorldConfig
+from embedrl.config import WorldConfig
 from embedrl.data.schema import Item, read_pairs
 from embedrl.models.reasoner import Decoding, Reasoner, build_reasoner_prompt
-from embedrl.prompts import CUE_BOXES, CUE_FRAMES, CUE_KEYWORDS, IM_END
-from embedrl.train.reasoner import discrimination_examples, sft_batch, tcot_examples, train_reasoner
+from embedrl.prompts import CUE_BOXES, CUE_FRAMES, CUE_KEYWORDS
 from embedrl.world.generate import generate_world
 
 
@@ -135,54 +132,3 @@ def test_checkpoint_without_settings_file_loads_with_todays_defaults(saved_reaso
 
 def test_shipped_instruct_backbone_is_prompted_compactly() -> None:
     assert read_reasoner_settings(instruct_backbone()) == {"compact_prompts": True}
-
-
-def test_sft_labels_cover_the_answer_only(reasoner: Reasoner, world: Path) -> None:
-    examples = (
-        tcot_examples(world / "train.jsonl", compact=True)[:3]
-        + discrimination_examples(world / "discrimination.jsonl")[:1]
-    )
-    assert {e.kind for e in examples} >= {"query", "target", "discrimination"} - {"target"}
-    batch = sft_batch(reasoner, examples, max_length=4096)
-    tokenizer = reasoner.processor.tokenizer
-    for row, ex in enumerate(examples):
-        supervised = batch["labels"][row][batch["labels"][row] != -100]
-        assert tokenizer.decode(supervised) == ex.answer + IM_END
-    assert examples[-1].answer.isdigit()
-
-
-def test_cold_start_loss_falls_and_cli(tiny_backbone_dir, reasoner: Reasoner, world: Path, tmp_path: Path) -> None:
-    cfg = ReasonerTrainConfig(
-        backbone=str(tiny_backbone_dir("qwen3-vl")),
-        data=str(world / "train.jsonl"),
-        out=str(tmp_path / "a"),
-        batch_size=4,
-        max_steps=16,
-        lr=3e-3,
-        warmup_steps=2,
-    )
-    final = train_reasoner(cfg)
-    losses = [json.loads(line)["train/loss"] for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
-    assert len(losses) == 16
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0
-    reloaded = Reasoner.from_pretrained(final)
-    assert cfg.compact_prompts is None and reloaded.compact_prompts is True  # the tiny backbone's style, recorded
-    assert read_reasoner_settings(final)["compact_prompts"] is True
-    for (name, p), q in zip(reasoner.model.named_parameters(), reloaded.model.parameters(), strict=True):
-        if name.endswith("embed_tokens.weight"):
-            assert not torch.equal(p, q)  # trained weights were saved, not the initial ones
-    argv = [
-        "train-reasoner",
-        "--backbone",
-        cfg.backbone,
-        "--data",
-        cfg.data,
-        "--out",
-        str(tmp_path / "b"),
-        "--max_steps",
-        "1",
-        "--batch_size",
-        "2",
-    ]
-    assert main(argv) == 0 and (tmp_path / "b" / "final" / "config.json").is_file()
-    assert main(["train-reasoner", "--backbone", "x", "--data", "y", "--out", "z", "--max_steps", "0"]) == 2

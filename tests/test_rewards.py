@@ -643,3 +643,136 @@ def test_total_reward():
         total_reward({**comps, "length": [0.0] * 3}, PAPER)
     with pytest.raises(ValueError, match="differ in length"):
         total_reward({"format": [1.0], "process": [1.0, 1.0], "outcome": [1.0]}, PAPER)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# EmbedderReward: each unique image / video processed and encoded once per call, embeddings unchanged
+# ----------------------------------------------------------------------------------------------------------------
+
+SMALL_BUDGET = (32 * 32, 64 * 64, 32 * 32, 64 * 64)
+
+
+def _noise(seed: int, size: int = 64):
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _tcot(cue: str) -> str:
+    return f"<thinking>Look here. {cue}</thinking><rethink>Checked.</rethink><answer>Done.</answer>"
+
+
+def _reward_step():
+    """G = 3 rollouts of an image item, a video item, a two-image item and a text item (``[a x G, v x G, ...]``);
+    rollouts 0 and 2 of each visual item name the same evidence, rollout 1 other evidence."""
+    from embedrl.data.schema import Item
+
+    image = Item(id="a", text="a square", images=(_noise(1, 96),))
+    video = Item(id="v", text="what happens?", frames=tuple(_noise(10 + i, 48) for i in range(4)))
+    pair = Item(id="p", images=(_noise(2), _noise(3, 80)))
+    text = Item(id="t", text="two red kites")
+    boxes = ['{"bbox_2d": [[0, 0, 500, 500]]}', '{"bbox_2d": [[500, 0, 1000, 600]]}']
+    frames = ['{"key_frames": [1, 2]}', '{"key_frames": [2, 3]}']
+    cues = {"a": boxes, "v": frames, "p": boxes, "t": ['{"text_keywords": ["kite"]}', '{"text_keywords": ["red"]}']}
+    items, completions = [], []
+    for item in (image, video, pair, text):
+        for g in range(3):
+            items.append(item)
+            completions.append(_tcot(cues[item.id][g % 2]))
+    return items, completions
+
+
+def _small_embedder(tiny_backbone_dir, family: str, video_as: str = "video"):
+    from embedrl.backbones import PixelBudget
+    from embedrl.models import Embedder
+
+    return Embedder.from_backbone(tiny_backbone_dir(family), budget=PixelBudget(*SMALL_BUDGET), video_as=video_as)
+
+
+@pytest.mark.parametrize(
+    ("family", "video_as", "processed", "reused"),
+    [
+        # 24 visuals: a's image and crop (x3), v's video and 2 key frames (x3), p's 2 images and crop (x3). Unique:
+        # a's image + 2 crops, v's video + 3 key frames, p's 2 images + 2 crops (its box cuts its first image) = 11
+        ("qwen2-vl", "video", 11, 13),
+        ("qwen2.5-vl", "video", 11, 13),
+        ("qwen3-vl", "video", 11, 13),
+        # video_as=frames: v's 4 frames are 4 images (x3), its key frames are 3 of them again: 33 visuals, 11 unique
+        ("qwen3-vl", "frames", 11, 22),
+    ],
+)
+def test_embedder_reward_encodes_each_visual_once_and_equals_plain_encode(
+    tiny_backbone_dir, family, video_as, processed, reused
+):
+    from embedrl.rewards.judges import EmbedderReward
+
+    embedder = _small_embedder(tiny_backbone_dir, family, video_as)
+    items, completions = _reward_step()
+    plain = embedder.encode([it.with_tcot(c) for it, c in zip(items, completions, strict=True)], 5, mode="full")
+    reward = EmbedderReward(embedder, batch_size=5)  # batches cut across items: the cache spans the whole call
+    shared = reward("query", completions, {"item": items}).numpy()
+    assert shared.shape == plain.shape == (12, embedder.dim)
+    assert float(abs(shared - plain).max()) <= 1e-5
+    stats = reward.last_stats
+    assert (stats.processor_misses, stats.processor_hits) == (processed, reused)
+    assert (stats.vision_misses, stats.vision_hits) == (processed, reused)
+    # a different T-CoT changes the rollout's embedding: the comparison can fail
+    other = reward("query", [_tcot('{"bbox_2d": [[0, 0, 200, 200]]}'), *completions[1:]], {"item": items}).numpy()
+    assert float(abs(other[0] - plain[0]).max()) > 1e-3 and float(abs(other[1:] - plain[1:]).max()) <= 1e-5
+
+
+def test_sharing_visuals_is_scoped_and_inference_only(tiny_backbone_dir):
+    embedder = _small_embedder(tiny_backbone_dir, "qwen3-vl")
+    vlm = embedder._vision_language_model()
+    processor = embedder.processor
+    items, completions = _reward_step()
+    batch = [it.with_tcot(c) for it, c in zip(items[:3], completions[:3], strict=True)]
+    with pytest.raises(KeyError), embedder.sharing_visuals():
+        assert embedder.processor is not processor and "get_image_features" in vars(vlm)
+        raise KeyError("leaves the block")
+    assert embedder.processor is processor and not {"get_image_features", "get_video_features"} & set(vars(vlm))
+    videos = [it.with_tcot(c) for it, c in zip(items[3:6], completions[3:6], strict=True)]
+    outside = embedder.collate(videos, "full")  # processed without the cache: the vision step digests its pixels
+    with embedder.sharing_visuals() as cache:
+        with pytest.raises(RuntimeError, match="already wrapped"), embedder.sharing_visuals():
+            pass
+        with pytest.raises(RuntimeError, match="without gradients"):
+            embedder.embed_batch(embedder.collate(batch, "full"))  # autograd on: training must not use the cache
+        with torch.inference_mode():
+            vectors = embedder.embed_batch(embedder.collate(batch, "full"))
+            assert (cache.stats.vision_misses, cache.stats.vision_hits) == (3, 3)  # a's image and 2 crops
+            from_outside = [embedder.embed_batch(outside) for _ in range(2)]
+            # 3 videos and 6 key frames per call: v's video and 3 frames computed once, the rest reused
+            assert (cache.stats.vision_misses, cache.stats.vision_hits) == (3 + 4, 3 + 5 + 9)
+    assert embedder.processor is processor
+    torch.testing.assert_close(vectors, torch.from_numpy(embedder.encode(batch, mode="full")), atol=1e-5, rtol=0)
+    plain = torch.from_numpy(embedder.encode(videos, mode="full"))
+    for got in from_outside:
+        torch.testing.assert_close(got, plain, atol=1e-5, rtol=0)
+
+
+def test_visual_cache_keys_by_content_and_refuses_what_it_cannot_split():
+    from transformers import BatchFeature
+
+    from embedrl.models.visual_cache import VisualCache, visual_digest
+
+    assert visual_digest(_noise(1)) == visual_digest(_noise(1).copy()) != visual_digest(_noise(2))
+    with pytest.raises(TypeError, match="str"):
+        visual_digest("media/a.png")
+    calls = []
+
+    def processor(images, **kwargs):
+        calls.append(len(images))
+        n = len(images)
+        return BatchFeature({"pixel_values": torch.arange(4.0 * n).view(2 * n, 2),
+                             "image_grid_thw": torch.tensor([[1, 1, 2]] * n)})  # fmt: skip
+
+    cache = VisualCache()
+    out = cache._process("image", processor, [_noise(1), _noise(2), _noise(1).copy()], {"size": 1})
+    assert calls == [2] and out["pixel_values"].shape == (6, 2)  # two unique images processed, in one call
+    torch.testing.assert_close(out["pixel_values"][4:], out["pixel_values"][:2])  # the repeat reuses the first
+    cache._process("image", processor, [_noise(1)], {"size": 2})  # other processor settings: another key
+    assert calls == [2, 1] and (cache.stats.processor_misses, cache.stats.processor_hits) == (3, 1)
+    with pytest.raises(ValueError, match="image_sizes"):
+        cache._process("image", lambda images, **kw: {**processor(images), "image_sizes": [1]}, [_noise(5)], {})

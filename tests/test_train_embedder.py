@@ -1,23 +1,33 @@
-"""Embedder training on the tiny world: exact resume, frozen vs trainable, GradCache, learning, 2 processes."""
+"""Embedder training on the tiny world: exact resume, frozen vs trainable, GradCache, learning, several processes
+(accelerate: DDP on gloo, in-process and through ``accelerate launch``), mixed precision, trackers."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+from importlib.util import find_spec
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from embedrl.cli import main
-from embedrl.config import ConfigError, EmbedderTrainConfig, LoraSettings, WorldConfig
+from embedrl.config import BackbonePretrainConfig, ConfigError, EmbedderTrainConfig, LoraSettings, WorldConfig
 from embedrl.evidence import build_embedder_messages
 from embedrl.models.embedder import Embedder
 from embedrl.tcot import parse_tcot
 from embedrl.train.embedder import (
     METRICS_FILE,
+    EmbedForward,
+    build_accelerator,
     build_sampler,
     cosine_schedule,
     evidence_only,
@@ -28,7 +38,10 @@ from embedrl.train.embedder import (
     train_embedder,
     train_step,
 )
+from embedrl.train.tracking import RUNS_DIR, StageTrackers, scalars
 from embedrl.world.generate import generate_world
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +68,33 @@ def _cfg(backbone: Path, world: Path, out: Path, **kw) -> EmbedderTrainConfig:
 
 
 def _weights(ckpt: Path) -> dict[str, torch.Tensor]:
-    return torch.load(ckpt / "state.pt", weights_only=False)["model"]
+    """The trainable weights of a checkpoint (accelerate's save_state, filtered to the trainable parameters)."""
+    return load_file(ckpt / "model.safetensors")
+
+
+def _final_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / METRICS_FILE).read_text().splitlines()]
+
+
+def _tensorboard(out: Path) -> dict[str, list[tuple[int, float]]]:
+    """``tag -> [(step, value)]`` as TensorBoard shows the run in ``out/runs`` (orphaned steps of a killed run
+    purged)."""
+    events = EventAccumulator(str(out / RUNS_DIR), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def _assert_tensorboard_matches_metrics(out: Path) -> None:
+    rows, board = _rows(out), _tensorboard(out)
+    assert set(board) == set(scalars(rows[0])) and "train/loss" in board and "train/grad_norm" in board
+    for tag, points in board.items():
+        assert [step for step, _ in points] == [r["step"] for r in rows], tag  # each step once, in order
+        for (_, value), row in zip(points, rows, strict=True):
+            assert value == pytest.approx(row[tag], rel=1e-6, abs=1e-7), (tag, row["step"])  # stored as float32
 
 
 class _Killed(Exception):
@@ -68,22 +107,27 @@ def test_killed_run_resumes_to_identical_weights(tiny_backbone_dir, world: Path,
     train_embedder(_cfg(backbone, world, tmp_path / "a", evidence_only_rate=rate))
 
     def kill_after_3(step: int, metrics: dict) -> None:
-        if step == 3:  # step 2 is checkpointed, step 3 is lost with the "crash"
+        if step == 3:  # step 2 is checkpointed, step 3 is lost with the "crash" (but logged)
             raise _Killed
 
+    b = _cfg(backbone, world, tmp_path / "b", evidence_only_rate=rate, report_to=["tensorboard"])
     with pytest.raises(_Killed):
-        train_embedder(_cfg(backbone, world, tmp_path / "b", evidence_only_rate=rate), on_step=kill_after_3)
+        train_embedder(b, on_step=kill_after_3)
     assert latest_checkpoint(tmp_path / "b").name == "step-0000002"
-    train_embedder(_cfg(backbone, world, tmp_path / "b", evidence_only_rate=rate))
+    train_embedder(b)
 
     a, b = _weights(latest_checkpoint(tmp_path / "a")), _weights(latest_checkpoint(tmp_path / "b"))
     assert a.keys() == b.keys() and len(a) > 10
     for name in a:
         assert torch.equal(a[name], b[name]), name
     # The log holds each step once: the records past the resumed checkpoint (step 3) are dropped.
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b" / METRICS_FILE).read_text().splitlines()]
+    steps = [row["step"] for row in _rows(tmp_path / "b")]
     assert steps == [1, 2, 3, 4]
+    assert [r["train/loss"] for r in _rows(tmp_path / "b")] == [r["train/loss"] for r in _rows(tmp_path / "a")]
     assert (tmp_path / "b" / "final" / "embedder.json").is_file()
+    # TensorBoard got the same scalars, each step once although the killed run had logged step 3 already.
+    _assert_tensorboard_matches_metrics(tmp_path / "b")
+    assert not (tmp_path / "a" / RUNS_DIR).exists()  # report_to defaults to none
 
 
 def _embedder(backbone: Path):
@@ -96,6 +140,18 @@ def _first_batch(world: Path, cfg: EmbedderTrainConfig):
     return [(d, [data[d][i] for i in idx]) for d, idx in next(sampler.epoch(0))]
 
 
+def _one_step(embedder: Embedder, cfg: EmbedderTrainConfig, batch, make_optimizer) -> dict[str, float]:
+    """One ``train_step`` in this process, through a fresh Accelerator as ``train_embedder`` builds it."""
+    accelerator = build_accelerator(cfg)
+    module = EmbedForward(embedder)
+    optimizer = make_optimizer([p for p in module.parameters() if p.requires_grad])
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, cosine_schedule(optimizer, 0, 10))
+    try:
+        return train_step(accelerator, module, embedder, batch, optimizer, scheduler, cfg)
+    finally:
+        accelerator.end_training()
+
+
 def test_lora_trains_adapters_only(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
     cfg = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path, finetune="lora", lr=1e-2)
     embedder = _embedder(cfg.backbone)
@@ -104,9 +160,7 @@ def test_lora_trains_adapters_only(tiny_backbone_dir, world: Path, tmp_path: Pat
     trainable = {n for n, p in embedder.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     assert any(".visual." in n for n in trainable)  # lora.vision_tower defaults to on
-    params = [p for p in embedder.model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr)
-    train_step(embedder, _first_batch(world, cfg), opt, cosine_schedule(opt, 0, 10), cfg, world=1)
+    _one_step(embedder, cfg, _first_batch(world, cfg), lambda params: torch.optim.AdamW(params, lr=cfg.lr))
     after = dict(embedder.model.named_parameters())
     for name, old in before.items():
         changed = not torch.equal(old, after[name].detach())
@@ -114,6 +168,14 @@ def test_lora_trains_adapters_only(tiny_backbone_dir, world: Path, tmp_path: Pat
             assert changed, f"trainable {name} did not change"
         if name not in trainable:
             assert not changed, f"frozen {name} changed"
+
+
+def test_full_finetuning_freezes_the_untied_lm_head_only(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
+    cfg = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path)
+    model = prepare_model(_embedder(cfg.backbone).model, cfg)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert frozen == ([] if tied else ["lm_head.weight"])
 
 
 def test_lora_without_vision_tower(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
@@ -133,14 +195,25 @@ def test_grad_cache_step_equals_plain_step(tiny_backbone_dir, world: Path, tmp_p
         embedder = _embedder(cfg.backbone)
         embedder.model.train()
         params = list(embedder.model.parameters())
-        opt = torch.optim.SGD(params, lr=0.1)
-        metrics = train_step(embedder, _first_batch(world, cfg), opt, cosine_schedule(opt, 0, 10), cfg, world=1)
+        metrics = _one_step(embedder, cfg, _first_batch(world, cfg), lambda ps: torch.optim.SGD(ps, lr=0.1))
         results.append((metrics, [p.detach().clone() for p in params]))
     (plain, w_plain), (cached, w_cached) = results
     assert cached["loss"] == pytest.approx(plain["loss"], abs=1e-5)
     assert cached["grad_norm"] == pytest.approx(plain["grad_norm"], rel=1e-4)
     for a, b in zip(w_plain, w_cached, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_runs_the_forward_under_autocast(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
+    losses = {}
+    for bf16 in (False, True):
+        cfg = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path, bf16=bf16, sub_batch_size=8)
+        torch.manual_seed(0)
+        embedder = _embedder(cfg.backbone)
+        metrics = _one_step(embedder, cfg, _first_batch(world, cfg), lambda ps: torch.optim.SGD(ps, lr=0.1))
+        losses[bf16] = metrics["loss"]
+        assert next(embedder.model.parameters()).dtype == torch.float32  # the weights stay float32
+    assert losses[True] != losses[False] and losses[True] == pytest.approx(losses[False], abs=0.1)
 
 
 def test_loss_falls_and_accuracy_rises(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
@@ -157,7 +230,7 @@ def test_loss_falls_and_accuracy_rises(tiny_backbone_dir, world: Path, tmp_path:
         warmup_steps=3,
     )
     train_embedder(cfg)
-    rows = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
+    rows = _rows(tmp_path)
     first, last = rows[:6], rows[-6:]
 
     def mean(rs: list[dict], key: str) -> float:
@@ -167,6 +240,15 @@ def test_loss_falls_and_accuracy_rises(tiny_backbone_dir, world: Path, tmp_path:
     assert mean(last, "train/accuracy") > mean(first, "train/accuracy") + 0.25
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Several processes: 2 gloo processes, each with half of every sub-batch, train like one process with the whole batch
+# ----------------------------------------------------------------------------------------------------------------
+
+# Two sub-batches per step (gradient accumulation; the first one's gradients stay local), raw mode (text-only and
+# image sides, so DDP sees forwards that leave the vision tower unused).
+MULTI = dict(max_steps=2, save_every=2, sub_batch_size=4, num_sub_batches=2, mode="raw")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -174,24 +256,157 @@ def _free_port() -> int:
 
 
 def _rank_main(rank: int, world_size: int, port: int, cfg: EmbedderTrainConfig) -> None:
-    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    """One process of a 2-process launch, with the environment torchrun gives it."""
+    os.environ.update(WORLD_SIZE=str(world_size), RANK=str(rank), LOCAL_RANK=str(rank),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # fmt: skip
     torch.set_num_threads(1)
-    try:
-        train_embedder(cfg)
-    finally:
-        torch.distributed.destroy_process_group()
+    train_embedder(cfg)  # ends the process group when done
+
+
+def _assert_same_training(one: Path, two: Path) -> None:
+    """Per-step losses, accuracies and gradient norms, and the final weights, of two runs agree (float tolerance:
+    the processes embed smaller batches, so padding and summation order differ; the gradient norm catches a wrong
+    gradient scale, which AdamW's steps would hide)."""
+    rows_one, rows_two = _rows(one), _rows(two)
+    assert [r["step"] for r in rows_two] == [r["step"] for r in rows_one]
+    for r1, r2 in zip(rows_one, rows_two, strict=True):
+        assert r2["datasets"] == r1["datasets"]
+        for key in ("train/loss", "train/loss_q2t", "train/loss_t2q", "train/accuracy", "train/grad_norm"):
+            assert r2[key] == pytest.approx(r1[key], rel=1e-4), (key, r1["step"])
+    a, b = _final_weights(one), _final_weights(two)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=5e-5)
 
 
 def test_two_processes_train_like_one(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
-    """2 gloo processes, each with half of every sub-batch, reach the weights of one process with the whole batch."""
-    kw = dict(max_steps=2, save_every=2, sub_batch_size=4, mode="raw")
-    single = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path / "one", **kw)
-    train_embedder(single)
-    double = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path / "two", **kw)
+    """DDP through accelerate in 2 spawned gloo processes: the same losses and final weights as one process."""
+    single = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path / "one", **MULTI)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the 2 processes (and much faster than 2 threads on a busy machine)
+    try:
+        train_embedder(single)
+    finally:
+        torch.set_num_threads(threads)
+    double = _cfg(tiny_backbone_dir("qwen3-vl"), world, tmp_path / "two", **MULTI)
     mp.spawn(_rank_main, args=(2, _free_port(), double), nprocs=2, join=True)
-    a, b = _weights(latest_checkpoint(tmp_path / "one")), _weights(latest_checkpoint(tmp_path / "two"))
+    _assert_same_training(tmp_path / "one", tmp_path / "two")
+    assert not list((tmp_path / "two" / "checkpoints").glob("*.tmp"))
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints" / "step-0000002").glob("random_states_*")) == [
+        "random_states_0.pkl", "random_states_1.pkl"
+    ]  # fmt: skip
+
+
+def _launch_argv(backbone: Path, world: Path, out: Path, **kw) -> list[str]:
+    """``accelerate launch`` of the CLI with the shipped DDP config, 2 processes on the CPU."""
+    options = dict(backbone=backbone, data=world / "train.jsonl", out=out, device="cpu", seed=1, finetune="full",
+                   lr=1e-3, warmup_steps=1, temperature=0.05)  # fmt: skip
+    options.update(kw)
+    args = [f"--{key}={value}" for key, value in options.items()]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(REPO / "configs/accelerate/ddp.yaml"), "--num_processes", "2"]  # fmt: skip
+    return [*launcher, "-m", "embedrl.cli", "train-embedder", *args]
+
+
+def _launch_env() -> dict[str, str]:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_accelerate_launch_resumes_exactly_after_a_kill(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:
+    """The shipped DDP config through ``accelerate launch``: a run killed (SIGKILL, every process) after a
+    checkpoint and launched again ends with the weights and log of an uninterrupted run. LoRA dropout and GradCache
+    make every process's RNG state matter."""
+    kw = dict(max_steps=6, save_every=2, sub_batch_size=4, num_sub_batches=2, finetune="lora", grad_cache="true",
+              chunk_size=1, evidence_only_rate=0.5)  # fmt: skip
+    backbone = tiny_backbone_dir("qwen3-vl")
+    subprocess.run(_launch_argv(backbone, world, tmp_path / "a", **kw), env=_launch_env(), check=True, timeout=600)
+
+    out = tmp_path / "b"
+    argv = _launch_argv(backbone, world, out, **kw)
+    proc = subprocess.Popen(argv, env=_launch_env(), start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while latest_checkpoint(out) is None and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both processes
+    proc.wait()
+    killed_at = latest_checkpoint(out)
+    assert killed_at is not None and killed_at.name < "step-0000006" and not (out / "final").exists()
+    subprocess.run(argv, env=_launch_env(), check=True, timeout=600)
+
+    a, b = _final_weights(tmp_path / "a"), _final_weights(out)
+    assert a.keys() == b.keys()
     for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5)
+        assert torch.equal(a[name], b[name]), name
+    assert _rows(out) == [{**r, "train/pairs_per_s": _rows(out)[i]["train/pairs_per_s"]}
+                          for i, r in enumerate(_rows(tmp_path / "a"))]  # fmt: skip
+
+
+def test_accelerate_launch_config_is_refused_when_it_sets_gradient_accumulation(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "3")
+    cfg = _cfg(Path("unused"), world, tmp_path, num_sub_batches=2)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps=3, but the Embedder accumulates over the "
+                                          "num_sub_batches=2 sub-batches"):  # fmt: skip
+        build_accelerator(cfg)
+
+
+@pytest.mark.parametrize(
+    ("device", "world_size", "match"),
+    [
+        ("mps", "1", "use cpu, cuda .each process takes cuda:LOCAL_RANK. or cuda:N"),
+        ("cpu:1", "1", "use cpu, cuda"),
+        ("cuda:1", "2", "would put all 2 processes on one GPU: pass --device cuda"),
+    ],
+)
+def test_device_is_checked(
+    world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, device: str, world_size: str, match: str
+) -> None:
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    with pytest.raises(ConfigError, match=match):
+        build_accelerator(_cfg(Path("unused"), world, tmp_path, device=device))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_cuda_without_a_gpu_is_one_line(world: Path, tmp_path: Path, capsys) -> None:
+    line = _error_line(capsys, _train_argv(Path("bb"), world / "train.jsonl", tmp_path / "out", "--device", "cuda"))
+    assert line == "embedrl: error: device='cuda' but torch sees no GPU: pass --device cpu"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trackers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def test_stage_trackers_write_tensorboard_and_a_restart_drops_orphaned_steps(tmp_path: Path) -> None:
+    """The helper of the loops without an Accelerator (backbone pretrain): a run logs steps 1-3, is "killed", and
+    resumes at step 3; TensorBoard shows steps 1-4 once each, step 3 from the resumed run."""
+    cfg = BackbonePretrainConfig(backbone="bb", out=str(tmp_path), report_to=["tensorboard"])
+    with StageTrackers(cfg, tmp_path, "test") as trackers:
+        for step in (1, 2, 3):
+            trackers.log({"step": step, "train/loss": float(step), "datasets": ["a"], "skipped": True})
+    time.sleep(1.1)  # event files are read in name order, which starts with the second of their creation
+    with StageTrackers(cfg, tmp_path, "test", first_step=3) as trackers:
+        for step in (3, 4):
+            trackers.log({"step": step, "train/loss": 10.0 * step})
+    assert _tensorboard(tmp_path) == {"train/loss": [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]}
+    hparams = next((tmp_path / RUNS_DIR).glob("*/hparams.yml")).read_text()
+    assert "task_weights.crop: 1.0" in hparams and "report_to: '[\"tensorboard\"]'" in hparams
+
+
+@pytest.mark.skipif(find_spec("wandb") is not None, reason="checks the message where wandb is not installed")
+def test_a_tracker_that_is_not_installed_stops_the_run_at_once(world: Path, tmp_path: Path, capsys) -> None:
+    line = _error_line(
+        capsys, _train_argv(Path("bb"), world / "train.jsonl", tmp_path / "out", "--report_to", "wandb")
+    )
+    assert "report_to=['wandb'] needs the wandb package, which is not installed: pip install wandb" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_report_to_is_validated() -> None:
+    with pytest.raises(ConfigError, match="unknown tracker"):
+        EmbedderTrainConfig(backbone="x", data="d", out="o", report_to=["tensorbored"])
 
 
 def test_cli_trains_and_final_embedder_loads(tiny_backbone_dir, world: Path, tmp_path: Path) -> None:

@@ -79,6 +79,20 @@ def _counting(real, calls: list[list[str]], kill_at: int | None = None):
     return wrapper
 
 
+def _counting_batches(real, calls: list[list[str]], kill_at: int | None = None):
+    """``Reasoner.generate_batches`` that records the item ids of every batch it hands out and raises before batch
+    ``kill_at`` (which then never reaches the cache)."""
+
+    def wrapper(items, *args, **kwargs):
+        for batch, generations in real(items, *args, **kwargs):
+            if kill_at is not None and len(calls) + 1 == kill_at:
+                raise Killed
+            calls.append([items[k].id for k in batch])
+            yield batch, generations
+
+    return wrapper
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Wiring: ranking, qrels, aggregates (no model)
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,15 +299,15 @@ def test_reasoner_tcots_are_generated_once_and_cached_by_reasoner_id(
             world, [LOCAL], tcot_source="reasoner", decoding=decoding, cache_dir=tmp_path, reasoner_batch_size=8
         )
 
-    real = reasoner.generate
+    real = reasoner.generate_batches
     first: list[list[str]] = []
-    monkeypatch.setattr(reasoner, "generate", _counting(real, first, kill_at=3))
+    monkeypatch.setattr(reasoner, "generate_batches", _counting_batches(real, first, kill_at=3))
     with pytest.raises(Killed):
         evaluator().evaluate(embedder, reasoner)
     assert [len(b) for b in first] == [8, 2]  # the queries: 10 T-CoTs appended in two batches
 
     second: list[list[str]] = []
-    monkeypatch.setattr(reasoner, "generate", _counting(real, second))
+    monkeypatch.setattr(reasoner, "generate_batches", _counting_batches(real, second))
     report = evaluator().evaluate(embedder, reasoner)
     assert [len(b) for b in second] == [8, 8, 8]  # only the 24 unique candidates
     assert report.stats[LOCAL].tcots_cached == 10 and report.stats[LOCAL].tcots_generated == 24
@@ -308,7 +322,7 @@ def test_reasoner_tcots_are_generated_once_and_cached_by_reasoner_id(
     assert 0.0 <= report.metrics()[PRIMARY_METRIC] <= 1.0
 
     third: list[list[str]] = []
-    monkeypatch.setattr(reasoner, "generate", _counting(real, third))
+    monkeypatch.setattr(reasoner, "generate_batches", _counting_batches(real, third))
     again = evaluator().evaluate(embedder, reasoner)
     assert third == [] and again.results == report.results
 

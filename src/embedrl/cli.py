@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from embedrl import __version__
 from embedrl.config import (
     AnnotateConfig,
     BackbonePretrainConfig,
@@ -45,7 +46,8 @@ logger = logging.getLogger("embedrl")
 def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: Sequence[str] = ()) -> None:
     """Add ``--config FILE`` and one ``--key value`` option per config field (dotted for nested sections).
 
-    Values are read as YAML (``--seed 3``, ``--teacher.wrong_box 0.1``) and validated by the config class.
+    Values are read as YAML (``--seed 3``, ``--teacher.wrong_box 0.1``) and validated by the config class; a
+    list-valued key takes comma-separated values (``--tasks a,b``) or a YAML list (``--tasks '[a, b]'``).
     """
     parser.add_argument("--config", type=Path, default=None, help="YAML file with config keys (optional)")
     group = parser.add_argument_group(f"{cls.__name__} keys (override the YAML)")
@@ -56,11 +58,30 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls: type, skip: Seque
         group.add_argument(
             f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, metavar="V", help=help_text + suffix
         )
+    for name in getattr(cls, "REMOVED_KEYS", {}):  # accepted here, refused with their reason by the config class
+        group.add_argument(f"--{name}", dest=f"cfg:{name}", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def config_from_args(cls: type, args: argparse.Namespace) -> Any:
+    """The stage config ``cls`` from ``--config`` and the ``--key value`` overrides (see :func:`load_config`); a
+    stage that runs models gets its torch CPU thread count set here, once (:func:`configure_stage_threads`)."""
     overrides = {k.removeprefix("cfg:"): v for k, v in vars(args).items() if k.startswith("cfg:")}
-    return load_config(cls, args.config, overrides)
+    cfg = load_config(cls, args.config, overrides)
+    configure_stage_threads(cfg)
+    return cfg
+
+
+def configure_stage_threads(cfg: Any) -> None:
+    """Apply a stage config's ``threads`` on its ``device`` (``annotator``/``judge`` sections for annotate and filter)
+    with :func:`embedrl.models.loading.configure_threads`; a stage without models (no ``threads`` key) is left
+    alone."""
+    section = next((c for c in (cfg, getattr(cfg, "annotator", None), getattr(cfg, "judge", None))
+                    if hasattr(c, "threads")), None)  # fmt: skip
+    if section is None:
+        return
+    from embedrl.models.loading import configure_threads
+
+    configure_threads(section.threads, getattr(section, "device", "cpu"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,7 +141,8 @@ def cmd_train_embedder(args: argparse.Namespace) -> int:
 
 
 def cmd_eval_summarize(args: argparse.Namespace) -> int:
-    """Aggregate an MMEB-V2 leaderboard score file: 78 datasets -> 13 sub-groups, 3 modalities and All."""
+    """Aggregate a leaderboard file: MMEB-V2's (78 datasets -> 13 sub-groups, 3 modalities and All), or the
+    ``leaderboard.json`` of ``embedrl eval world`` (tasks -> modalities and All)."""
     from embedrl.eval.scores import format_summary, summarize
 
     summary = summarize(args.scorefile)
@@ -150,16 +172,15 @@ def cmd_train_reasoner(args: argparse.Namespace) -> int:
 
 
 def cmd_rl(args: argparse.Namespace) -> int:
+    """EG-RL on TRL's GRPOTrainer (one process, or each process of ``accelerate launch``/``torchrun``)."""
+    from accelerate import PartialState
+
+    from embedrl.train.grpo_trl import train_rl_trl
+
     cfg = config_from_args(GRPOTrainConfig, args)
-    if cfg.engine == "trl":
-        from embedrl.train.grpo_trl import train_rl_trl
-
-        final = train_rl_trl(cfg)
-    else:
-        from embedrl.train.grpo import train_rl
-
-        final = train_rl(cfg)
-    print(f"EG-RL Reasoner written to {final}")
+    final = train_rl_trl(cfg)
+    if PartialState().is_main_process:
+        print(f"EG-RL Reasoner written to {final}")
     return 0
 
 
@@ -203,8 +224,20 @@ def cmd_search(args: argparse.Namespace) -> int:
     print(f"{'rank':>4}  {'score':>8}  id")
     for hit in result.hits:
         label = (hit.item.text or hit.item.instruction).replace("\n", " ")[:60]
-        print(f"{hit.rank:>4}  {hit.score:>8.4f}  {hit.id}  {label}")
+        print(f"{hit.rank:>4}  {hit.score:>8.4f}  {hit.id}  {_media_paths(hit.item.to_record())}{label}")
     return 0
+
+
+def _media_paths(record: dict[str, Any]) -> str:
+    """An item's media as printed by ``search`` (the paths of ``--json``): ``image PATH``, ``images P1, P2`` or
+    ``frames FIRST … LAST (N)``, followed by two spaces; empty for a text-only item."""
+    images, frames = record["images"], record["frames"]
+    parts = []
+    if images:
+        parts.append(("image " if len(images) == 1 else "images ") + ", ".join(images))
+    if frames:
+        parts.append(f"frames {frames[0]} … {frames[-1]} ({len(frames)})" if len(frames) > 1 else f"frame {frames[0]}")
+    return "".join(part + "  " for part in parts)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -216,16 +249,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _list_override(args: argparse.Namespace, key: str) -> None:
-    """Let ``--tasks a,b`` mean the list ``[a, b]`` (a YAML list such as ``--tasks '[a, b]'`` also works)."""
-    value = getattr(args, f"cfg:{key}", None)
-    if isinstance(value, str) and not value.lstrip().startswith("["):
-        setattr(args, f"cfg:{key}", [v.strip() for v in value.split(",") if v.strip()])
-
-
 def _eval_benchmark(args: argparse.Namespace, cls: type, evaluate: Any) -> int:
     """The body of ``eval mmeb`` and ``eval uvrb``: config, evaluate, print the summary and the files written."""
-    _list_override(args, "tasks")
     report = evaluate(config_from_args(cls, args))
     print(report["markdown"].rstrip("\n"))
     files = report["files"]
@@ -266,7 +291,6 @@ def cmd_convert(args: argparse.Namespace) -> int:
     """Convert MMEB-train, LLaVA-Hound, ViDoRe and VisRAG rows into pairs JSONL (one file per dataset)."""
     from embedrl.prep.convert import convert
 
-    _list_override(args, "only")
     cfg = config_from_args(ConvertConfig, args)
     manifest = convert(cfg)
     for name, entry in manifest["datasets"].items():
@@ -299,8 +323,20 @@ def cmd_filter(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     """Run every available stage of the method on the synthetic world (see :mod:`embedrl.demo`)."""
     from embedrl.demo import run_demo
+    from embedrl.models.loading import configure_threads
 
+    configure_threads()  # the demo runs every stage on CPU in this process: $OMP_NUM_THREADS, else 1
     run_demo(args.out, seed=args.seed, quick=args.quick, backbone=args.backbone)
+    return 0
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    """Draw a run's metrics.jsonl to PNG: one figure per metric group (see :mod:`embedrl.plots`)."""
+    from embedrl.plots import plot_run
+
+    written = plot_run(args.run, args.out, smooth=args.smooth)
+    folder = next(iter(written.values())).parent
+    print(f"wrote {len(written)} figures to {folder}: " + ", ".join(p.name for p in written.values()))
     return 0
 
 
@@ -309,11 +345,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser that takes options only as spelled in full (``--max_step`` is an error, not
+    ``--max_steps``). Subparsers inherit the class (``add_subparsers`` defaults ``parser_class`` to it), so every
+    subcommand parses the same way."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs["allow_abbrev"] = False
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="embedrl",
         description="Reasoning-driven multimodal embeddings (Embed-RL): build, train, evaluate and serve.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -351,9 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluation: score files and summaries")
     eval_sub = evaluate.add_subparsers(dest="eval_command", required=True, metavar="SUBCOMMAND")
     summarize = eval_sub.add_parser(
-        "summarize", help="sub-group, modality and overall means of an MMEB-V2 leaderboard score file"
+        "summarize", help="sub-group, modality and overall means of a leaderboard file (MMEB-V2 or eval world)"
     )
-    summarize.add_argument("scorefile", type=Path, help="a leaderboard JSON (the format of the published score files)")
+    summarize.add_argument(
+        "scorefile", type=Path, help="a leaderboard JSON: a published MMEB-V2 score file or an `embedrl eval` output"
+    )
     summarize.add_argument("--json", action="store_true", help="print the summary as JSON instead of Markdown")
     summarize.set_defaults(func=cmd_eval_summarize)
     world_eval = eval_sub.add_parser(
@@ -452,6 +501,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(e.g. the output of `embedrl backbone pretrain`, OUT/final)",
     )
     demo.set_defaults(func=cmd_demo)
+
+    plot = sub.add_parser("plot", help="loss, reward and accuracy curves of a run's metrics.jsonl, as PNG files")
+    plot.add_argument("run", type=Path, help="a training stage's output folder (holding metrics.jsonl), or the file")
+    plot.add_argument("--out", type=Path, default=None, help="folder for the PNG files (default: RUN/plots)")
+    plot.add_argument(
+        "--smooth", type=int, default=None, help="moving-average window (default: a tenth of the steps; 0 = off)"
+    )
+    plot.set_defaults(func=cmd_plot)
     return parser
 
 

@@ -39,15 +39,18 @@ __all__ = [
     "ConfigError",
     "ConvertConfig",
     "EmbedderTrainConfig",
+    "EngineFields",
     "EvalConfig",
     "FilterConfig",
     "GRPOTrainConfig",
     "IndexConfig",
     "LoraSettings",
     "MMEBEvalConfig",
+    "ModelLoadFields",
     "ReasonerTrainConfig",
     "ServeConfig",
     "TeacherNoiseConfig",
+    "ThreadsFields",
     "TinyBackboneConfig",
     "TrackingFields",
     "UVRBEvalConfig",
@@ -152,6 +155,83 @@ class DecodingFields(SamplingFields, PromptStyleFields):
         self._check_sampling(self.greedy)
 
 
+@dataclass
+class EngineFields:
+    """The generation engine of a stage that generates (:class:`embedrl.models.generation.EngineSettings`)."""
+
+    _config_mixin: ClassVar[bool] = True
+
+    backend: Literal["hf", "vllm"] = field(
+        default="hf",
+        metadata=_help(
+            "generation engine: hf (transformers; batches sorted by modality and prompt length, finished rows "
+            "dropped) or vllm (GPU, needs the gpu extra; no HF copy of the generating model is loaded)"
+        ),
+    )
+    drop_finished: bool = field(
+        default=True, metadata=_help("hf: drop rows that ended (EOS) from the batch; same tokens, less compute")
+    )
+    compile: bool = field(
+        default=False,
+        metadata=_help("hf on CUDA: static KV cache + torch.compile of the decoding step (refused on CPU)"),
+    )
+    gpu_memory_utilization: float = field(
+        default=0.6,
+        metadata=_help(
+            "vllm: share of the GPU's memory vLLM may take (weights, activations, KV cache); the rest is the "
+            "Embedder's, which shares the GPU (vLLM's own default, 0.9, leaves it too little)"
+        ),
+    )
+
+    def _check_engine(self, device: str) -> None:
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization} must be in (0, 1]")
+        if self.compile and not device.startswith("cuda"):
+            raise ConfigError(
+                f"compile=true (static KV cache + torch.compile) needs a CUDA device, not device={device}; set "
+                "compile false"
+            )
+        if self.compile and self.backend == "vllm":
+            raise ConfigError("compile applies to backend hf (vLLM compiles its own graphs); set compile false")
+
+
+@dataclass
+class ModelLoadFields:
+    """How a stage loads its models: weight dtype and attention kernel."""
+
+    _config_mixin: ClassVar[bool] = True
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto", metadata=_help("weight dtype of the stage's models; auto = the checkpoint's")
+    )
+    attn_implementation: Literal["sdpa", "flash_attention_2", "eager"] | None = field(
+        default=None,
+        metadata=_help(
+            "attention kernel of the stage's models: sdpa, flash_attention_2 (CUDA, 16-bit weights, needs the "
+            "flash-attn package) or eager; null = transformers' choice (sdpa)"
+        ),
+    )
+
+
+@dataclass
+class ThreadsFields:
+    """torch's CPU thread count for a stage that runs models (set once at its start when it runs on CPU)."""
+
+    _config_mixin: ClassVar[bool] = True
+
+    threads: int = field(
+        default=0,
+        metadata=_help(
+            "torch CPU threads of a CPU run; 0 = $OMP_NUM_THREADS, else 1 (on the shared 2-core host 1 thread "
+            "decoded 4-25x faster than 2 under load: docs/experiments.md)"
+        ),
+    )
+
+    def _check_threads(self) -> None:
+        if self.threads < 0:
+            raise ConfigError(f"threads={self.threads} must be >= 0 (0 = $OMP_NUM_THREADS, else 1)")
+
+
 REPORT_TO = ("tensorboard", "wandb", "trackio", "none")
 
 
@@ -199,17 +279,18 @@ class EmbedderLayoutFields:
 
 
 @dataclass
-class EmbedRunFields(DecodingFields, EmbedderLayoutFields):
+class EmbedRunFields(DecodingFields, EngineFields, ModelLoadFields, ThreadsFields, EmbedderLayoutFields):
     """How a stage that embeds items with Reasoner T-CoTs (evaluation, index) runs its two models."""
 
     _config_mixin: ClassVar[bool] = True
 
     batch_size: int = field(default=16, metadata=_help("items per Embedder batch (one embedding-cache shard each)"))
     reasoner_batch_size: int = field(
-        default=8, metadata=_help("items per Reasoner generate call (one T-CoT-cache append each)")
-    )
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata=_help("weight dtype of the Embedder and the Reasoner")
+        default=32,
+        metadata=_help(
+            "items per Reasoner batch (one T-CoT-cache append each), after a task's items are sorted by modality "
+            "and prompt length; vllm: items per LLM.generate call"
+        ),
     )
     device: str = field(default="cpu", metadata=_help("torch device of the Embedder and the Reasoner"))
     show_progress_bar: bool = field(default=True, metadata=_help("tqdm bars over generation and embedding"))
@@ -228,6 +309,8 @@ class EmbedRunFields(DecodingFields, EmbedderLayoutFields):
 
     def _check_run(self) -> None:
         self._check_decoding()
+        self._check_engine(self.device)
+        self._check_threads()
         for name in ("batch_size", "reasoner_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
@@ -295,7 +378,7 @@ def _default_pretrain_weights() -> dict[str, float]:
 
 
 @dataclass
-class BackbonePretrainConfig:
+class BackbonePretrainConfig(TrackingFields, ThreadsFields):
     """`embedrl backbone pretrain`: perception pre-training of a tiny backbone on questions about world media."""
 
     backbone: str = field(
@@ -338,6 +421,7 @@ class BackbonePretrainConfig:
             raise ConfigError("eval_every and save_every must be >= 0 and eval_examples >= 2")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0")
+        self._check_tracking()
 
 
 @dataclass
@@ -429,7 +513,7 @@ class LoraSettings:
 
 
 @dataclass
-class EmbedderTrainConfig:
+class EmbedderTrainConfig(TrackingFields, ThreadsFields):
     """`embedrl train-embedder`: contrastive training of the Embedder (symmetric InfoNCE, same-dataset sub-batches)."""
 
     backbone: str = field(
@@ -458,7 +542,10 @@ class EmbedderTrainConfig:
     finetune: Literal["lora", "full"] = field(default="lora", metadata=_help("LoRA adapters or full fine-tuning"))
     lora: LoraSettings = field(default_factory=LoraSettings, metadata=_help("LoRA settings (finetune=lora)"))
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward"))
-    bf16: bool = field(default=False, metadata=_help("train in bfloat16 autocast"))
+    bf16: bool = field(
+        default=False,
+        metadata=_help("bfloat16 mixed precision via accelerate (autocast under DDP; FSDP's and DeepSpeed's bf16)"),
+    )
     dataset_weights: dict[str, float] = field(
         default_factory=dict, metadata=_help("sampling weight per dataset name (default 1.0); p ∝ weight × size")
     )
@@ -476,7 +563,10 @@ class EmbedderTrainConfig:
     overwrite: bool = field(
         default=False, metadata=_help("discard a previous run in out/ (checkpoints, metrics, final/) and start over")
     )
-    device: str = field(default="cpu", metadata=_help("torch device (cuda:N for the local rank on GPU machines)"))
+    device: str = field(
+        default="cpu",
+        metadata=_help("cpu, cuda (each process of a launch takes cuda:LOCAL_RANK) or cuda:N (a single process)"),
+    )
 
     def __post_init__(self) -> None:
         _require(self, ("backbone", "data", "out"), "embedrl train-embedder")
@@ -495,33 +585,73 @@ class EmbedderTrainConfig:
             raise ConfigError(f"evidence_only_rate={self.evidence_only_rate} is not a probability; use one in [0, 1]")
         if self.evidence_only_rate and self.mode != "full":
             raise ConfigError(f"evidence_only_rate needs mode 'full' (got {self.mode!r}): others show no evidence")
+        self._check_tracking()
 
 
 @dataclass
-class ReasonerTrainConfig(PromptStyleFields):
-    """`embedrl train-reasoner`: cold-start SFT of a from-scratch Reasoner on teacher T-CoTs (docs/method.md §1.2)."""
+class ReasonerTrainConfig(PromptStyleFields, TrackingFields, ThreadsFields):
+    """`embedrl train-reasoner`: cold-start SFT of a from-scratch Reasoner on teacher T-CoTs (docs/method.md §1.2), run
+    by TRL's ``SFTTrainer`` (docs/rl.md, "Cold start")."""
 
     backbone: str = field(default="", metadata=_help("checkpoint directory of the from-scratch backbone (required)"))
     data: str = field(default="", metadata=_help("pairs JSONL whose items carry teacher T-CoTs (required)"))
     discrimination_data: str = field(
         default="", metadata=_help("listwise-discrimination JSONL (the world's discrimination.jsonl); '' = none")
     )
-    out: str = field(default="", metadata=_help("output directory (required)"))
-    seed: int = field(default=0, metadata=_help("seed of initialisation order and sampling"))
-    batch_size: int = field(default=16, metadata=_help("examples per step"))
+    out: str = field(default="", metadata=_help("output directory: checkpoints/, metrics.jsonl, final/ (required)"))
+    seed: int = field(default=0, metadata=_help("seed of initialisation (LoRA adapters), data order and dropout"))
+    batch_size: int = field(default=16, metadata=_help("examples per optimiser step (global: all processes)"))
+    micro_batch_size: int = field(
+        default=0,
+        metadata=_help(
+            "examples per forward/backward and process; gradients accumulate over batch_size / (micro_batch_size x "
+            "processes) micro-batches (memory only); 0 = batch_size / processes (no accumulation)"
+        ),
+    )
     max_steps: int = field(default=300, metadata=_help("optimiser steps"))
     lr: float = field(default=1e-3, metadata=_help("peak learning rate (AdamW, linear warm-up then linear decay)"))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
     warmup_steps: int = field(default=10, metadata=_help("warm-up steps"))
-    max_length: int = field(default=2048, metadata=_help("longest allowed tokenised example"))
-    device: str = field(default="cpu", metadata=_help("torch device"))
+    max_length: int = field(
+        default=2048, metadata=_help("longest allowed tokenised example; a longer one stops the run (never truncated)")
+    )
+    finetune: Literal["full", "lora"] = field(
+        default="full", metadata=_help("full fine-tuning or LoRA adapters (merged into the saved Reasoner)")
+    )
+    lora: LoraSettings = field(default_factory=LoraSettings, metadata=_help("LoRA settings (finetune=lora)"))
+    bf16: bool = field(
+        default=False, metadata=_help("bfloat16 mixed precision (autocast; weights and optimiser stay float32)")
+    )
+    gradient_checkpointing: bool = field(default=False, metadata=_help("recompute activations in backward"))
+    save_every: int = field(
+        default=100, metadata=_help("write a resumable checkpoint every N steps and at the end (0 = never)")
+    )
+    resume: bool = field(default=True, metadata=_help("resume from the latest checkpoint in out/ when present"))
+    overwrite: bool = field(
+        default=False,
+        metadata=_help("discard a previous run in out/ (checkpoints, metrics, tracker logs, final/) and start over"),
+    )
+    device: str = field(
+        default="cpu", metadata=_help("cpu, or cuda (each process of a multi-process launch takes its own GPU)")
+    )
 
     def __post_init__(self) -> None:
         _require(self, ("backbone", "data", "out"), "embedrl train-reasoner")
         if self.batch_size < 1 or self.max_steps < 1 or self.max_length < 16 or self.warmup_steps < 0:
             raise ConfigError("batch_size and max_steps must be >= 1, max_length >= 16, warmup_steps >= 0")
+        if self.micro_batch_size < 0 or self.save_every < 0:
+            raise ConfigError(
+                f"micro_batch_size={self.micro_batch_size} and save_every={self.save_every} must be >= 0 (0 = the "
+                "default behaviour)"
+            )
+        if self.micro_batch_size and self.batch_size % self.micro_batch_size:
+            raise ConfigError(
+                f"batch_size={self.batch_size} is not a multiple of micro_batch_size={self.micro_batch_size}"
+            )
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0")
+        self._check_tracking()
+        self._check_threads()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -664,13 +794,21 @@ class RewardConfig:
 
 
 @dataclass
-class GRPOTrainConfig(SamplingFields, PromptStyleFields, EmbedderLayoutFields):
+class GRPOTrainConfig(SamplingFields, PromptStyleFields, EmbedderLayoutFields, TrackingFields, ThreadsFields):
     """`embedrl rl`: EG-RL, GRPO on the Reasoner with the frozen Embedder and Discriminator as rewards (docs/method.md
-    §4).
+    §4), run by TRL's ``GRPOTrainer`` (docs/rl.md; where each key goes: ``embedrl.train.grpo_trl.CONFIG_ROUTES``).
 
     Defaults are the project defaults of docs/method.md §4.3 (preset ``paper``) except ``beta`` (0.0 here, so tiny CPU
     runs need no reference model; ``configs/rl.yaml`` sets the paper's 0.01).
     """
+
+    # Keys of older versions that are refused with a message (config_from_dict): they can no longer be honoured.
+    REMOVED_KEYS: ClassVar[dict[str, str]] = {
+        "engine": "EG-RL has one engine, TRL's GRPOTrainer; embedrl's own GRPO loop ('native') was removed "
+        "(docs/rl.md): delete the key",
+        "generation_batch_size": "TRL generates each process's whole step block in one call, so prompts per "
+        "generate call cannot be set; delete the key (micro_batch_size still bounds the update's memory)",
+    }
 
     reasoner: str = field(
         default="", metadata=_help("policy initialisation: a Reasoner checkpoint dir, e.g. a cold start (required)")
@@ -734,7 +872,11 @@ class GRPOTrainConfig(SamplingFields, PromptStyleFields, EmbedderLayoutFields):
         default=0, metadata=_help("trajectories per optimiser step; 0 = all 2*B*G of the step in one update")
     )
     micro_batch_size: int = field(
-        default=8, metadata=_help("trajectories per forward/backward (gradients accumulate; memory only)")
+        default=8,
+        metadata=_help(
+            "trajectories per forward/backward and process (gradients accumulate; memory only); must divide "
+            "mini_batch_size"
+        ),
     )
     scale_advantages: bool = field(
         default=True,
@@ -759,9 +901,6 @@ class GRPOTrainConfig(SamplingFields, PromptStyleFields, EmbedderLayoutFields):
             "pair whose prompt overflows on either side is dropped (both), counted per dataset at start-up"
         ),
     )
-    generation_batch_size: int = field(
-        default=0, metadata=_help("prompts per generate call (each gives G rollouts); 0 = all 2*B prompts at once")
-    )
     embed_batch_size: int = field(default=32, metadata=_help("items per Embedder forward when scoring rollouts"))
     discriminator_batch_size: int = field(
         default=32, metadata=_help("prompts per Discriminator generate call, or concurrent requests to the endpoint")
@@ -770,26 +909,39 @@ class GRPOTrainConfig(SamplingFields, PromptStyleFields, EmbedderLayoutFields):
         default=0, metadata=_help("0 = full fine-tuning; r > 0 = LoRA rank r (alpha 2r) on the language model")
     )
     gradient_checkpointing: bool = field(default=False, metadata=_help("recompute policy activations in backward"))
-    engine: Literal["trl", "native"] = field(
-        default="trl",
-        metadata=_help(
-            "GRPO engine: 'trl' (TRL's GRPOTrainer through its public arguments; LoRA, vLLM, accelerate) or "
-            "'native' (embedrl's own loop: exact docs/method.md §4.2 objective and bit-exact resume; single process)"
-        ),
-    )
     use_vllm: bool = field(
-        default=False, metadata=_help("vLLM rollouts (engine 'trl' on a GPU with the 'gpu' extra installed)")
+        default=False, metadata=_help("vLLM rollouts (TRL's use_vllm; a GPU with the 'gpu' extra installed)")
     )
     vllm_mode: Literal["colocate", "server"] = field(
-        default="colocate", metadata=_help("vLLM in the training process ('colocate') or a `trl vllm-serve` server")
+        default="colocate", metadata=_help("vLLM in the training processes ('colocate') or a `trl vllm-serve` server")
     )
     vllm_server_base_url: str = field(
-        default="", metadata=_help("base URL of the `trl vllm-serve` server (vllm_mode 'server'); '' = localhost")
+        default="",
+        metadata=_help("base URL of the `trl vllm-serve` server (vllm_mode 'server'); '' = TRL's localhost:8000"),
+    )
+    vllm_gpu_memory_utilization: float = field(
+        default=0.3,
+        metadata=_help("share of each GPU's memory vLLM may take (vllm_mode 'colocate': the policy shares the GPU)"),
+    )
+    vllm_tensor_parallel_size: int = field(
+        default=1, metadata=_help("GPUs one colocated vLLM engine spans (vllm_mode 'colocate')")
+    )
+    trl_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata=_help(
+            "any other GRPOConfig argument of TRL, passed through, e.g. {vllm_enable_sleep_mode: true}; unknown "
+            "names and the arguments embedrl derives from its own keys are refused (docs/rl.md)"
+        ),
     )
     dtype: Literal["float32", "bfloat16"] = field(
         default="float32", metadata=_help("weight dtype of the policy, reference, Embedder and Discriminator")
     )
-    device: str = field(default="cpu", metadata=_help("torch device of all models"))
+    device: Literal["cpu", "cuda"] = field(
+        default="cpu",
+        metadata=_help(
+            "cpu, or cuda: each process's own GPU (accelerate's) for the policy and in-process reward models"
+        ),
+    )
     save_every: int = field(default=50, metadata=_help("write a resumable checkpoint every N steps"))
     log_every: int = field(default=1, metadata=_help("write metrics every N steps"))
     sample_table_every: int = field(
@@ -821,7 +973,7 @@ class GRPOTrainConfig(SamplingFields, PromptStyleFields, EmbedderLayoutFields):
                      "log_every"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in ("max_steps", "mini_batch_size", "generation_batch_size", "lora", "sample_table_every"):
+        for name in ("max_steps", "mini_batch_size", "lora", "sample_table_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 0 (0 = {name}'s default behaviour)")
         if not 0 < self.clip_eps < 1:
@@ -830,9 +982,22 @@ class GRPOTrainConfig(SamplingFields, PromptStyleFields, EmbedderLayoutFields):
             raise ConfigError(f"beta={self.beta} must be >= 0 (0 = no KL term and no reference model)")
         if self.lr <= 0 or self.weight_decay < 0 or self.max_grad_norm < 0:
             raise ConfigError("lr must be > 0, weight_decay and max_grad_norm >= 0")
+        self._check_tracking()
         self._check_sampling()
-        if self.use_vllm and self.engine != "trl":
-            raise ConfigError("use_vllm=true needs engine 'trl' (the native loop generates with HF generate only)")
+        if self.embedder_url and self.layout is not None:
+            raise ConfigError(
+                f"layout={self.layout} applies to an in-process Embedder; the Embedder behind embedder_url uses its "
+                "own: drop layout (null) or embedder_url"
+            )
+        if not 0 < self.vllm_gpu_memory_utilization <= 1 or self.vllm_tensor_parallel_size < 1:
+            raise ConfigError(
+                f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must be in (0, 1] and "
+                f"vllm_tensor_parallel_size={self.vllm_tensor_parallel_size} >= 1"
+            )
+        if self.vllm_server_base_url and not self.vllm_server_base_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"vllm_server_base_url={self.vllm_server_base_url!r} must start with http:// or https://"
+            )
         self.reward_config()  # validates the reward knobs now, with RewardConfig's messages
 
     def reward_config(self) -> Any:
@@ -942,7 +1107,7 @@ class IndexConfig(EmbedRunFields):
 
 
 @dataclass
-class ServeConfig(PromptStyleFields, EmbedderLayoutFields):
+class ServeConfig(PromptStyleFields, EngineFields, ModelLoadFields, ThreadsFields, EmbedderLayoutFields):
     """`embedrl serve`: the OpenAI-compatible HTTP server (embeddings, chat completions, index search).
 
     Serves an Embedder (``/v1/embeddings``), chat models (``/v1/chat/completions``: the Reasoner and/or
@@ -1000,9 +1165,6 @@ class ServeConfig(PromptStyleFields, EmbedderLayoutFields):
     max_batch_frames: int = field(default=1024, metadata=_help("video frames of one model batch at most"))
     decode_threads: int = field(default=4, metadata=_help("threads that read and decode media off the event loop"))
     batch_size: int = field(default=16, metadata=_help("items per Embedder forward inside one micro-batch"))
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata=_help("weight dtype of every loaded model")
-    )
     device: str = field(default="cpu", metadata=_help("torch device of every loaded model"))
 
     def __post_init__(self) -> None:
@@ -1029,6 +1191,8 @@ class ServeConfig(PromptStyleFields, EmbedderLayoutFields):
             request, batch = getattr(self, f"max_request_{what}"), getattr(self, f"max_batch_{what}")
             if request > batch:
                 raise ConfigError(f"max_request_{what}={request} exceeds max_batch_{what}={batch}: no batch fits it")
+        self._check_engine(self.device)
+        self._check_threads()
 
     def bearer_token(self) -> str:
         """The configured bearer token: ``api_key``, or the value of ``api_key_env`` ('' = no auth)."""
@@ -1209,13 +1373,17 @@ class ConvertConfig:
 
 
 @dataclass
-class AnnotatorSettings(SamplingFields, PromptStyleFields):
+class AnnotatorSettings(SamplingFields, PromptStyleFields, EngineFields, ModelLoadFields, ThreadsFields):
     """The annotator: the chat model that writes the T-CoTs of ``embedrl annotate`` and judges them in ``embedrl
-    filter`` (the paper's teacher, docs/method.md §5.2), a local transformers checkpoint or any OpenAI-compatible
-    endpoint."""
+    filter`` (the paper's teacher, docs/method.md §5.2), a local checkpoint (transformers or vLLM) or any
+    OpenAI-compatible endpoint."""
 
-    backend: Literal["local", "openai"] = field(
-        default="local", metadata=_help("local (transformers checkpoint) or openai (an OpenAI-compatible server)")
+    backend: Literal["local", "vllm", "openai"] = field(  # type: ignore[assignment]  # EngineFields' hf = local
+        default="local",
+        metadata=_help(
+            "local (a checkpoint on transformers: the hf engine), vllm (a checkpoint on an in-process vLLM, GPU) or "
+            "openai (an OpenAI-compatible server)"
+        ),
     )
     model: str = field(default="", metadata=_help("local: checkpoint directory; openai: the served model name"))
     base_url: str = field(default="", metadata=_help("openai: endpoint base URL ending in /v1 (e.g. a vLLM server)"))
@@ -1230,9 +1398,11 @@ class AnnotatorSettings(SamplingFields, PromptStyleFields):
     backoff_s: float = field(default=1.0, metadata=_help("openai: first retry delay; doubles per retry"))
     max_backoff_s: float = field(default=60.0, metadata=_help("openai: longest retry delay"))
     timeout_s: float = field(default=600.0, metadata=_help("openai: seconds to wait for one reply"))
-    batch_size: int = field(default=4, metadata=_help("local: prompts per generate call"))
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
-        default="auto", metadata=_help("local: weight dtype")
+    batch_size: int = field(
+        default=4, metadata=_help("local/vllm: prompts per generate call (local: sorted by prompt length first)")
+    )
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata=_help("vllm: share of the GPU's memory vLLM may take (the annotator is alone on it)")
     )
     device: str = field(default="cpu", metadata=_help("local: torch device"))
 
@@ -1247,6 +1417,8 @@ class AnnotatorSettings(SamplingFields, PromptStyleFields):
                 raise ConfigError(f"{name}={getattr(self, name)} must be >= 1")
         if self.max_retries < 0 or self.backoff_s < 0 or self.max_backoff_s < self.backoff_s or self.timeout_s <= 0:
             raise ConfigError("need max_retries >= 0, 0 <= backoff_s <= max_backoff_s and timeout_s > 0")
+        self._check_engine(self.device)
+        self._check_threads()
 
 
 @dataclass
@@ -1424,6 +1596,12 @@ def config_from_dict(cls: type[C], data: dict[str, Any], prefix: str = "") -> C:
         raise ConfigError(f"{prefix or cls.__name__} must be a mapping; got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    removed = getattr(cls, "REMOVED_KEYS", {})
+    gone = sorted(set(data) & set(removed))
+    if gone:
+        raise ConfigError(
+            "; ".join(f"{prefix}{key} is no longer a key of {cls.__name__}: {removed[key]}" for key in gone)
+        )
     unknown = sorted(set(data) - set(fields))
     if unknown:
         names = ", ".join(prefix + k for k in unknown)
@@ -1453,8 +1631,38 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def parse_override(text: str) -> Any:
-    """A command-line value, read as YAML: ``3`` -> 3, ``0.5`` -> 0.5, ``true`` -> True, ``[1,2]`` -> [1, 2]."""
+def _field_type(cls: type, dotted: str) -> Any:
+    """The annotation of the field ``dotted`` (``lora.targets``: through nested sections) of ``cls``; None if
+    ``cls`` has no such field (the validation names the unknown key)."""
+    tp: Any = cls
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(tp):
+            return None
+        tp = typing.get_type_hints(tp).get(part)
+    return tp
+
+
+def _list_item_type(tp: Any) -> Any:
+    """The item annotation when ``tp`` is a list or tuple annotation (``list[str] | None`` too); else None."""
+    if get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [arg for arg in get_args(tp) if arg is not type(None)]
+        return _list_item_type(inner[0]) if len(inner) == 1 else None
+    if get_origin(tp) in (list, tuple):
+        return (get_args(tp) or (Any,))[0]
+    return None
+
+
+def parse_override(text: str, tp: Any = None) -> Any:
+    """A command-line value, read as YAML: ``3`` -> 3, ``0.5`` -> 0.5, ``true`` -> True, ``[1,2]`` -> [1, 2].
+
+    For a list-valued field (``tp``, the field's annotation, is a list or tuple) a value that is not a YAML list is
+    comma-separated: ``a,b`` -> ``["a", "b"]``, ``a`` -> ``["a"]``, an empty string -> ``[]``. The items of a
+    ``list[str]`` stay strings (``2017`` too); other items are read as YAML.
+    """
+    item_tp = _list_item_type(tp)
+    if item_tp is not None and not text.lstrip().startswith("["):
+        items = [part.strip() for part in text.split(",") if part.strip()]
+        return items if item_tp is str else [parse_override(part) for part in items]
     try:
         return yaml.safe_load(text) if text != "" else ""
     except yaml.YAMLError:
@@ -1462,7 +1670,8 @@ def parse_override(text: str) -> Any:
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> C:
-    """Read ``path`` (YAML, optional), apply ``overrides`` (dotted keys; strings are read as YAML), validate."""
+    """Read ``path`` (YAML, optional), apply ``overrides`` (dotted keys; strings are read by
+    :func:`parse_override`: as YAML, comma-separated for a list-valued key), validate."""
     data: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -1479,7 +1688,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: dict[st
             raise ConfigError(f"{path} must hold a YAML mapping of {cls.__name__} keys")
         data = loaded
     for key, value in (overrides or {}).items():
-        _set_dotted(data, key, parse_override(value) if isinstance(value, str) else value)
+        _set_dotted(data, key, parse_override(value, _field_type(cls, key)) if isinstance(value, str) else value)
     return config_from_dict(cls, data)
 
 
@@ -1502,7 +1711,7 @@ def read_saved_config(cls: type[C], out_dir: str | Path, filename: str = CONFIG_
 
 
 # Keys that may change between a run and its resume: they do not change what the run computes.
-RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "device", "log_every", "save_every", "eval_every"})
+RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "device", "log_every", "save_every", "eval_every", "report_to"})
 
 
 def check_run_dir(

@@ -28,8 +28,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from matplotlib.figure import Figure
-
 from embedrl.backbones import instruct_backbone
 from embedrl.config import (
     EmbedderTrainConfig,
@@ -40,11 +38,13 @@ from embedrl.config import (
 )
 from embedrl.eval.cache import TCoTCache
 from embedrl.eval.scores import overall_difference_interval
+from embedrl.models.cards import update_model_card_results
+from embedrl.plots import plot_curves, plot_grouped_bars, read_metrics
 from embedrl.tcot import parse_tcot
 from embedrl.train.embedder import train_embedder
-from embedrl.train.grpo import COMPONENTS
 from embedrl.train.grpo_trl import train_rl_trl
 from embedrl.train.reasoner import train_reasoner
+from embedrl.train.rl_outputs import COMPONENTS
 from embedrl.world.evaluate import evaluate_world, preset_config, read_query_values
 from embedrl.world.generate import EVAL_DIR, MANIFEST_FILE, evidence_accuracy, generate_world, load_eval_task
 
@@ -113,7 +113,6 @@ def rl_config(reasoner: Path, embedder: Path, world: Path, out: Path, seed: int,
     (full fine-tuning with Adam moved every weight on a near-flat reward, docs/experiments.md).
     """
     return GRPOTrainConfig(
-        engine="trl",
         reasoner=str(reasoner),
         embedder=str(embedder),
         data=str(world / "rl.jsonl"),
@@ -215,6 +214,7 @@ def run_demo(
     results["rl"] = rl_curve(out / "rl" / "metrics.jsonl")
     plot_rewards(out / "rl" / "metrics.jsonl", out / REWARD_PLOT)
     plot_modes(results, out / MODES_PLOT)
+    record_scores(results, embedder, cold, egrl)
     results["wall_s"] = round(time.perf_counter() - start, 1)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     report_md = format_results(results)
@@ -317,9 +317,7 @@ def check_claims(
 
 
 def _read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_metrics(path) if path.is_file() else []
 
 
 def rl_curve(path: Path, parts: int = 4) -> dict[str, Any]:
@@ -350,48 +348,36 @@ def rl_curve(path: Path, parts: int = 4) -> dict[str, Any]:
 
 
 def plot_rewards(metrics: Path, png: Path) -> Path | None:
-    """Reward components over RL steps (raw per step and a moving average)."""
+    """Reward components over RL steps (raw per step and a moving average), one panel each; a term with weight 0
+    (not logged) gets an empty panel. None when there is no RL log."""
     records = _read_metrics(metrics)
     if not records:
         return None
-    steps = [r["step"] for r in records]
-    fig = Figure(figsize=(16, 3.2))
-    axes = fig.subplots(1, 4)
-    for ax, key in zip(axes, REWARD_KEYS, strict=True):
-        if key not in records[0]:
-            ax.set_title(f"{key} (weight 0)")
-            continue
-        values = [r[key] for r in records]
-        window = max(1, len(values) // 10)
-        smooth = [sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
-                  for i in range(len(values))]  # fmt: skip
-        ax.plot(steps, values, alpha=0.3, label="per step")
-        ax.plot(steps, smooth, label=f"mean of {window}")
-        ax.set_title(key)
-        ax.set_xlabel("RL step")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    return png
+    return plot_curves(records, REWARD_KEYS, png, columns=len(REWARD_KEYS))
 
 
 def plot_modes(results: dict[str, Any], png: Path) -> Path:
     """Per-task bars, one bar per mode, plus the overall mean."""
-    modes = list(results["modes"])
-    tasks = [*results["modes"][modes[0]]["tasks"], "overall"]
-    width = 0.8 / len(modes)
-    fig = Figure(figsize=(max(8, 1.1 * len(tasks)), 3.8))
-    ax = fig.subplots()
-    for i, mode in enumerate(modes):
-        scores = [*results["modes"][mode]["tasks"].values(), results["modes"][mode]["overall"]]
-        ax.bar([t + i * width for t in range(len(tasks))], scores, width, label=mode)
-    ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))])
-    ax.set_xticklabels([t.removeprefix("world_") for t in tasks], rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("score (main metric x100)")
-    ax.legend(fontsize=8, ncol=len(modes))
-    fig.tight_layout()
-    fig.savefig(png, dpi=90)
-    return png
+    values = {
+        mode: {task.removeprefix("world_"): score for task, score in scores["tasks"].items()}
+        | {"overall": scores["overall"]}
+        for mode, scores in results["modes"].items()
+    }
+    return plot_grouped_bars(values, png, ylabel="score (main metric x100)")
+
+
+def record_scores(results: dict[str, Any], embedder: Path, cold: Path, egrl: Path) -> None:
+    """Add the world scores (main metric x100 per task, and overall) to the model cards of the models the demo
+    trained: every mode to the Embedder's, ``pre_rl`` to the cold-started Reasoner's, the modes with EG-RL T-CoTs to
+    the EG-RL Reasoner's."""
+    scores = {mode: {**entry["tasks"], "overall": entry["overall"]} for mode, entry in results["modes"].items()}
+
+    def named(modes: tuple[str, ...]) -> dict[str, Any]:
+        return {f"world {mode} (seed {results['seed']})": scores[mode] for mode in modes if mode in scores}
+
+    update_model_card_results(embedder, named(tuple(scores)))
+    update_model_card_results(cold, named(("pre_rl",)))
+    update_model_card_results(egrl, named(("egrl", "answer_only", "no_evidence")))
 
 
 def _mean_side(agreement: dict[str, dict[str, float]], side: str) -> float:
@@ -403,11 +389,19 @@ def _rate(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def _interval(claim: dict[str, Any]) -> str:
+def _claim_line(claim: dict[str, Any]) -> str:
+    """One claim's verdict with its numbers: it holds only when its 95 % interval lies above 0 (``clear``); a margin
+    whose interval reaches 0, or a margin of 0 or below, does not hold; a positive margin without an interval is
+    untested."""
+    margin = f"margin {claim['margin']:+.2f} points"
     if "ci95" not in claim:
-        return ""
+        verdict = "not tested (no interval)" if claim["margin"] > 0 else "does not hold"
+        return f"- {claim['claim']}: {verdict}: {margin}"
     low, high = claim["ci95"]
-    return f", 95 % CI [{low:+.2f}, {high:+.2f}]" + ("" if claim["clear"] else ", not clear of noise")
+    interval = f"95 % CI [{low:+.2f}, {high:+.2f}]"
+    if claim["clear"]:
+        return f"- {claim['claim']}: holds: {margin}, {interval}, above 0"
+    return f"- {claim['claim']}: does not hold: {margin}, {interval}, " + ("includes 0" if high >= 0 else "below 0")
 
 
 def format_results(results: dict[str, Any]) -> str:
@@ -426,16 +420,15 @@ def format_results(results: dict[str, Any]) -> str:
     overall = " | ".join(f"**{results['modes'][m]['overall']:.1f}**" for m in modes)
     lines += [f"| **overall** | {sum(results['n_queries'].values())} | {overall} |", ""]
     if results.get("claims"):
-        lines.append("Claims (overall score, margin in points): " + "; ".join(
-            f"{c['claim']}: {'holds' if c['holds'] else 'FAILS'} ({c['margin']:+.2f}{_interval(c)})"
-            for c in results["claims"]
-        ) + ".")  # fmt: skip
+        lines += ["Claims on the overall score (a claim holds when the 95 % interval of its margin lies above 0):", ""]
+        lines += [_claim_line(c) for c in results["claims"]]
         if any("ci95" in c for c in results["claims"]):
-            lines.append(
-                "Brackets: paired bootstrap 95 % interval of the margin over this query set (queries redrawn within "
-                "each task); an interval that reaches 0 or below means the margin is within the query set's "
-                "sampling noise. It does not include the spread between training or decoding seeds."
-            )
+            lines += [
+                "",
+                "Intervals: paired bootstrap over this query set (queries redrawn within each task); one that "
+                "includes 0 means the margin is within the query set's sampling noise. They do not include the spread "
+                "between training or decoding seeds.",
+            ]
         lines.append("")
     agreement = results.get("answer_agreement") or {}
     if agreement:

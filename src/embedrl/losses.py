@@ -93,6 +93,7 @@ def cached_info_nce(
     target_chunks: Sequence[Any],
     temperature: float = 0.02,
     gather: bool = True,
+    backward: Callable[[Tensor], None] = Tensor.backward,
 ) -> dict[str, Tensor]:
     """GradCache version of :func:`info_nce`: same loss, same gradients, memory of one chunk's activations.
 
@@ -107,6 +108,8 @@ def cached_info_nce(
     Args:
         encode: maps one chunk of model inputs to unit-norm embeddings [chunk, D] (with gradients when enabled).
         query_chunks, target_chunks: the local batch split into chunks, row order preserved.
+        backward: runs step 3's backward of each chunk's surrogate ``<embedding, cached gradient>`` (a training
+            loop passes ``accelerator.backward``, which scales for gradient accumulation and mixed precision).
     """
     states: dict[str, list[_RngReplay]] = {"q": [], "t": []}
     sizes: dict[str, list[int]] = {"q": [], "t": []}
@@ -126,5 +129,5 @@ def cached_info_nce(
         for chunk, state, grad in zip(chunks, states[side], grads, strict=True):
             with state:
                 emb = encode(chunk)  # [chunk, D], with graph
-            torch.sum(emb * grad).backward()
+            backward(torch.sum(emb * grad))
     return {k: v.detach() for k, v in out.items()}

@@ -124,6 +124,12 @@ MAX_CROPS = 8
 # were trained with the reference code's string, which a compatibility setting would have to supply.
 SUFFIX = "\nSummarise all of the content above in one word:"
 
+# The instructions `Embedder.encode_query` / `encode_document` give an input that carries none, and the "query" /
+# "document" prompts a saved Embedder declares to sentence-transformers (docs/embedder.md); our wording, in the MMEB
+# convention of instructions on both sides. An input's own instruction is always kept.
+QUERY_INSTRUCTION = "Find the content that matches this query:"
+DOCUMENT_INSTRUCTION = "Represent this content for retrieval:"
+
 # ----------------------------------------------------------------------------------------------------------------
 # Embedder input layouts (docs/published-models.md): ours, and the one the published Embed-RL checkpoints were
 # evaluated with (the reference MMEB processor), reproduced token by token

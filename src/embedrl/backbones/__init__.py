@@ -48,6 +48,7 @@ __all__ = [
     "get_adapter",
     "instruct_backbone",
     "load_backbone",
+    "load_processor",
     "perception_backbone",
     "read_reasoner_settings",
     "write_reasoner_settings",
@@ -124,6 +125,27 @@ def check_token_ids(config: PreTrainedConfig, tokenizer: PreTrainedTokenizerBase
         )
 
 
+def load_processor(name_or_path: str | Path) -> tuple[PreTrainedConfig, ProcessorMixin]:
+    """A Qwen-VL checkpoint's config and processor (left padding), checked against each other, without its weights
+    (the vLLM backend loads those itself).
+
+    Raises:
+        ValueError: unsupported ``model_type``, or model config and tokenizer ids that disagree.
+        TypeError: the processor files belong to another family.
+    """
+    config = AutoConfig.from_pretrained(name_or_path)
+    adapter = ADAPTERS[detect_family(config)]
+    processor = AutoProcessor.from_pretrained(name_or_path)
+    if not isinstance(processor, adapter.processor_class):
+        raise TypeError(
+            f"{name_or_path} holds a {type(processor).__name__}, not the {adapter.processor_class.__name__} of a "
+            f"{adapter.family} model; its processor files belong to another model"
+        )
+    check_token_ids(config, processor.tokenizer)  # before the (possibly large) weights are read
+    processor.tokenizer.padding_side = "left"
+    return config, processor
+
+
 def load_backbone(
     name_or_path: str | Path,
     *,
@@ -138,7 +160,8 @@ def load_backbone(
             ``"Qwen/Qwen3-VL-2B-Instruct"`` (needs the hub or its local cache).
         dtype: torch dtype of the weights; ``"auto"`` keeps the checkpoint's.
         device: where to put the model.
-        attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``…; ``None`` lets transformers choose.
+        attn_implementation: ``"sdpa"``, ``"eager"``, ``"flash_attention_2"``; ``None`` lets transformers choose
+            (sdpa where the model supports it).
 
     Returns:
         ``(model, processor)``: the family's ``*ForConditionalGeneration`` in eval mode on ``device``, and its
@@ -147,16 +170,8 @@ def load_backbone(
     Raises:
         ValueError: unsupported ``model_type``, or model config and tokenizer ids that disagree.
     """
-    config = AutoConfig.from_pretrained(name_or_path)
+    config, processor = load_processor(name_or_path)
     adapter = ADAPTERS[detect_family(config)]
-    processor = AutoProcessor.from_pretrained(name_or_path)
-    if not isinstance(processor, adapter.processor_class):
-        raise TypeError(
-            f"{name_or_path} holds a {type(processor).__name__}, not the {adapter.processor_class.__name__} of a "
-            f"{adapter.family} model; its processor files belong to another model"
-        )
-    check_token_ids(config, processor.tokenizer)  # before the (possibly large) weights are read
-    processor.tokenizer.padding_side = "left"
     model = adapter.model_class.from_pretrained(
         name_or_path, config=config, dtype=dtype, attn_implementation=attn_implementation
     )

@@ -59,6 +59,7 @@ from embedrl.eval.pipeline import (
 from embedrl.eval.scores import SCORE_KEYS, write_task_scores, write_text
 from embedrl.eval.task import EvalError, EvalTask, MissingTCoTError
 from embedrl.models.embedder import Embedder
+from embedrl.models.generation import engine_settings
 from embedrl.models.loading import load_embedder, load_reasoner
 from embedrl.models.reasoner import Decoding, Reasoner
 from embedrl.prompts import Side
@@ -253,7 +254,8 @@ class TaskEvaluator(Generic[ReportT]):
         on_missing_tcot: ``error`` (default) raises :class:`MissingTCoTError`; ``raw`` embeds the item raw and
             counts it in ``metadata["tcot_fallbacks"]``.
         batch_size: items per Embedder call, each call one cache shard.
-        reasoner_batch_size: items per Reasoner call, each call one cache append.
+        reasoner_batch_size: items per Reasoner batch, each batch one cache append (a task side's items are sorted
+            by modality and prompt length first).
         cache_dir: T-CoT and embedding caches; None keeps them in memory for the call only (e.g. during training,
             where the weights change between calls).
         out_dir: where :meth:`evaluate` writes score files, predictions and the report; None writes nothing.
@@ -275,7 +277,7 @@ class TaskEvaluator(Generic[ReportT]):
         decoding: Decoding | None = None,
         on_missing_tcot: Literal["error", "raw"] = "error",
         batch_size: int = 16,
-        reasoner_batch_size: int = 8,
+        reasoner_batch_size: int = 32,
         cache_dir: str | Path | None = None,
         out_dir: str | Path | None = None,
         show_progress_bar: bool = False,
@@ -572,9 +574,17 @@ def run_eval_stage(
         show_progress_bar=cfg.show_progress_bar,
     )
     # the data is read and checked first: a wrong path fails at once, before minutes of model loading
-    embedder = load_embedder(embedder_path, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device)
+    embedder = load_embedder(embedder_path, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device,
+                             attn_implementation=cfg.attn_implementation)  # fmt: skip
     reasoner = (
-        load_reasoner(cfg.reasoner, dtype=cfg.dtype, device=cfg.device, compact_prompts=cfg.compact_prompts)
+        load_reasoner(
+            cfg.reasoner,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            compact_prompts=cfg.compact_prompts,
+            engine=engine_settings(cfg, cfg.reasoner_batch_size),
+            attn_implementation=cfg.attn_implementation,
+        )
         if cfg.reasoner
         else None
     )

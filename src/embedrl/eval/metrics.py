@@ -16,8 +16,10 @@ candidates and g(d) > 0 the grade of d (1 for binary relevance):
 ========================  ======================================================================================
 
 Ranking: candidates are sorted by descending score, and **exact ties are broken by candidate index** (the lower
-index ranks first), so results never depend on the sort algorithm. ``-inf`` marks a padding candidate (e.g. when
-local candidate lists of different lengths share one matrix); it ranks last and is never relevant. NaN is an error.
+index ranks first), so results never depend on the sort algorithm. Only the top ``k`` the metrics need is ranked:
+found with ``argpartition`` (linear in the candidates) and then sorted, the same indices as a full stable sort.
+``-inf`` marks a padding candidate (e.g. when local candidate lists of different lengths share one matrix); it ranks
+last and is never relevant. NaN is an error.
 
 Relevance, per query, is given either as a dense array ``[n_queries, n_candidates]`` of grades (bool or 0/1 for
 binary, larger numbers for graded qrels; 0 = not relevant) or as a list with one entry per query: a mapping
@@ -102,11 +104,33 @@ def rank_candidates(scores: np.ndarray, k: int | None = None) -> np.ndarray:
     scores = _check_scores(scores)
     if k is not None and k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    # A stable sort of the negated scores is descending by score with ascending index among equal scores.
-    # Integer scores are widened to float64 so that negation cannot overflow.
-    keys = -(scores.astype(np.float64) if not np.issubdtype(scores.dtype, np.floating) else scores)
-    order = np.argsort(keys, axis=1, kind="stable")
-    return order if k is None else order[:, :k]
+    n_candidates = scores.shape[1]
+    if k is None or k >= n_candidates:
+        # A stable sort of the negated scores is descending by score with ascending index among equal scores.
+        # Integer scores are widened to float64 so that negation cannot overflow.
+        keys = -(scores.astype(np.float64) if not np.issubdtype(scores.dtype, np.floating) else scores)
+        return np.argsort(keys, axis=1, kind="stable")
+    top = _top_k_set(scores, k)  # [n_q, k] the right candidates, in ascending index order
+    order = np.argsort(-np.take_along_axis(scores, top, axis=1).astype(np.float64), axis=1, kind="stable")
+    return np.take_along_axis(top, order, axis=1)
+
+
+def _top_k_set(scores: np.ndarray, k: int) -> np.ndarray:
+    """The ``k`` highest-scored candidates per row, ties at the cut taken by lowest index, as ``[n_q, k]`` indices in
+    ascending order: the first ``k`` of the stable descending sort as a set, in O(n) per row (``argpartition``).
+
+    ``argpartition`` alone picks an arbitrary subset of the candidates tied with the k-th score; rows where the cut
+    falls inside such a tie are redone on an exact integer key (class: above / at / below the k-th score, then index).
+    """
+    n = scores.shape[1]
+    top = np.argpartition(scores, n - k, axis=1)[:, n - k :]  # [n_q, k]
+    kth = np.take_along_axis(scores, top, axis=1).min(axis=1, keepdims=True)  # [n_q, 1] the k-th highest score
+    ambiguous = np.flatnonzero(np.count_nonzero(scores >= kth, axis=1) > k)  # rows whose cut falls inside a tie
+    if ambiguous.size:
+        sub, cut = scores[ambiguous], kth[ambiguous]  # [n_a, n], [n_a, 1]
+        order_key = np.where(sub > cut, 0, np.where(sub == cut, 1, 2)).astype(np.int64) * n + np.arange(n)
+        top[ambiguous] = np.argpartition(order_key, k - 1, axis=1)[:, :k]
+    return np.sort(top, axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,7 +183,8 @@ def rank_relevance(scores: np.ndarray, relevance: Relevance, depth: int) -> Rank
             raise ValueError(f"query {row}: a relevant candidate has score -inf (padding); fix the candidate mask")
         gains[:, : top.shape[1]] = np.take_along_axis(grades, top, axis=1)
         num_relevant = rel_ok.sum(axis=1)
-        ranked_grades = -np.sort(-grades, axis=1)[:, :depth]
+        largest = -grades if depth >= n_candidates else np.partition(-grades, depth - 1, axis=1)[:, :depth]
+        ranked_grades = -np.sort(largest, axis=1)[:, :depth]  # the depth largest grades, descending
         ideal[:, : ranked_grades.shape[1]] = ranked_grades
     else:
         if len(relevance) != n_queries:

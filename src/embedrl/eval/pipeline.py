@@ -6,8 +6,10 @@
 
 - **T-CoTs** (:meth:`EmbedPipeline.generate`) are keyed by ``(item id, side, reasoner id, prompt hash, decoding)``
   (:class:`~embedrl.eval.cache.TCoTKey`). Queries get the query-side family (routed by the candidates' modality,
-  docs/method.md §6.3), candidates their target-side family, never seeing a query. Every unique item is generated
-  once, batch by batch, and each finished batch is appended to the cache, so a killed run resumes where it stopped.
+  docs/method.md §6.3), candidates their target-side family, never seeing a query. Every unique item not cached is
+  generated once: all of a call's items go to :meth:`Reasoner.generate_batches
+  <embedrl.models.reasoner.Reasoner.generate_batches>` together, which sorts them by modality and prompt length into
+  batches, and each finished batch is appended to the cache, so a killed run resumes where it stopped.
 - **Embeddings** (:meth:`EmbedPipeline.embed_inputs`) are keyed by ``(item id, embedder id, mode, T-CoT hash)``
   (:func:`~embedrl.eval.cache.embedding_key`); each unique key is encoded once, one cache shard per batch.
 - **Without a cache** (``cache=None``: the server, queries at search time) nothing is keyed by item id, so ids need
@@ -26,6 +28,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -54,6 +58,7 @@ __all__ = [
     "Counts",
     "EmbedPipeline",
     "Encoder",
+    "checkpoint_fingerprint",
     "decoding_from_config",
     "embedder_fingerprint",
     "reasoner_fingerprint",
@@ -109,9 +114,32 @@ def embedder_fingerprint(embedder: Embedder) -> str:
 
 
 def reasoner_fingerprint(reasoner: Reasoner) -> str:
-    """``<checkpoint dir name>@<hash>``: the weights plus the pixel budget and the generation backend."""
+    """``<checkpoint dir name>@<hash>``: the weights plus the pixel budget and the generation backend. A vLLM
+    Reasoner holds no weights: its checkpoint's weight files are hashed instead (:func:`checkpoint_fingerprint`)."""
     settings = {"budget": dataclasses.asdict(reasoner.budget), "backend": reasoner.backend}
+    if reasoner.model is None:
+        assert reasoner.checkpoint is not None  # a Reasoner without a model has its checkpoint (Reasoner.__init__)
+        return f"{Path(reasoner.model_id).name}@{checkpoint_fingerprint(reasoner.checkpoint, settings)}"
     return f"{Path(reasoner.model_id).name}@{weights_fingerprint(reasoner.model, settings)}"
+
+
+def checkpoint_fingerprint(folder: str | Path, extra: dict[str, Any] | None = None) -> str:
+    """First 16 hex digits of a SHA-256 over ``extra`` (as JSON) and the name and bytes of every ``*.safetensors``
+    file of a checkpoint folder (read in 16 MiB blocks).
+
+    Raises:
+        EvalError: the folder has no safetensors file.
+    """
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise EvalError(f"{folder} has no *.safetensors weights to fingerprint; pass reasoner_id=...")
+    digest = hashlib.sha256(json.dumps(extra or {}, sort_keys=True, default=str).encode("utf-8"))
+    for path in files:
+        digest.update(path.name.encode())
+        with path.open("rb") as f:
+            while block := f.read(16 * 2**20):
+                digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -140,7 +168,8 @@ class EmbedPipeline:
             caching there (then item ids need not be unique). :meth:`generate` and :meth:`embed_inputs` take their
             caches as arguments.
         embedder_id, reasoner_id: cache ids; default fingerprints of the weights and settings.
-        batch_size: items per Embedder call (one cache shard each); reasoner_batch_size: items per generate call.
+        batch_size: items per Embedder call (one cache shard each); reasoner_batch_size: items per Reasoner batch
+            (one T-CoT-cache append each; None = the Reasoner engine's batch size).
         show_progress_bar: tqdm bars over generation and embedding batches.
     """
 
@@ -154,7 +183,7 @@ class EmbedPipeline:
         embedder_id: str | None = None,
         reasoner_id: str | None = None,
         batch_size: int = 16,
-        reasoner_batch_size: int = 8,
+        reasoner_batch_size: int | None = None,
         show_progress_bar: bool = False,
     ) -> None:
         self.embedder = embedder
@@ -225,28 +254,26 @@ class EmbedPipeline:
         todo = list(first.values())
         if stats is not None:
             stats.tcots_cached += len(set(keys)) - len(todo)
-        batches = _batches(todo, self.reasoner_batch_size)
-        for batch in tqdm(batches, desc=_label(task, f"T-CoTs ({side})"), disable=not self.show_progress_bar,
-                          leave=False):  # fmt: skip
-            generations = reasoner.generate(
-                [items[i] for i in batch],
-                side,
-                target_modality,
-                decoding=self.decoding,
-                batch_size=len(batch),
-                show_progress_bar=False,
-            )
-            entries = []
-            for i, outs in zip(batch, generations, strict=True):
-                (gen,) = outs
-                if gen.prompt_hash != keys[i].prompt_hash:
-                    raise RuntimeError(
-                        f"{items[i].id}: generated with prompt {gen.prompt_hash}, keyed as {keys[i].prompt_hash}"
-                    )
-                entries.append((keys[i], gen.text, gen.family))
-            cache.add(entries)
-            if stats is not None:
-                stats.tcots_generated += len(batch)
+        batches = reasoner.generate_batches(
+            [items[i] for i in todo], side, target_modality, decoding=self.decoding,
+            batch_size=self.reasoner_batch_size, show_progress_bar=False,
+        )  # fmt: skip
+        with tqdm(total=len(todo), desc=_label(task, f"T-CoTs ({side})"), disable=not self.show_progress_bar,
+                  leave=False) as bar:  # fmt: skip
+            for batch, generations in batches:
+                entries = []
+                for j, outs in zip(batch, generations, strict=True):
+                    (gen,) = outs
+                    i = todo[j]
+                    if gen.prompt_hash != keys[i].prompt_hash:
+                        raise RuntimeError(
+                            f"{items[i].id}: generated with prompt {gen.prompt_hash}, keyed as {keys[i].prompt_hash}"
+                        )
+                    entries.append((keys[i], gen.text, gen.family))
+                cache.add(entries)
+                bar.update(len(batch))
+                if stats is not None:
+                    stats.tcots_generated += len(batch)
         texts = [cache.get(key) for key in keys]
         assert all(t is not None for t in texts)
         return texts  # type: ignore[return-value]

@@ -629,12 +629,19 @@ def summarize_tasks(
 
 
 def summarize(score_file: str | Path, *, partial: bool = False, check_counts: bool = True) -> dict[str, Any]:
-    """Summarize an MMEB-V2 leaderboard file: 78 datasets, 13 sub-groups, 3 modalities and All (×100).
+    """Summarize a leaderboard file: MMEB-V2 (published, or ``embedrl eval mmeb``'s), or our own benchmark's.
 
-    The 13 sub-groups are ``summary["meta_task"]`` (9, VisDoc included) and ``summary["group"]`` (the 4 VisDoc
-    groups); :func:`sub_group_scores` merges them. Besides the :func:`summarize_tasks` keys, the summary has
+    An MMEB-V2 file (``metadata.benchmark`` absent or ``MMEB-V2``): 78 datasets, 13 sub-groups, 3 modalities and All
+    (×100). The 13 sub-groups are ``summary["meta_task"]`` (9, VisDoc included) and ``summary["group"]`` (the 4
+    VisDoc groups); :func:`sub_group_scores` merges them. Besides the :func:`summarize_tasks` keys, the summary has
     ``model_name``, ``file``, ``split_versions``, ``source_keys``, ``ignored`` and ``overall_without_ood`` (the mean
-    over the 74 non-OOD datasets, for comparisons across page-set versions).
+    over the 74 non-OOD datasets, for comparisons across page-set versions). A file that says it is partial
+    (``metadata.partial``, as ``eval mmeb --tasks`` writes) is summarized as partial; one that records a query
+    limit (``metadata.limit``, ``eval mmeb --limit N``) is read without the query-count check, and the summary
+    carries ``limit``.
+
+    A file of another benchmark (``metadata.benchmark``, e.g. ``embedrl-world`` from ``embedrl eval world``) is
+    summarized over its own tasks by :func:`summarize_own_tasks`.
 
     Example:
         >>> s = summarize("tests/fixtures/scores/embed-rl-2b.json")  # doctest: +SKIP
@@ -642,10 +649,18 @@ def summarize(score_file: str | Path, *, partial: bool = False, check_counts: bo
         (66.78, 74.06)
     """
     board = read_leaderboard(score_file)
-    selection = select_mmeb_v2(board, check_counts=check_counts)
+    benchmark = board.metadata.get("benchmark") or "MMEB-V2"
+    if benchmark != "MMEB-V2":
+        return summarize_own_tasks(board)
+    limit = board.metadata.get("limit") or 0
+    selection = select_mmeb_v2(board, check_counts=check_counts and not limit)
     info = mmeb_v2_task_info()
     summary = summarize_tasks(
-        selection.results, info, group_keys=MMEB_V2_GROUP_KEYS, partial=partial, benchmark="MMEB-V2"
+        selection.results,
+        info,
+        group_keys=MMEB_V2_GROUP_KEYS,
+        partial=partial or bool(board.metadata.get("partial")),
+        benchmark="MMEB-V2",
     )
     non_ood = [v["score"] for v in summary["tasks"].values() if v.get("group") != "OOD"]
     return {
@@ -657,6 +672,44 @@ def summarize(score_file: str | Path, *, partial: bool = False, check_counts: bo
         "split_versions": selection.split_versions,
         "source_keys": selection.source_keys,
         "ignored": selection.ignored,
+        **({"limit": limit} if limit else {}),
+    }
+
+
+def summarize_own_tasks(board: Leaderboard) -> dict[str, Any]:
+    """Summarize a leaderboard of a benchmark other than MMEB-V2 (``embedrl eval world``'s ``leaderboard.json``).
+
+    Its tasks are the file's entries, each of the modality of its block, scored by the main metric that
+    ``metadata.main_metrics`` names for it; the summary (the :func:`summarize_tasks` keys plus ``model_name`` and
+    ``file``) holds the main metric ×100 per task, per modality and overall, each a plain mean over tasks. The
+    benchmark's tasks that were not evaluated (``metadata.missing``) make it partial. The file carries no meta-task
+    of its tasks, so there are no meta-task means (``summary.json`` next to the file has them).
+    """
+    where = str(board.path or "leaderboard")
+    benchmark = board.metadata.get("benchmark")
+    main_metrics = board.metadata.get("main_metrics")
+    results: dict[str, dict[str, Any]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    for modality, block in board.metrics.items():
+        for task, obj in block.items():
+            if not isinstance(main_metrics, Mapping) or not isinstance(main_metrics.get(task), str):
+                raise ScoreFileError(
+                    f"{where}: metadata.main_metrics names no main metric for task {task!r}; a {benchmark} "
+                    "leaderboard must map each task to its main metric (as embedrl eval world writes it)"
+                )
+            if task in results:
+                raise ScoreFileError(f"{where}: task {task!r} is in metrics.{info[task]['modality']} and {modality}")
+            results[task] = validate_score_object(obj, f"{where}: metrics.{modality}.{task}")
+            info[task] = {"modality": modality, "metric": main_metrics[task]}
+    summary = summarize_tasks(results, info, group_keys=("modality",), benchmark=benchmark)
+    missing = list(board.metadata.get("missing") or [])
+    return {
+        "benchmark": benchmark,
+        "model_name": board.metadata.get("model_name"),
+        "file": str(board.path),
+        **{k: v for k, v in summary.items() if k != "benchmark"},
+        "partial": bool(missing),
+        "missing": missing,
     }
 
 
@@ -701,6 +754,8 @@ def format_summary(summary: Mapping[str, Any], decimals: int = 2) -> str:
         lines.append("Split versions: " + ", ".join(f"{k} {v}" for k, v in summary["split_versions"].items()) + ".")
     if summary.get("partial"):
         lines.append(f"**Partial result**: no score for {', '.join(summary['missing'])}.")
+    if summary.get("limit"):
+        lines.append(f"**Limited run**: at most {summary['limit']} queries per dataset; not comparable to full runs.")
     if summary.get("ignored"):
         lines.append(f"Ignored (not scored by the benchmark): {', '.join(summary['ignored'])}.")
     lines += ["", "| Aggregate | #tasks | Score |", "|---|---:|---:|"]

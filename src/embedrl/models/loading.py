@@ -2,8 +2,10 @@
 
 Every entry point (evaluation, index build and search, the server, the RL reward, the demo's stages) loads through
 :func:`load_embedder` and :func:`load_reasoner` (other chat models through :func:`load_chat_model`), and every path
-or hub id becomes a local folder in :func:`resolve_checkpoint`; :func:`torch_dtype` is the one dtype handler. The two
-main loaders are exported lazily from the package root (``embedrl.load_embedder``).
+or hub id becomes a local folder in :func:`resolve_checkpoint`; :func:`torch_dtype` is the one dtype handler and
+``attn_implementation`` (sdpa, flash_attention_2, eager; None = transformers' choice) reaches every loaded model. The
+two main loaders are exported lazily from the package root (``embedrl.load_embedder``). :func:`configure_threads`
+sets torch's CPU thread count once at the start of a stage.
 
 :func:`load_embedder` reads two kinds of folder:
 
@@ -31,6 +33,7 @@ Example:
 from __future__ import annotations
 
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -41,14 +44,18 @@ from transformers import AutoConfig, AutoTokenizer
 
 from embedrl import prompts
 from embedrl.backbones import load_backbone
-from embedrl.config import UserError
+from embedrl.config import ConfigError, UserError
 from embedrl.models.chat import ChatModel
 from embedrl.models.embedder import EMBEDDER_CONFIG_FILENAME, Embedder
+from embedrl.models.generation import EngineSettings
 from embedrl.models.reasoner import Reasoner
 
 __all__ = [
+    "ATTN_IMPLEMENTATIONS",
+    "DEFAULT_CPU_THREADS",
     "DTYPES",
     "CheckpointError",
+    "configure_threads",
     "load_chat_model",
     "load_embedder",
     "load_reasoner",
@@ -59,6 +66,10 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+ATTN_IMPLEMENTATIONS: tuple[str, ...] = ("sdpa", "flash_attention_2", "eager")
+# torch CPU threads when neither the stage config nor OMP_NUM_THREADS says: on the shared 2-core host, 1 thread ran
+# tiny-model decoding 4-25x faster than 2 under load (docs/experiments.md, 2026-12-03).
+DEFAULT_CPU_THREADS = 1
 # A hub repository id: owner/name, each of letters, digits, '-', '_' and '.', not starting with '.' or '-'.
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9_][\w.-]*")
 # The files a checkpoint folder needs (weights, configs, tokenizer, chat template); other repository files are skipped.
@@ -88,6 +99,38 @@ def torch_dtype(name: str | torch.dtype) -> str | torch.dtype:
     if name not in DTYPES:
         raise CheckpointError(f"dtype={name!r} is not supported; use one of {', '.join(DTYPES)}")
     return "auto" if name == "auto" else getattr(torch, name)
+
+
+def configure_threads(threads: int = 0, device: str | torch.device = "cpu") -> int | None:
+    """Set torch's CPU thread count at the start of a stage that runs on ``device`` (once per stage; logged).
+
+    ``threads`` > 0 is used as given; 0 means ``$OMP_NUM_THREADS`` when set, else :data:`DEFAULT_CPU_THREADS`. On an
+    accelerator the models do not run on CPU threads and nothing is set (returns None); else returns the count.
+
+    Raises:
+        ConfigError: ``threads`` < 0, or an ``OMP_NUM_THREADS`` that is not a positive integer.
+    """
+    if threads < 0:
+        raise ConfigError(f"threads={threads} must be >= 0 (0 = $OMP_NUM_THREADS, else {DEFAULT_CPU_THREADS})")
+    if torch.device(device).type != "cpu":
+        return None
+    if not threads:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        if env and not (env.isdigit() and int(env) > 0):
+            raise ConfigError(f"OMP_NUM_THREADS={env!r} is not a positive integer; unset it or pass --threads N")
+        threads = int(env) if env else DEFAULT_CPU_THREADS
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    logger.info("torch CPU threads: %d", threads)
+    return threads
+
+
+def _check_attn(attn_implementation: str | None) -> None:
+    if attn_implementation is not None and attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise CheckpointError(
+            f"attn_implementation={attn_implementation!r} is not supported; use one of "
+            f"{', '.join(ATTN_IMPLEMENTATIONS)} (or null: transformers' choice)"
+        )
 
 
 def _is_hub_id(name: str) -> bool:
@@ -147,6 +190,7 @@ def load_embedder(
     layout: str | None = None,
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
+    attn_implementation: str | None = None,
 ) -> Embedder:
     """The Embedder in a folder or hub repository: an embedrl Embedder, or a published Embed-RL checkpoint.
 
@@ -156,22 +200,27 @@ def load_embedder(
             ``reference`` for a published checkpoint). A value that differs from the checkpoint's is logged.
         dtype: ``auto`` (the checkpoint's), ``float32``, ``bfloat16``, ``float16`` or a torch dtype.
         device: where to put the model.
+        attn_implementation: sdpa, flash_attention_2 or eager; None = transformers' choice.
 
     Raises:
-        CheckpointError: an unknown layout, or a folder that cannot be found or fetched, has no ``<emb>`` token, or
-            whose files disagree.
+        CheckpointError: an unknown layout or attention implementation, or a folder that cannot be found or fetched,
+            has no ``<emb>`` token, or whose files disagree.
     """
     if layout is not None and layout not in prompts.LAYOUTS:
         raise CheckpointError(f"layout={layout!r}; use one of {', '.join(prompts.LAYOUTS)}")
+    _check_attn(attn_implementation)
     folder = resolve_checkpoint(path_or_id)
     dtype = torch_dtype(dtype)
     try:
         if (folder / EMBEDDER_CONFIG_FILENAME).is_file():
             embedder = Embedder.load(folder, dtype=dtype, device=device)
+            if attn_implementation is not None:
+                embedder.model.set_attn_implementation(attn_implementation)
             own = embedder.layout
         else:
             emb_id = _published_emb_token_id(folder)
-            model, processor = load_backbone(folder, dtype=dtype, device=device)
+            model, processor = load_backbone(folder, dtype=dtype, device=device,
+                                             attn_implementation=attn_implementation)  # fmt: skip
             own = prompts.LAYOUT_REFERENCE
             embedder = Embedder(model, processor, emb_token_id=emb_id, mode=PUBLISHED_MODE,
                                 video_as=PUBLISHED_VIDEO_AS, layout=own)  # fmt: skip
@@ -191,18 +240,25 @@ def load_reasoner(
     dtype: str | torch.dtype = "auto",
     device: str | torch.device = "cpu",
     compact_prompts: bool | None = None,
+    engine: EngineSettings | None = None,
+    attn_implementation: str | None = None,
 ) -> Reasoner:
     """The Reasoner (or any Qwen-VL chat checkpoint used as one) in a folder or hub repository, with the prompt style
     and decoding its ``embedrl_reasoner.json`` records (full prompts without one); ``compact_prompts`` overrides.
 
+    ``engine`` selects the generation engine (:class:`~embedrl.models.generation.EngineSettings`; default HF): with
+    ``backend="vllm"`` no HF model is loaded, only the processor and config (vLLM loads the weights itself).
+
     Raises:
-        CheckpointError: the folder cannot be found, fetched or loaded.
+        CheckpointError: the folder cannot be found, fetched or loaded, or an unknown attention implementation.
     """
+    _check_attn(attn_implementation)
     folder = resolve_checkpoint(path_or_id)
     try:
         reasoner = Reasoner.from_pretrained(
-            folder, dtype=torch_dtype(dtype), device=str(device), compact_prompts=compact_prompts
-        )
+            folder, dtype=torch_dtype(dtype), device=str(device), compact_prompts=compact_prompts, engine=engine,
+            attn_implementation=attn_implementation,
+        )  # fmt: skip
     except CheckpointError:
         raise
     except (OSError, ValueError, TypeError, KeyError) as err:
@@ -212,15 +268,23 @@ def load_reasoner(
 
 
 def load_chat_model(
-    path_or_id: str | Path, *, dtype: str | torch.dtype = "auto", device: str | torch.device = "cpu"
+    path_or_id: str | Path,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    engine: EngineSettings | None = None,
+    attn_implementation: str | None = None,
 ) -> ChatModel:
-    """A chat checkpoint served or used as an annotator: a Qwen-VL family, or any text causal LM.
+    """A chat checkpoint served or used as an annotator: a Qwen-VL family, or any text causal LM; ``engine`` as in
+    :func:`load_reasoner`.
 
     Raises:
-        CheckpointError: the folder cannot be found, fetched or loaded.
+        CheckpointError: the folder cannot be found, fetched or loaded, or an unknown attention implementation.
     """
+    _check_attn(attn_implementation)
     folder = resolve_checkpoint(path_or_id)
     try:
-        return ChatModel.load(folder, dtype=torch_dtype(dtype), device=str(device))
+        return ChatModel.load(folder, dtype=torch_dtype(dtype), device=str(device), engine=engine,
+                              attn_implementation=attn_implementation)  # fmt: skip
     except (OSError, ValueError, TypeError, KeyError) as err:
         raise CheckpointError(f"cannot load a chat model from {path_or_id}: {err}") from err

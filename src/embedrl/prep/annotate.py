@@ -27,15 +27,12 @@ with its ``filter`` and ``split``), ``filter.json`` (counts).
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import random
 import re
-import socket
-import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -50,6 +47,8 @@ from embedrl.data.rows import BadRows, RowError, read_rows
 from embedrl.data.schema import Item, Pair
 from embedrl.evidence import image_data_url
 from embedrl.models.chat import ChatParams, Conversation
+from embedrl.models.generation import engine_settings
+from embedrl.models.http import EndpointClient, EndpointError
 from embedrl.models.loading import load_chat_model
 from embedrl.models.reasoner import build_reasoner_prompt, checkpoint_compact_prompts
 from embedrl.prompts import ANSWER_HINT, JUDGE, join_task_text, prompt_hash
@@ -72,7 +71,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 JOURNAL_SUFFIX = ".journal.jsonl"
-RETRY_STATUS = frozenset({408, 409, 429, 500, 502, 503, 504})
 
 
 class AnnotationError(UserError, RuntimeError):
@@ -105,12 +103,17 @@ class Annotator(Protocol):
 
 
 class LocalAnnotator:
-    """A local checkpoint (Qwen-VL or a text causal LM) through :class:`embedrl.models.chat.ChatModel`, in batches."""
+    """A local checkpoint (Qwen-VL or a text causal LM) through :class:`embedrl.models.chat.ChatModel`, in batches:
+    on transformers (backend ``local``: the requests sorted by prompt length into batches, finished rows dropped) or
+    on an in-process vLLM (backend ``vllm``)."""
 
     def __init__(self, settings: AnnotatorSettings) -> None:
         self.settings = settings
-        self.model = load_chat_model(settings.model, dtype=settings.dtype, device=settings.device)
-        self.name = f"local:{settings.model}"
+        self.model = load_chat_model(
+            settings.model, dtype=settings.dtype, device=settings.device,
+            engine=engine_settings(settings, settings.batch_size), attn_implementation=settings.attn_implementation,
+        )  # fmt: skip
+        self.name = f"{settings.backend}:{settings.model}"
 
     def decoding(self) -> dict[str, Any]:
         s = self.settings
@@ -119,11 +122,10 @@ class LocalAnnotator:
     def complete(self, requests: Sequence[ChatRequest]) -> Iterator[tuple[ChatRequest, str]]:
         s = self.settings
         params = ChatParams(max_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p, seed=s.seed)
-        for start in range(0, len(requests), s.batch_size):
-            batch = requests[start : start + s.batch_size]
-            outs = self.model.generate([Conversation(r.messages, list(r.images)) for r in batch], params)
-            for request, (out, *_) in zip(batch, outs, strict=True):
-                yield request, out.text
+        conversations = [Conversation(r.messages, list(r.images)) for r in requests]
+        for indices, outs in self.model.generate_batches(conversations, params):
+            for i, (out, *_) in zip(indices, outs, strict=True):
+                yield requests[i], out.text
 
 
 def openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
@@ -143,37 +145,31 @@ def openai_messages(request: ChatRequest) -> list[dict[str, Any]]:
 
 class OpenAIAnnotator:
     """Any OpenAI-compatible ``/chat/completions`` endpoint (vLLM, ``embedrl serve``, …), ``concurrency`` requests
-    at a time. 429, 5xx and network errors are retried ``max_retries`` times with exponential backoff; any other
-    error, or a request still failing after its retries, raises :class:`AnnotationError`.
-
-    ``timeout_s`` bounds each whole reply (connect, send, headers and body together), not each read: an endpoint that
-    trickles bytes is cut off at the deadline (its socket is shut down, which wakes the blocked read) and the
-    attempt counts as a network error. Each request opens its own connection, so the deadline has a socket to act
-    on."""
+    at a time, through the project's HTTP client (:class:`~embedrl.models.http.EndpointClient`): 429, 5xx and
+    network errors are retried ``max_retries`` times with exponential backoff; any other error, or a request still
+    failing after its retries, raises :class:`AnnotationError`. ``timeout_s`` bounds each whole reply (connect,
+    send, headers and body together), not each read."""
 
     def __init__(self, settings: AnnotatorSettings, *, sleep: Any = time.sleep) -> None:
-        import httpx  # optional (the ``serve`` extra): only this endpoint client needs it
-
         self.settings = settings
         self.name = f"openai:{settings.model}@{settings.base_url}"
         key = os.environ.get(settings.api_key_env, "") if settings.api_key_env else ""
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.client = httpx.Client(
-            base_url=settings.base_url.rstrip("/"),
-            headers=headers,
-            timeout=settings.timeout_s,
-            limits=httpx.Limits(max_keepalive_connections=0),  # a new connection (and socket) per request
-        )
-        self.sleep = sleep
-        self.requests_sent = 0
+        self.client = EndpointClient(
+            settings.base_url, what="annotator", token=key, timeout_s=settings.timeout_s,
+            retries=settings.max_retries, backoff_s=settings.backoff_s, max_backoff_s=settings.max_backoff_s,
+            sleep=sleep,
+        )  # fmt: skip
+
+    @property
+    def requests_sent(self) -> int:
+        """Requests sent to the endpoint, retries included."""
+        return self.client.attempts
 
     def decoding(self) -> dict[str, Any]:
         s = self.settings
         return {"temperature": s.temperature, "top_p": s.top_p, "max_new_tokens": s.max_new_tokens, "seed": s.seed}
 
     def _post(self, request: ChatRequest) -> str:
-        import httpx  # optional (the ``serve`` extra), as in __init__
-
         s = self.settings
         body = {
             "model": s.model,
@@ -184,59 +180,14 @@ class OpenAIAnnotator:
             "seed": s.seed,
             "n": 1,
         }
-        last = ""
-        for attempt in range(s.max_retries + 1):
-            if attempt:
-                self.sleep(min(s.max_backoff_s, s.backoff_s * 2 ** (attempt - 1)))
-            try:
-                self.requests_sent += 1
-                response = self._post_within(body, s.timeout_s)
-            except httpx.TransportError as err:
-                last = f"{type(err).__name__}: {err}"
-                logger.warning("%s: attempt %d failed (%s)", request.key, attempt + 1, last)
-                continue
-            if response.status_code == 200:
-                try:
-                    return str(response.json()["choices"][0]["message"]["content"] or "")
-                except (KeyError, IndexError, TypeError, ValueError) as err:
-                    raise AnnotationError(f"{request.key}: malformed reply from {s.base_url}: {err}") from None
-            last = f"HTTP {response.status_code}: {response.text[:300]}"
-            if response.status_code not in RETRY_STATUS:
-                raise AnnotationError(f"{request.key}: {s.base_url} answered {last}")
-            logger.warning("%s: attempt %d failed (%s)", request.key, attempt + 1, last)
-        raise AnnotationError(f"{request.key}: still failing after {s.max_retries} retries ({last})")
-
-    def _post_within(self, body: dict[str, Any], timeout_s: float) -> Any:
-        """POST ``body``; the whole reply must arrive within ``timeout_s`` (else ``httpx.ReadTimeout``)."""
-        import httpx  # optional (the ``serve`` extra), as in __init__
-
-        sockets: list[socket.socket] = []
-        expired = threading.Event()
-
-        def trace(event: str, info: dict[str, Any]) -> None:  # httpcore's trace hook: the new connection's socket
-            if event == "connection.connect_tcp.complete" and info.get("return_value") is not None:
-                sockets.append(info["return_value"].get_extra_info("socket"))
-                if expired.is_set():
-                    cut()
-
-        def cut() -> None:
-            expired.set()
-            for sock in sockets:
-                with contextlib.suppress(OSError):
-                    sock.shutdown(socket.SHUT_RDWR)  # a blocked read returns at once
-
-        timer = threading.Timer(timeout_s, cut)
-        timer.daemon = True
-        timer.start()
         try:
-            response = self.client.post("/chat/completions", json=body, extensions={"trace": trace})
-        except httpx.TransportError as err:
-            if expired.is_set():
-                raise httpx.ReadTimeout(f"no complete reply within timeout_s={timeout_s}") from err
-            raise
-        finally:
-            timer.cancel()
-        return response  # complete (a cut just after it changes nothing: the connection is not reused)
+            payload = self.client.post_json("/chat/completions", body)
+        except EndpointError as err:
+            raise AnnotationError(f"{request.key}: {err}") from None
+        try:
+            return str(payload["choices"][0]["message"]["content"] or "")
+        except (KeyError, IndexError, TypeError) as err:
+            raise AnnotationError(f"{request.key}: malformed reply from {s.base_url}: {err}") from None
 
     def complete(self, requests: Sequence[ChatRequest]) -> Iterator[tuple[ChatRequest, str]]:
         with concurrent.futures.ThreadPoolExecutor(self.settings.concurrency) as pool:

@@ -11,10 +11,7 @@ A failed model call raises; a missing reply or vector is never replaced by a def
 
 from __future__ import annotations
 
-import json
-import time
-import urllib.error
-import urllib.request
+import dataclasses
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -23,10 +20,12 @@ from torch import Tensor
 from transformers import GenerationConfig
 
 from embedrl.data.schema import Item
-from embedrl.evidence import image_data_url
+from embedrl.evidence import image_data_url, load_image
 from embedrl.models.embedder import Embedder
 from embedrl.models.generation import generate_texts, stop_token_ids, vision_token_ids
+from embedrl.models.http import EndpointClient
 from embedrl.models.reasoner import Reasoner, ReasonerPrompt
+from embedrl.models.visual_cache import VisualCacheStats
 
 __all__ = [
     "ENDPOINT_TOKEN_ENV",
@@ -34,7 +33,6 @@ __all__ = [
     "EmbedderReward",
     "EndpointDiscriminator",
     "EndpointEmbedderReward",
-    "post_json",
 ]
 
 ENDPOINT_TOKEN_ENV = "EMBEDRL_API_KEY"  # bearer token of embedder_url / discriminator_url, if the server wants one
@@ -46,17 +44,37 @@ class EmbedderReward:
     Each rollout is embedded as ``columns["item"][i].with_tcot(completion)`` in mode ``full``: the item's text and
     pixels, the T-CoT, and the crops / key frames it names, through the Embedder's one builder. Batched; any
     failure raises (never a zero vector). ``D`` is the model's own hidden size.
+
+    The item part is prepared once per unique item and call (docs/rewards.md §2): its image and frame files are
+    read once, and inside :meth:`Embedder.sharing_visuals` each unique image, video, crop or key frame goes through
+    the processor and the vision tower once, however many rollouts show it. The embeddings equal a plain
+    ``encode`` of the same rollouts. :attr:`last_stats` holds the cache's hit and miss counts of the last call.
     """
 
     def __init__(self, embedder: Embedder, batch_size: int = 32) -> None:
         self.embedder, self.batch_size = embedder, batch_size
+        self.last_stats: VisualCacheStats | None = None
 
     def __call__(self, side: str, completions: list[str], columns: dict[str, list[Any]]) -> Tensor:
         items = columns.get("item")
         if items is None or len(items) != len(completions):
             raise ValueError(f"the {side}-side rollouts need an 'item' column with one Item per completion")
-        tcot_items = [item.with_tcot(text) for item, text in zip(items, completions, strict=True)]
-        return torch.from_numpy(self.embedder.encode(tcot_items, batch_size=self.batch_size, mode="full"))
+        loaded: dict[int, Item] = {}  # id(item) -> the item with its media decoded (the G rollouts share one Item)
+        for item in items:
+            if id(item) not in loaded:
+                loaded[id(item)] = with_loaded_media(item)
+        tcot_items = [loaded[id(item)].with_tcot(text) for item, text in zip(items, completions, strict=True)]
+        with self.embedder.sharing_visuals() as cache:
+            vectors = self.embedder.encode(tcot_items, batch_size=self.batch_size, mode="full")
+        self.last_stats = cache.stats
+        return torch.from_numpy(vectors)
+
+
+def with_loaded_media(item: Item) -> Item:
+    """``item`` with its image and frame files decoded into RGB PIL images (what the Embedder's builder would load
+    for each rollout); in-memory RGB images are kept as they are."""
+    images, frames = tuple(map(load_image, item.images)), tuple(map(load_image, item.frames))
+    return dataclasses.replace(item, images=images, frames=frames)
 
 
 def _text_prompt(text: str) -> ReasonerPrompt:
@@ -83,53 +101,30 @@ class ChatDiscriminator:
         return replies
 
 
-def post_json(
-    endpoint: str, body: dict[str, Any], *, what: str, timeout: float, retries: int, backoff: float, token: str = ""
-) -> dict[str, Any]:
-    """POST ``body`` as JSON and return the JSON reply. Network errors and 5xx are retried ``retries`` times with a
-    linear back-off, then raise; a 4xx raises at once (a client error does not heal by retrying)."""
-    headers = {"Content-Type": "application/json"}
-    if token:
-        headers["Authorization"] = f"Bearer {token}"
-    request = urllib.request.Request(endpoint, data=json.dumps(body).encode(), headers=headers)
-    for attempt in range(retries + 1):
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return json.loads(response.read())
-        except urllib.error.HTTPError as err:
-            if 400 <= err.code < 500 or attempt == retries:
-                detail = err.read().decode("utf-8", "replace")[:300]
-                raise RuntimeError(f"{what} endpoint {endpoint}: HTTP {err.code} {err.reason} {detail}") from err
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as err:
-            if attempt == retries:
-                raise RuntimeError(f"{what} endpoint {endpoint} failed {retries + 1} times: {err}") from err
-        time.sleep(backoff * (attempt + 1))
-    raise AssertionError("unreachable")
-
-
 class EndpointDiscriminator:
     """``discriminator(prompts) -> replies`` from an OpenAI-compatible ``/chat/completions`` endpoint (e.g. ``embedrl
     serve`` or a vLLM server running the Discriminator, as in the paper's deployment).
 
     Greedy (temperature 0), text-only, ``max_tokens`` per reply. Requests run concurrently and the replies are joined
-    by prompt index, never by completion order (docs/method.md §4.10). A failed request is retried ``retries`` times
-    with a
-    short back-off, then raises: a missing reply is never replaced by a default answer.
+    by prompt index, never by completion order (docs/method.md §4.10). Requests go through the project's HTTP client
+    (:class:`~embedrl.models.http.EndpointClient`): a network error, a timeout or a 408/429/5xx is retried ``retries``
+    times with exponential back-off from ``backoff`` seconds, then raises, and any other status raises at once: a
+    missing reply is never replaced by a default answer.
     """
 
     def __init__(
         self, url: str, model: str, max_new_tokens: int = 10, concurrency: int = 32, timeout: float = 120.0,
         retries: int = 2, backoff: float = 1.0, token: str = "",
     ) -> None:  # fmt: skip
-        self.endpoint = url.rstrip("/") + "/chat/completions"
+        self.client = EndpointClient(url, what="Discriminator", token=token, timeout_s=timeout, retries=retries,
+                                     backoff_s=backoff, max_backoff_s=max(backoff, 30.0))  # fmt: skip
+        self.endpoint = self.client.base_url + "/chat/completions"
         self.model, self.max_new_tokens, self.concurrency = model, max_new_tokens, concurrency
-        self.timeout, self.retries, self.backoff, self.token = timeout, retries, backoff, token
 
     def _request(self, prompt: str) -> str:
         body = {"model": self.model, "messages": [{"role": "user", "content": prompt}], "temperature": 0.0,
                 "max_tokens": self.max_new_tokens}  # fmt: skip
-        payload = post_json(self.endpoint, body, what="Discriminator", timeout=self.timeout, retries=self.retries,
-                            backoff=self.backoff, token=self.token)  # fmt: skip
+        payload = self.client.post_json("/chat/completions", body)
         try:
             return str(payload["choices"][0]["message"]["content"] or "")
         except (KeyError, IndexError, TypeError) as err:
@@ -147,16 +142,18 @@ class EndpointEmbedderReward:
     Each rollout goes to ``POST {url}/embeddings`` as a structured item: the side's text and instruction, its images
     and frames as PNG data URLs, and the rollout's T-CoT, with ``mode: full``, so the server builds the same input as
     the in-process :class:`EmbedderReward` (pixels, T-CoT, crops and key frames). Batches of ``batch_size`` items;
-    the vectors are joined by their ``index``; any failure raises (never a zero vector).
+    the vectors are joined by their ``index``; any failure raises (never a zero vector). Requests go through the
+    project's HTTP client (:class:`~embedrl.models.http.EndpointClient`), retried as :class:`EndpointDiscriminator`'s.
     """
 
     def __init__(
         self, url: str, model: str, batch_size: int = 32, timeout: float = 300.0, retries: int = 2,
         backoff: float = 1.0, token: str = "",
     ) -> None:  # fmt: skip
-        self.endpoint = url.rstrip("/") + "/embeddings"
+        self.client = EndpointClient(url, what="Embedder", token=token, timeout_s=timeout, retries=retries,
+                                     backoff_s=backoff, max_backoff_s=max(backoff, 30.0))  # fmt: skip
+        self.endpoint = self.client.base_url + "/embeddings"
         self.model, self.batch_size = model, batch_size
-        self.timeout, self.retries, self.backoff, self.token = timeout, retries, backoff, token
 
     def _item(self, item: Item, tcot: str) -> dict[str, Any]:
         return {"text": item.text, "instruction": item.instruction, "images": [image_data_url(x) for x in item.images],
@@ -172,8 +169,7 @@ class EndpointEmbedderReward:
             chunk = list(zip(items[start:stop], completions[start:stop], strict=True))
             body = {"model": self.model, "input": [self._item(it, text) for it, text in chunk], "mode": "full",
                     "side": side, "encoding_format": "float"}  # fmt: skip
-            payload = post_json(self.endpoint, body, what="Embedder", timeout=self.timeout, retries=self.retries,
-                                backoff=self.backoff, token=self.token)  # fmt: skip
+            payload = self.client.post_json("/embeddings", body)
             data = sorted(payload.get("data") or [], key=lambda d: d["index"])
             if [d["index"] for d in data] != list(range(len(chunk))):
                 raise ValueError(f"Embedder endpoint {self.endpoint} returned {len(data)} vectors for {len(chunk)}")

@@ -43,15 +43,15 @@ import numpy as np
 from embedrl import __version__
 from embedrl.config import IndexConfig, UserError, config_from_dict, save_config
 from embedrl.data.schema import DataError, Item, Modality, missing_media, read_jsonl, read_jsonl_lines
-from embedrl.eval.cache import EmbeddingCache, atomic_write_bytes
+from embedrl.eval.cache import atomic_write_bytes
 from embedrl.eval.pipeline import (
-    EMBEDDINGS_DIR,
     EmbedPipeline,
     decoding_from_config,
 )
 from embedrl.eval.task import MissingTCoTError
 from embedrl.evidence import build_embedder_messages
 from embedrl.models.embedder import Embedder
+from embedrl.models.generation import engine_settings
 from embedrl.models.loading import load_embedder, load_reasoner
 from embedrl.models.reasoner import Reasoner
 from embedrl.prompts import CUE_KEYS, LAYOUT_EMBEDRL, LAYOUT_REFERENCE
@@ -76,6 +76,9 @@ INDEX_FILE = "index.faiss"
 ITEMS_FILE = "items.jsonl"
 INFO_FILE = "index.json"
 CACHE_DIR = "cache"
+# Vectors per FAISS add in `index build` / `index add` (rounded down to whole Embedder batches): the corpus matrix
+# reaches FAISS in chunks, never stacked whole.
+ADD_CHUNK_ROWS = 1024
 
 
 class IndexFormatError(UserError, ValueError):
@@ -172,6 +175,8 @@ class SearchHit:
 
 def _faiss() -> ModuleType:
     # faiss loads its SWIG bindings and BLAS on import: only code that builds, searches or saves an index pays it.
+    # Its loader logs each step of that at INFO (8 lines on every command): only its warnings are wanted.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     import faiss
 
     return faiss
@@ -285,6 +290,22 @@ class SearchIndex:
             self.items.append(item)
             self.tcots.append(tcot)
             self.modality_counts[item.modality] += 1
+
+    def _reserve(self, rows: int) -> None:
+        """Allocate the vector storage of a flat or HNSW index for ``rows`` more vectors in one go.
+
+        FAISS keeps the vectors in one growing ``std::vector``: an add that outgrows it reallocates, holding the
+        old and the new buffer at once (up to about 2x the index for a moment). Growing it to the final size and
+        shrinking it back keeps that capacity, so chunked adds fill it in place. IVF lists grow one by one: no-op.
+        """
+        if self.faiss_index is None or self.cfg.index_type not in ("flat", "hnsw"):
+            return
+        faiss = _faiss()
+        inner = faiss.downcast_index(self.faiss_index.index)
+        storage = faiss.downcast_index(inner.storage) if self.cfg.index_type == "hnsw" else inner
+        codes, size = storage.codes, storage.codes.size()
+        codes.resize(size + rows * storage.code_size)
+        codes.resize(size)
 
     def search(self, queries: np.ndarray, k: int = 10) -> list[list[SearchHit]]:
         """The top ``k`` hits of each query ``[Q, D]``, best first (exact for ``flat``)."""
@@ -401,9 +422,17 @@ def _resolved(path: str) -> str:
 def load_index_models(cfg: IndexConfig) -> tuple[Embedder, Reasoner | None]:
     """The Embedder (in the config's layout) and the Reasoner (None when ``cfg.reasoner`` is empty) named by an index
     config."""
-    embedder = load_embedder(cfg.model, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device)
+    embedder = load_embedder(cfg.model, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device,
+                             attn_implementation=cfg.attn_implementation)  # fmt: skip
     reasoner = (
-        load_reasoner(cfg.reasoner, dtype=cfg.dtype, device=cfg.device, compact_prompts=cfg.compact_prompts)
+        load_reasoner(
+            cfg.reasoner,
+            dtype=cfg.dtype,
+            device=cfg.device,
+            compact_prompts=cfg.compact_prompts,
+            engine=engine_settings(cfg, cfg.reasoner_batch_size),
+            attn_implementation=cfg.attn_implementation,
+        )
         if cfg.reasoner
         else None
     )
@@ -437,9 +466,35 @@ def _candidates(cfg: IndexConfig, items: Sequence[Item]) -> list[Item]:
     return [item.with_tcot(None) for item in items]
 
 
-def _encode_candidates(pipeline: EmbedPipeline, cfg: IndexConfig, items: Sequence[Item]) -> tuple[np.ndarray, list]:
-    vectors, annotated = pipeline.run(_candidates(cfg, items), cfg.mode, "target")
-    return vectors, annotated
+def _index_candidates(
+    pipeline: EmbedPipeline, cfg: IndexConfig, index: SearchIndex, items: Sequence[Item], *, compact: bool = False
+) -> None:
+    """Embed ``items`` (T-CoTs first, unless raw) through the pipeline's caches and add them to ``index``.
+
+    The corpus matrix is never stacked whole: every missing embedding is computed and cached first (one shard per
+    Embedder batch, so a killed run resumes), the shards are merged when ``compact``, and then the vectors reach
+    FAISS :data:`ADD_CHUNK_ROWS` at a time from the cache (an empty IVF index is trained first, on all of them;
+    a flat or HNSW index's storage is sized once, :meth:`SearchIndex._reserve`). So the cache and the FAISS index
+    hold the only full copies: peak about 2x the float32 matrix (docs/serve.md).
+    """
+    candidates = _candidates(cfg, items)
+    annotated = candidates if cfg.mode == "raw" else pipeline.annotate(candidates, "target")
+    inputs = [(item, cfg.mode) for item in annotated]
+    cache = pipeline.embedding_cache()
+    if cache is None:
+        raise ValueError("indexing needs a pipeline with a cache_dir (its embedding cache feeds FAISS)")
+    step = pipeline.batch_size * max(1, ADD_CHUNK_ROWS // pipeline.batch_size)  # whole Embedder batches per chunk
+    chunks = [slice(start, start + step) for start in range(0, len(inputs), step)]
+    for chunk in chunks:
+        pipeline.embed_inputs(inputs[chunk], cache=cache)  # computes and caches what is missing
+    if compact:
+        cache.compact()
+    if index.faiss_index is None and inputs:  # IVF: nlist and centroids come from the whole corpus
+        index._train_ivf(pipeline.embed_inputs(inputs, cache=cache))
+    index._reserve(len(inputs))
+    for chunk in chunks:
+        vectors = pipeline.embed_inputs(inputs[chunk], cache=cache)  # [chunk, D], read back from the cache
+        index.add(items[chunk], vectors, [item.tcot for item in annotated[chunk]])
 
 
 def build_index(
@@ -463,11 +518,9 @@ def build_index(
         raise IndexFormatError("tcot_source=reasoner needs a Reasoner: pass reasoner=... or set cfg.reasoner")
     save_config(cfg, out)  # before the work, so a resumed build can be checked against it
     pipeline = _pipeline(cfg, embedder, reasoner, out / CACHE_DIR)
-    vectors, annotated = _encode_candidates(pipeline, cfg, items)
     index = SearchIndex(cfg, embedder.dim, embedder_id=pipeline.embedder_id, reasoner_id=pipeline.reasoner_id)
-    index.add(items, vectors, [item.tcot for item in annotated])
+    _index_candidates(pipeline, cfg, index, items, compact=True)
     index.save(out)
-    EmbeddingCache(out / CACHE_DIR / EMBEDDINGS_DIR).compact()
     logger.info("indexed %d items (%s, mode %s) in %s", len(index), cfg.index_type, cfg.mode, out)
     return index
 
@@ -496,8 +549,7 @@ def add_to_index(
     if present:
         raise IndexFormatError(f"ids {present[:5]} are already in {path}; give new items new ids")
     _check_ids(items, where="the new items")
-    vectors, annotated = _encode_candidates(pipeline, cfg, items)
-    index.add(items, vectors, [item.tcot for item in annotated])
+    _index_candidates(pipeline, cfg, index, items)
     index.save(path)
     return index
 

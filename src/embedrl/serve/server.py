@@ -52,6 +52,7 @@ from embedrl.config import ConfigError, ServeConfig
 from embedrl.data.schema import Item
 from embedrl.eval.pipeline import EmbedPipeline
 from embedrl.models.chat import ChatModel, ChatParams, Conversation
+from embedrl.models.generation import engine_settings
 from embedrl.models.loading import load_chat_model, load_embedder, load_reasoner
 from embedrl.models.reasoner import Decoding, Reasoner
 from embedrl.serve.batching import MicroBatcher
@@ -507,14 +508,18 @@ def _search_batch(searcher: Searcher, payloads: Sequence[tuple[Item, int]]) -> l
 def _load_models(
     cfg: ServeConfig, embedder: Any, reasoner: Any, chat_model: Any, index: Any
 ) -> tuple[Any, Any, ChatModel | None, SearchIndex | None]:
+    engine, attn = engine_settings(cfg, cfg.max_batch_size), cfg.attn_implementation
     if embedder is None and cfg.model:
-        embedder = load_embedder(cfg.model, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device)
+        embedder = load_embedder(cfg.model, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device,
+                                 attn_implementation=attn)  # fmt: skip
     if reasoner is None and cfg.reasoner:
-        reasoner = load_reasoner(cfg.reasoner, dtype=cfg.dtype, device=cfg.device, compact_prompts=cfg.compact_prompts)
+        reasoner = load_reasoner(cfg.reasoner, dtype=cfg.dtype, device=cfg.device, compact_prompts=cfg.compact_prompts,
+                                 engine=engine, attn_implementation=attn)  # fmt: skip
     if isinstance(chat_model, Reasoner):
         chat_model = ChatModel.from_reasoner(chat_model)
     if chat_model is None and cfg.chat_model:
-        chat_model = load_chat_model(cfg.chat_model, dtype=cfg.dtype, device=cfg.device)
+        chat_model = load_chat_model(cfg.chat_model, dtype=cfg.dtype, device=cfg.device, engine=engine,
+                                     attn_implementation=attn)  # fmt: skip
     if index is None and cfg.index:
         index = SearchIndex.load(cfg.index)
     return embedder, reasoner, chat_model, index

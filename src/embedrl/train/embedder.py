@@ -1,14 +1,23 @@
-"""Contrastive training of the Embedder (docs/method.md §3.4–3.8): ``train_embedder(cfg)``.
+"""Contrastive training of the Embedder (docs/method.md §3.4–3.8): ``train_embedder(cfg)``, on accelerate.
 
-The loop reads top to bottom: build (data, sampler, model, optimiser, schedule) → resume → per step: batch →
-``train_step`` → log → maybe save. Each step is ``num_sub_batches`` same-dataset sub-batches; the loss of each
-sub-batch is the symmetric InfoNCE of :mod:`embedrl.losses` over in-batch negatives gathered from every process;
-gradients are averaged over sub-batches and processes.
+The loop reads top to bottom: build (data, sampler, ``Accelerator``, model, optimiser, schedule) → resume → per
+step: batch → ``train_step`` → log → maybe save. Each step is ``num_sub_batches`` same-dataset sub-batches; the
+loss of each sub-batch is the symmetric InfoNCE of :mod:`embedrl.losses` (cached, GradCache, with ``grad_cache``)
+over in-batch negatives gathered from every process; gradients are averaged over sub-batches and processes.
 
-Multi-process: launch with ``torchrun --nproc-per-node N -m embedrl.cli train-embedder ...`` or
-``accelerate launch -m embedrl.cli train-embedder ...``. The process group is set up from the launcher's
-environment (``WORLD_SIZE``, ``RANK``); gradients are all-reduced explicitly after backward, so the Embedder's
-base-model forward path needs no DDP wrapper.
+accelerate owns the distribution (docs/embedder.md, "Training"): the ``Accelerator`` puts each process on its device
+(``cuda:LOCAL_RANK`` with ``--device cuda``), wraps the model for DDP, FSDP or DeepSpeed ZeRO as the launcher's
+accelerate config says, applies bf16 mixed precision (``bf16``) and accumulates gradients over a step's sub-batches
+(``gradient_accumulation_steps = num_sub_batches``: one gradient synchronisation and one optimiser step per step).
+What stays ours: the sub-batch sampler, each process's share of every sub-batch (``split_for_rank``), the gather of
+embeddings with gradients inside the loss (accelerate's gather is not differentiable), GradCache, the schedule and
+the checkpoint layout (``accelerator.save_state`` into ``checkpoints/step-N``, written under ``.tmp`` and renamed
+once complete, with every process's RNG states, so a resumed run ends with the weights of an uninterrupted one).
+
+Launch: ``embedrl train-embedder ...`` (one process), ``accelerate launch --config_file
+configs/accelerate/ddp.yaml -m embedrl.cli train-embedder ... --device cuda`` or ``torchrun --nproc-per-node N -m
+embedrl.cli train-embedder ... --device cuda``. ``report_to`` sends the ``metrics.jsonl`` scalars to TensorBoard,
+W&B or trackio (:mod:`embedrl.train.tracking`).
 """
 
 from __future__ import annotations
@@ -26,18 +35,24 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from peft import LoraConfig, get_peft_model
+from accelerate import Accelerator, DistributedType
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from embedrl.config import ConfigError, EmbedderTrainConfig, check_run_dir, save_config, truncate_metrics
 from embedrl.data.sampler import DatasetInfo, SubBatchSampler, split_for_rank
 from embedrl.data.schema import DataError, Item, Pair, read_pairs
 from embedrl.losses import cached_info_nce, info_nce
+from embedrl.models.cards import write_model_card
 from embedrl.models.embedder import Embedder
 from embedrl.models.loading import resolve_checkpoint
 from embedrl.tcot import TCoT, parse_tcot, render_tcot
+from embedrl.train.tracking import PROJECT, RUNS_DIR, hparams, make_trackers, mark_start, scalars
 
 logger = logging.getLogger(__name__)
 
@@ -115,11 +130,18 @@ def lora_target_modules(model: torch.nn.Module, cfg: EmbedderTrainConfig) -> lis
 
 
 def prepare_model(model: torch.nn.Module, cfg: EmbedderTrainConfig) -> torch.nn.Module:
-    """Full fine-tuning (every parameter trains) or LoRA via peft (only adapters train)."""
+    """Full fine-tuning (every parameter the Embedder computes with trains) or LoRA via peft (only adapters train).
+
+    In full fine-tuning an LM head that is not tied to the input embeddings is frozen: the Embedder never computes
+    it, so it would get no gradient anyway, and leaving it out keeps it out of the optimiser and the checkpoints.
+    """
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if cfg.finetune == "full":
         model.requires_grad_(True)
+        head = model.get_output_embeddings()
+        if head is not None and head.weight is not model.get_input_embeddings().weight:
+            head.requires_grad_(False)
         return model
     lora = LoraConfig(
         r=cfg.lora.rank,
@@ -144,29 +166,120 @@ def cosine_schedule(optimizer: torch.optim.Optimizer, warmup: int, total: int) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Distributed helpers (a no-op in a single process)
+# Accelerate: the Accelerator and the module it wraps
 # ----------------------------------------------------------------------------------------------------------------
 
+SHARDED = (DistributedType.FSDP, DistributedType.DEEPSPEED)  # the model's weights are split over the processes
 
-def init_distributed(device: str) -> tuple[int, int]:
-    """Join the process group a launcher (torchrun, accelerate) describes in the environment. Returns (rank, world)."""
+
+class EmbedForward(torch.nn.Module):
+    """The Embedder's training forward as one module, the one accelerate wraps (DDP, FSDP, DeepSpeed) and runs under
+    mixed precision: ``forward(*batches)`` returns the unit-norm embeddings ``[B_i, D]`` (float32) of each collated
+    batch (:meth:`Embedder.embed_batch`). Both sides of a sub-batch go through **one** call, so a DDP wrapper sees one
+    forward per backward. The Embedder's model is this module's ``model`` (same parameters, not a copy)."""
+
+    def __init__(self, embedder: Embedder) -> None:
+        super().__init__()
+        self.model = embedder.model
+        self.embedder = embedder  # not a Module: not registered, so its model is counted once
+        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        # FSDP's transformer auto-wrap reads the layer classes to shard from the module it wraps.
+        self._no_split_modules = list(getattr(base, "_no_split_modules", None) or [])
+
+    def forward(self, *batches: dict[str, Tensor]) -> tuple[Tensor, ...]:
+        return tuple(self.embedder.embed_batch(batch) for batch in batches)
+
+
+def build_accelerator(cfg: EmbedderTrainConfig) -> Accelerator:
+    """The run's ``Accelerator``: ``cfg.device`` (``cpu``, ``cuda``: ``cuda:LOCAL_RANK`` per process, ``cuda:N`` in
+    a single process), bf16 when ``cfg.bf16`` (else the launcher's mixed precision), gradient accumulation over the
+    ``num_sub_batches`` sub-batches of a step, DDP that tolerates parameters a forward does not use (the vision tower
+    on a text-only sub-batch) and the ``report_to`` trackers. The distribution itself (DDP, FSDP, DeepSpeed) is the
+    launcher's accelerate config.
+
+    Raises:
+        ConfigError: an unknown device, ``cuda`` without a GPU, ``cuda:N`` in a multi-process launch, an accelerate
+            config whose ``gradient_accumulation_steps`` differs from ``num_sub_batches``, or ``grad_cache`` under
+            DeepSpeed.
+    """
+    device = cfg.device
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        torch.distributed.init_process_group(backend)
-    return torch.distributed.get_rank(), world
+    kind, _, index = device.partition(":")
+    if kind not in ("cpu", "cuda") or (index and (kind == "cpu" or not index.isdigit())):
+        raise ConfigError(f"device={device!r}: use cpu, cuda (each process takes cuda:LOCAL_RANK) or cuda:N")
+    if index and world > 1:
+        raise ConfigError(
+            f"device={device!r} would put all {world} processes on one GPU: pass --device cuda, and each process "
+            "takes the GPU of its LOCAL_RANK"
+        )
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device={device!r} but torch sees no GPU: pass --device cpu")
+    if index:
+        torch.cuda.set_device(int(index))
+    # A stage run earlier in this process (TRL's trainers, a previous train_embedder) leaves accelerate's shared
+    # state behind; this run's device and precision replace it. The process group of a launch is kept.
+    AcceleratorState._reset_state(reset_partial_state=not torch.distributed.is_initialized())
+    accelerator = Accelerator(
+        cpu=kind == "cpu",
+        mixed_precision="bf16" if cfg.bf16 else None,
+        gradient_accumulation_steps=cfg.num_sub_batches,
+        step_scheduler_with_optimizer=False,  # the schedule counts optimiser steps, stepped once per step
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+        log_with=make_trackers(cfg, cfg.out, "train-embedder") or None,
+        project_dir=cfg.out,
+    )
+    if accelerator.device.type != kind:
+        raise ConfigError(
+            f"device={device!r} but accelerate placed this process on {accelerator.device}: check the accelerate "
+            "config (use_cpu) or pass the matching --device"
+        )
+    if accelerator.gradient_accumulation_steps != cfg.num_sub_batches:
+        raise ConfigError(
+            f"the accelerate config sets gradient_accumulation_steps={accelerator.gradient_accumulation_steps}, but "
+            f"the Embedder accumulates over the num_sub_batches={cfg.num_sub_batches} sub-batches of a step: leave "
+            "gradient_accumulation_steps out of the accelerate config, and set --num_sub_batches instead"
+        )
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        if cfg.grad_cache:
+            raise ConfigError(
+                "grad_cache does not run under DeepSpeed (it calls backward once per chunk, and accelerate's "
+                "DeepSpeed backward steps the optimiser at the first): use FSDP (configs/accelerate/fsdp.yaml) "
+                "or DDP with grad_cache, or DeepSpeed without it"
+            )
+        ds = accelerator.state.deepspeed_plugin.deepspeed_config
+        for key, value in (
+            ("train_micro_batch_size_per_gpu", cfg.sub_batch_size // accelerator.num_processes),
+            ("gradient_clipping", cfg.max_grad_norm),
+        ):
+            if ds.get(key, "auto") == "auto":  # no dataloader is prepared: fill what accelerate would infer
+                ds[key] = value
+    return accelerator
 
 
-def average_gradients(params: Sequence[torch.nn.Parameter], divisor: float, world: int) -> None:
-    """Sum gradients over processes and divide by ``divisor`` (sub-batches × processes)."""
-    for p in params:
-        if p.grad is None:
-            continue
-        if world > 1:
-            torch.distributed.all_reduce(p.grad)
-        p.grad /= divisor
+def _keep_trainable(models: list[torch.nn.Module], weights: list[dict[str, Tensor]], output_dir: str) -> None:
+    """``save_state`` pre-hook: a checkpoint holds the trainable weights only (LoRA: the adapters), as before."""
+    for model, state in zip(models, weights, strict=False):  # weights is empty under FSDP and DeepSpeed
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        for name in [name for name in state if name not in trainable]:
+            del state[name]
+
+
+def _load_trainable(models: list[torch.nn.Module], input_dir: str) -> None:
+    """``load_state`` pre-hook, the counterpart of :func:`_keep_trainable`: loads the trainable weights itself (a
+    checkpoint lacking one of them, or holding others, was written by another config) and leaves the optimiser,
+    schedule and RNG states to accelerate."""
+    for i, model in enumerate(models):
+        path = Path(input_dir) / ("model.safetensors" if i == 0 else f"model_{i}.safetensors")
+        state = load_file(path, device=str(next(model.parameters()).device))
+        trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+        missing, extra = sorted(trainable - set(state)), sorted(set(state) - trainable)
+        if missing or extra:
+            raise ConfigError(
+                f"{path} does not match this run's trainable parameters (missing {missing[:3]}, extra {extra[:3]}): "
+                "was it written by another finetune setting? pass --overwrite true to start over"
+            )
+        model.load_state_dict(state, strict=False)
+    models.clear()  # loaded: accelerate skips them
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -174,23 +287,36 @@ def average_gradients(params: Sequence[torch.nn.Parameter], divisor: float, worl
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sub_batch_loss(embedder: Any, queries: list[Item], targets: list[Item], cfg: EmbedderTrainConfig) -> dict:
-    """Loss of one same-dataset sub-batch; gradients are accumulated into the parameters (backward is called)."""
+def sub_batch_loss(
+    accelerator: Accelerator,
+    module: torch.nn.Module,
+    embedder: Embedder,
+    queries: list[Item],
+    targets: list[Item],
+    cfg: EmbedderTrainConfig,
+) -> dict[str, Tensor]:
+    """Loss of this process's share of one same-dataset sub-batch, against the embeddings of every process;
+    its gradients are accumulated into the parameters (``accelerator.backward`` is called). Returns the detached
+    ``loss``, ``loss_q2t``, ``loss_t2q`` and ``accuracy``.
 
-    def encode(items: list[Item]) -> torch.Tensor:
-        with torch.autocast("cuda" if cfg.device.startswith("cuda") else "cpu", torch.bfloat16, enabled=cfg.bf16):
-            return embedder.embed_batch(embedder.collate(items)).float()
+    ``module`` is the prepared :class:`EmbedForward`; ``embedder`` collates the items.
+    """
+
+    def inputs(items: list[Item]) -> dict[str, Tensor]:
+        return dict(embedder.collate(items).to(accelerator.device))
 
     if cfg.grad_cache:
         chunks = range(0, len(queries), cfg.chunk_size)
         return cached_info_nce(
-            encode,
+            lambda items: module(inputs(items))[0],
             [queries[i : i + cfg.chunk_size] for i in chunks],
             [targets[i : i + cfg.chunk_size] for i in chunks],
             temperature=cfg.temperature,
+            backward=accelerator.backward,
         )
-    out = info_nce(encode(queries), encode(targets), temperature=cfg.temperature)
-    out["loss"].backward()
+    q, t = module(inputs(queries), inputs(targets))  # [n_local, D] each
+    out = info_nce(q, t, temperature=cfg.temperature)
+    accelerator.backward(out["loss"])
     return {k: v.detach() for k, v in out.items()}
 
 
@@ -222,61 +348,86 @@ def step_views(batch: list[tuple[str, list[Pair]]], rate: float, seed: int, step
 
 
 def train_step(
-    embedder: Any,
+    accelerator: Accelerator,
+    module: torch.nn.Module,
+    embedder: Embedder,
     batch: list[tuple[str, list[Pair]]],
     optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scheduler: Any,
     cfg: EmbedderTrainConfig,
-    world: int,
 ) -> dict[str, float]:
-    """One optimiser step over a global batch of (dataset, this process's pairs) sub-batches."""
-    params = [p for p in embedder.model.parameters() if p.requires_grad]
-    sums: dict[str, float] = defaultdict(float)
+    """One optimiser step over a global batch of (dataset, this process's pairs) sub-batches.
+
+    Each sub-batch is one accumulation micro-step (``accelerator.accumulate``): its gradients stay on the process
+    until the last one, whose backward synchronises them; ``accelerator.backward`` divides each by the number of
+    sub-batches and the processes average, so the step's gradient is the mean over sub-batches and processes.
+    ``module``, ``optimizer`` and ``scheduler`` are the prepared ones. The returned losses and accuracy are the
+    means over sub-batches and processes (the global batch's), ``grad_norm`` the norm before clipping.
+    """
+    if len(batch) != accelerator.gradient_accumulation_steps:
+        raise ValueError(f"{len(batch)} sub-batches, but the accelerator accumulates over "
+                         f"{accelerator.gradient_accumulation_steps}")  # fmt: skip
+    sums: dict[str, Tensor] = {}
     for _, pairs in batch:
-        out = sub_batch_loss(embedder, [p.query for p in pairs], [p.target for p in pairs], cfg)
+        with accelerator.accumulate(module):
+            out = sub_batch_loss(
+                accelerator, module, embedder, [p.query for p in pairs], [p.target for p in pairs], cfg
+            )
         for key, value in out.items():
-            sums[key] += value.item() / len(batch)
-    average_gradients(params, divisor=len(batch) * world, world=world)
+            sums[key] = sums.get(key, 0) + value / len(batch)
+    if not accelerator.sync_gradients:
+        raise RuntimeError("the step ended before accelerate synchronised the gradients")
+    keys = sorted(sums)
+    means = accelerator.reduce(torch.stack([sums[k] for k in keys]).to(accelerator.device), reduction="mean")
+    metrics = dict(zip(keys, means.tolist(), strict=True))
     if cfg.max_grad_norm > 0:
-        sums["grad_norm"] = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm).item()
+        norm = accelerator.clip_grad_norm_(module.parameters(), cfg.max_grad_norm)
+        if norm is not None:  # DeepSpeed clips inside its step and may report no norm
+            metrics["grad_norm"] = float(norm)
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return dict(sums)
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Checkpoints
 # ----------------------------------------------------------------------------------------------------------------
 
-
-def _trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+TRAINER_STATE_FILE = "trainer_state.json"  # in each Embedder checkpoint: {"step": N}
 
 
-def save_checkpoint(out: Path, step: int, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> Path:
-    """Everything needed for an exact resume: trainable weights, optimiser, schedule and every RNG state."""
+def save_state(accelerator: Accelerator, out: Path, step: int) -> Path:
+    """Write ``out/checkpoints/step-N`` with ``accelerator.save_state`` (trainable weights, optimiser, schedule,
+    every process's RNG states; sharded as the model is under FSDP/DeepSpeed) and ``trainer_state.json``. It is
+    written as ``step-N.tmp`` and renamed once every process has written its part, so a checkpoint directory exists
+    only once it is complete. Every process calls this."""
     path = out / CHECKPOINT_DIR / f"step-{step:07d}"
     tmp = path.with_name(path.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftover
-    tmp.mkdir(parents=True)
-    try:
-        torch.save(
-            {
-                "step": step,
-                "model": _trainable_state(model),
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()},
-            },
-            tmp / "state.pt",
-        )
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a killed save's leftover
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / TRAINER_STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
         if path.exists():  # a stale checkpoint of the same step (a run that was overwritten)
             shutil.rmtree(path)
-        tmp.replace(path)  # a checkpoint directory exists only once it is complete
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.replace(path)
+    accelerator.wait_for_everyone()
     return path
+
+
+def load_state(accelerator: Accelerator, path: Path) -> int:
+    """Restore a checkpoint written by :func:`save_state` into the prepared objects; returns its step."""
+    state_file = path / TRAINER_STATE_FILE
+    if not state_file.is_file():
+        raise ConfigError(
+            f"{path} holds no {TRAINER_STATE_FILE}: it was not written by this version's train-embedder; pass "
+            "--overwrite true to start over"
+        )
+    accelerator.load_state(str(path))
+    return int(json.loads(state_file.read_text())["step"])
 
 
 def remove_partial_checkpoints(out: Path) -> None:
@@ -286,26 +437,10 @@ def remove_partial_checkpoints(out: Path) -> None:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete ``out/checkpoints/step-N`` (``.tmp`` folders are ignored), or None."""
     root = out / CHECKPOINT_DIR
     done = sorted(p for p in root.glob("step-*") if not p.name.endswith(".tmp")) if root.is_dir() else []
     return done[-1] if done else None
-
-
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, scheduler: Any) -> int:
-    state = torch.load(path / "state.pt", weights_only=False)
-    missing = set(_trainable_state(model)) - set(state["model"])
-    if missing:
-        raise ValueError(f"{path} lacks trainable parameters {sorted(missing)[:3]}...; was it written by this config?")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name in state["model"]:
-                param.copy_(state["model"][name])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    np.random.set_state(state["rng"]["numpy"])
-    random.setstate(state["rng"]["python"])
-    return int(state["step"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -313,87 +448,124 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer: Any, schedule
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def build_embedder(cfg: EmbedderTrainConfig, device: str | torch.device) -> Embedder:
+    """A fresh Embedder of ``cfg.backbone`` on ``device``, prepared for ``cfg.finetune`` (LoRA adapters or full)."""
+    backbone = resolve_checkpoint(cfg.backbone)  # a missing local folder fails here, never on the hub
+    embedder = Embedder.from_backbone(backbone, device=device, mode=cfg.mode, video_as=cfg.video_as)
+    embedder.model = prepare_model(embedder.model, cfg)
+    return embedder
+
+
+def save_final(
+    accelerator: Accelerator, module: torch.nn.Module, embedder: Embedder, cfg: EmbedderTrainConfig
+) -> Path:
+    """Write the trained Embedder to ``out/final`` (main process; every process calls this). Under FSDP and
+    DeepSpeed the weights are gathered from the processes into a fresh CPU copy first."""
+    final = Path(cfg.out) / FINAL_DIR
+    if accelerator.distributed_type in SHARDED:
+        state = accelerator.get_state_dict(module)  # a collective: the full weights, on the main process
+        if accelerator.is_main_process:
+            embedder = build_embedder(cfg, "cpu")
+            EmbedForward(embedder).load_state_dict(state)
+    if accelerator.is_main_process:
+        embedder.model.eval()
+        embedder.save(final)
+        save_config(cfg, final, filename="train_config.json")
+        write_model_card(final, "embedder", base_model=cfg.backbone, config=cfg)
+    accelerator.wait_for_everyone()
+    return final
+
+
 def train_embedder(cfg: EmbedderTrainConfig, on_step: StepCallback | None = None) -> Path:
     """Train the Embedder on ``cfg.data``; returns the directory of the final Embedder (``out/final``).
 
-    ``on_step(step, metrics)`` is called after every step (tests use it to interrupt a run).
+    Run it once per process of a launch (``accelerate launch``, ``torchrun``) or in a single process.
+    ``on_step(step, metrics)`` is called after every step, on every process (tests use it to interrupt a run).
     """
+    accelerator = build_accelerator(cfg)
+    try:
+        return _train(cfg, accelerator, on_step)
+    finally:
+        accelerator.end_training()  # closes the trackers (and the process group of a launch)
+
+
+def _train(cfg: EmbedderTrainConfig, accelerator: Accelerator, on_step: StepCallback | None) -> Path:
     out = Path(cfg.out)
-    rank, world = init_distributed(cfg.device)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if cfg.sub_batch_size % world:
-        raise ValueError(f"sub_batch_size={cfg.sub_batch_size} must be a multiple of the {world} processes")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
+        raise ConfigError(f"sub_batch_size={cfg.sub_batch_size} must be a multiple of the {world} processes")
+    set_seed(cfg.seed)  # the same on every process: identical initial weights (LoRA) everywhere
     data = load_training_data(cfg.data, cfg.datasets)  # every row and media file is checked before training
     sampler = build_sampler(data, cfg)
-    resume = check_run_dir(
-        cfg, out, resume=cfg.resume, overwrite=cfg.overwrite, leftovers=(CHECKPOINT_DIR, METRICS_FILE, FINAL_DIR)
+    # Every process checks the folder (so all raise alike); only the main one deletes a run that is overwritten.
+    leftovers = (CHECKPOINT_DIR, METRICS_FILE, FINAL_DIR, RUNS_DIR)
+    resume = (
+        check_run_dir(cfg, out, resume=cfg.resume, overwrite=cfg.overwrite, leftovers=leftovers)
+        if main or not cfg.overwrite
+        else False
     )
-    if world > 1:
-        torch.distributed.barrier()  # every process has checked the folder before rank 0 writes into it
-    if rank == 0:
+    accelerator.wait_for_everyone()  # every process has checked the folder before the main one writes into it
+    if main:
         save_config(cfg, out)
         remove_partial_checkpoints(out)
     total = cfg.max_steps or cfg.epochs * len(sampler)
-    backbone = resolve_checkpoint(cfg.backbone)  # a missing local folder fails here, never on the hub
-    embedder = Embedder.from_backbone(backbone, device=cfg.device, mode=cfg.mode, video_as=cfg.video_as)
-    embedder.model = prepare_model(embedder.model, cfg)
+    embedder = build_embedder(cfg, accelerator.device)
     embedder.model.train()
-    params = [p for p in embedder.model.parameters() if p.requires_grad]
+    module = EmbedForward(embedder)
+    params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = cosine_schedule(optimizer, cfg.warmup_steps, total)
+    module, optimizer, scheduler = accelerator.prepare(module, optimizer, scheduler)
+    accelerator.register_save_state_pre_hook(_keep_trainable)
+    accelerator.register_load_state_pre_hook(_load_trainable)
     logger.info(
-        "training on %d pairs from %d datasets: global batch %d = %d sub-batches × %d, %d processes, %d steps",
-        sum(map(len, data.values())),
-        len(data),
-        sampler.global_batch_size,
-        cfg.num_sub_batches,
-        cfg.sub_batch_size,
-        world,
-        total,
-    )
+        "training on %d pairs from %d datasets: global batch %d = %d sub-batches × %d, %d processes (%s, %s, "
+        "mixed precision %s), %d steps",
+        sum(map(len, data.values())), len(data), sampler.global_batch_size, cfg.num_sub_batches, cfg.sub_batch_size,
+        world, accelerator.distributed_type.value, accelerator.device, accelerator.mixed_precision, total,
+    )  # fmt: skip
 
     step = 0
     ckpt = latest_checkpoint(out) if resume else None
     if ckpt is not None:
-        step = load_checkpoint(ckpt, embedder.model, optimizer, scheduler)
+        step = load_state(accelerator, ckpt)
         logger.info("resumed from %s at step %d", ckpt, step)
-    if rank == 0:
+    if main:
         truncate_metrics(out / METRICS_FILE, step)  # the steps after the checkpoint are logged again
+    accelerator.init_trackers(PROJECT, config=hparams(cfg))  # main process only
+    mark_start(accelerator.trackers, step + 1)  # tensorboard drops what a killed run logged after the checkpoint
 
-    metrics_file = (out / METRICS_FILE).open("a") if rank == 0 else None
-    progress = tqdm(total=total, initial=step, desc="train-embedder", disable=rank != 0)
+    metrics_file = (out / METRICS_FILE).open("a") if main else None
+    progress = tqdm(total=total, initial=step, desc="train-embedder", disable=not main)
     steps_per_epoch = len(sampler)
-    while step < total:
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        for global_batch in sampler.epoch(epoch, start_step=in_epoch):
-            batch = [(d, [data[d][i] for i in split_for_rank(idx, rank, world)]) for d, idx in global_batch]
-            batch = step_views(batch, cfg.evidence_only_rate, cfg.seed, step + 1)
-            start = time.perf_counter()
-            metrics = train_step(embedder, batch, optimizer, scheduler, cfg, world)
-            step += 1
-            n_pairs = sampler.global_batch_size
-            metrics.update(lr=scheduler.get_last_lr()[0], pairs_per_s=n_pairs / (time.perf_counter() - start))
-            if metrics_file is not None and step % cfg.log_every == 0:
-                record = {"step": step, "epoch": epoch, "datasets": [d for d, _ in batch]}
-                record.update({f"train/{k}": v for k, v in metrics.items()})
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
-            progress.update(1)
-            if rank == 0 and (step % cfg.save_every == 0 or step == total):
-                save_checkpoint(out, step, embedder.model, optimizer, scheduler)
-            if on_step is not None:
-                on_step(step, metrics)
-            if step >= total:
-                break
-    progress.close()
-    if metrics_file is not None:
-        metrics_file.close()
-    final = out / FINAL_DIR
-    if rank == 0:
-        embedder.model.eval()
-        embedder.save(final)
-        save_config(cfg, final, filename="train_config.json")
-    return final
+    try:
+        while step < total:
+            epoch, in_epoch = divmod(step, steps_per_epoch)
+            for global_batch in sampler.epoch(epoch, start_step=in_epoch):
+                batch = [(d, [data[d][i] for i in split_for_rank(idx, rank, world)]) for d, idx in global_batch]
+                batch = step_views(batch, cfg.evidence_only_rate, cfg.seed, step + 1)
+                start = time.perf_counter()
+                metrics = train_step(accelerator, module, embedder, batch, optimizer, scheduler, cfg)
+                step += 1
+                n_pairs = sampler.global_batch_size
+                metrics.update(lr=scheduler.get_last_lr()[0], pairs_per_s=n_pairs / (time.perf_counter() - start))
+                if step % cfg.log_every == 0:
+                    record: dict[str, Any] = {"step": step, "epoch": epoch, "datasets": [d for d, _ in batch]}
+                    record.update({f"train/{k}": v for k, v in metrics.items()})
+                    accelerator.log(scalars(record), step=step)  # main process only
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                    progress.set_postfix(loss=f"{metrics['loss']:.3f}", acc=f"{metrics['accuracy']:.2f}")
+                progress.update(1)
+                if step % cfg.save_every == 0 or step == total:
+                    save_state(accelerator, out, step)
+                if on_step is not None:
+                    on_step(step, metrics)
+                if step >= total:
+                    break
+    finally:
+        progress.close()
+        if metrics_file is not None:
+            metrics_file.close()
+    return save_final(accelerator, module, embedder, cfg)

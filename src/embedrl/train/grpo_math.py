@@ -1,6 +1,9 @@
 """GRPO maths (docs/method.md §4.2): group-normalised advantages and the clipped policy loss with a k3 KL term.
 
 Pure tensor functions with hand-computed tests (``tests/test_grpo_math.py``); no model, optimiser or trainer here.
+TRL's ``GRPOTrainer`` runs the update; this module is the written-out objective its loss is checked against
+(``tests/test_grpo_trl.py``: same loss on the same log-probs, so a TRL upgrade that changes the objective fails), and
+gives the step metrics their constant-group counts and the sample tables their advantages.
 
     A_g     = (r_g − mean(r)) / (std(r) + 1e-6)                  per (pair, side) group of G rollouts
     ρ       = exp(log π_θ − log π_θold)                            per response token

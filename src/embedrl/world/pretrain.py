@@ -51,11 +51,13 @@ from tqdm.auto import tqdm
 from embedrl.backbones.tiny import BACKBONE_CONFIG_FILENAME
 from embedrl.config import BackbonePretrainConfig, TeacherNoiseConfig, check_run_dir, save_config, truncate_metrics
 from embedrl.data.schema import Item, Modality
+from embedrl.models.cards import write_model_card
 from embedrl.models.generation import generate_texts
 from embedrl.models.loading import load_reasoner
 from embedrl.models.reasoner import Reasoner, ReasonerPrompt, build_reasoner_prompt
 from embedrl.tcot import parse_tcot
 from embedrl.train.reasoner import SFTExample, discrimination_sft, sft_batch, warmup_linear_decay
+from embedrl.train.tracking import RUNS_DIR, StageTrackers
 from embedrl.world.scenes import (
     NUMBER_WORDS,
     Clip,
@@ -293,7 +295,7 @@ def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
     differs unless ``cfg.overwrite`` (:func:`~embedrl.config.check_run_dir`)."""
     out = Path(cfg.out)
     resume = check_run_dir(
-        cfg, out, resume=cfg.resume, overwrite=cfg.overwrite, leftovers=(STATE_FILE, METRICS_FILE, "final")
+        cfg, out, resume=cfg.resume, overwrite=cfg.overwrite, leftovers=(STATE_FILE, METRICS_FILE, "final", RUNS_DIR)
     )
     save_config(cfg, out)
     (out / (STATE_FILE + ".tmp")).unlink(missing_ok=True)  # a killed save's leftover
@@ -314,7 +316,7 @@ def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
         logger.info("resuming perception pre-training at step %d", first)
     metrics = out / METRICS_FILE
     truncate_metrics(metrics, first - 1)  # the steps after the saved state are logged again
-    with metrics.open("a") as log:
+    with metrics.open("a") as log, StageTrackers(cfg, out, "backbone-pretrain", first) as trackers:
         bar = tqdm(range(first, cfg.max_steps + 1), desc="backbone pretrain", initial=first - 1, total=cfg.max_steps)
         for step in bar:
             start = time.perf_counter()
@@ -333,6 +335,7 @@ def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
                 record.update({f"eval/{task}": acc for task, acc in scores.items()})
                 logger.info("step %d perception %s", step, scores)
             log.write(json.dumps(record) + "\n")
+            trackers.log(record)
             log.flush()
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                 _save_state(out, step, model, optimizer, schedule)
@@ -348,5 +351,6 @@ def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
     (final / PERCEPTION_FILE).write_text(json.dumps({"exact_match": scores, "examples_per_task": cfg.eval_examples,
                                                      "steps": cfg.max_steps}, indent=2) + "\n")  # fmt: skip
     logger.info("perception after %d steps: %s", cfg.max_steps, scores)
+    write_model_card(final, "backbone", base_model=cfg.backbone, config=cfg, results={"perception": scores})
     (out / STATE_FILE).unlink(missing_ok=True)
     return final
