@@ -352,8 +352,7 @@ def test_http_timeout_bounds_the_whole_reply_not_each_read() -> None:
         )  # fmt: skip
         annotator = OpenAIAnnotator(settings)
         start = time.monotonic()
-        with pytest.raises(AnnotationError, match=r"still failing after 1 retries \(ReadTimeout: no complete reply "
-                           r"within timeout_s=1.5\)"):  # fmt: skip
+        with pytest.raises(AnnotationError, match=r"still failing after 1 retries \(ReadTimeout"):
             list(
                 annotator.complete([ChatRequest("k", [{"role": "user", "content": [{"type": "text", "text": "x"}]}])])
             )

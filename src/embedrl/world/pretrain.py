@@ -55,8 +55,9 @@ from embedrl.models.cards import write_model_card
 from embedrl.models.generation import generate_texts
 from embedrl.models.loading import load_reasoner
 from embedrl.models.reasoner import Reasoner, ReasonerPrompt, build_reasoner_prompt
+from embedrl.prompts import IM_END
 from embedrl.tcot import parse_tcot
-from embedrl.train.reasoner import SFTExample, discrimination_sft, sft_batch, warmup_linear_decay
+from embedrl.train.reasoner import discrimination_prompt
 from embedrl.train.tracking import RUNS_DIR, StageTrackers
 from embedrl.world.scenes import (
     NUMBER_WORDS,
@@ -96,6 +97,50 @@ PERCEPTION_FILE = "perception.json"
 STATE_FILE = "trainer_state.pt"
 EVAL_SEED_OFFSET = 7_919_000  # held-out media: a seed stream no training step uses
 COMPACT_PROMPTS = True  # the tcot task's prompt style, recorded in the checkpoint's embedrl_reasoner.json
+
+
+@dataclass
+class SFTExample:
+    """One supervised pre-training example: a Reasoner prompt and the assistant text to imitate."""
+
+    prompt: ReasonerPrompt
+    answer: str
+    kind: str
+
+
+def sft_batch(reasoner: Reasoner, batch: list[SFTExample], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded inputs with labels on the assistant's tokens (answer + ``<|im_end|>``) only."""
+    processor = reasoner.processor
+    texts, images = [], []
+    for ex in batch:
+        messages = [*ex.prompt.messages, {"role": "assistant", "content": [{"type": "text", "text": ex.answer}]}]
+        texts.append(processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=False))
+        images += ex.prompt.images
+    kwargs = reasoner.adapter.processor_kwargs(reasoner.budget)
+    inputs = processor(
+        text=texts, images=images or None, padding=True, padding_side="right", return_tensors="pt", **kwargs
+    )
+    labels = torch.full_like(inputs["input_ids"], -100)
+    lengths = inputs["attention_mask"].sum(1)
+    for row, ex in enumerate(batch):
+        # The template closes the assistant turn with "<|im_end|>\n"; supervise the answer and <|im_end|>.
+        n_answer = len(processor.tokenizer(ex.answer + IM_END, add_special_tokens=False)["input_ids"])
+        end = int(lengths[row]) - 1  # drop the trailing newline
+        labels[row, end - n_answer : end] = inputs["input_ids"][row, end - n_answer : end]
+    if inputs["input_ids"].shape[1] > max_length:
+        raise ValueError(
+            f"a cold-start batch is {inputs['input_ids'].shape[1]} tokens long, over max_length={max_length}; "
+            "raise max_length or shorten the prompts (compact_prompts: true)"
+        )
+    inputs["labels"] = labels
+    return inputs.to(reasoner.model.device)
+
+
+def warmup_linear_decay(optimizer: torch.optim.Optimizer, warmup_steps: int, max_steps: int) -> Any:
+    """Linear warm-up over ``warmup_steps``, then linear decay to 0 at ``max_steps`` (stepped once per step)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / (warmup_steps + 1)) * max(0.0, 1 - s / max_steps)
+    )
 
 
 @dataclass(frozen=True)
@@ -236,8 +281,7 @@ def judge_task(rng: random.Random, geo: Geometry) -> PerceptionExample:
         anchor, positive = _brief(example.query, rng), _brief(example.positive, rng)
         negatives = [_brief(n, rng) for n in example.negatives]
         rec = discrimination_example("", task, "query_to_target", anchor, positive, negatives, rng)
-    ex = discrimination_sft(rec)
-    return PerceptionExample([], "", ex.answer, "judge", ex.prompt)
+    return PerceptionExample([], "", str(rec["label"] + 1), "judge", discrimination_prompt(rec))
 
 
 TASKS: dict[str, Callable[[random.Random, Geometry], PerceptionExample]] = {
