@@ -54,13 +54,12 @@ from embedrl.eval.pipeline import (
     Encoder,
     decoding_from_config,
     embedder_fingerprint,
+    load_run_models,
     reasoner_fingerprint,
 )
 from embedrl.eval.scores import SCORE_KEYS, write_task_scores, write_text
 from embedrl.eval.task import EvalError, EvalTask, MissingTCoTError
 from embedrl.models.embedder import Embedder
-from embedrl.models.generation import engine_settings
-from embedrl.models.loading import load_embedder, load_reasoner
 from embedrl.models.reasoner import Decoding, Reasoner
 from embedrl.prompts import Side
 
@@ -574,20 +573,7 @@ def run_eval_stage(
         show_progress_bar=cfg.show_progress_bar,
     )
     # the data is read and checked first: a wrong path fails at once, before minutes of model loading
-    embedder = load_embedder(embedder_path, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device,
-                             attn_implementation=cfg.attn_implementation)  # fmt: skip
-    reasoner = (
-        load_reasoner(
-            cfg.reasoner,
-            dtype=cfg.dtype,
-            device=cfg.device,
-            compact_prompts=cfg.compact_prompts,
-            engine=engine_settings(cfg, cfg.reasoner_batch_size),
-            attn_implementation=cfg.attn_implementation,
-        )
-        if cfg.reasoner
-        else None
-    )
+    embedder, reasoner = load_run_models(cfg, embedder_path)
     report = task_evaluator.evaluate(
         embedder,
         reasoner,

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm.auto import tqdm
 
-from embedrl.config import DecodingFields
+from embedrl.config import DecodingFields, EmbedRunFields
 from embedrl.data.schema import Item, Modality
 from embedrl.eval.cache import (
     EmbeddingCache,
@@ -49,6 +49,8 @@ from embedrl.eval.cache import (
 )
 from embedrl.eval.task import EvalError, MissingTCoTError
 from embedrl.models.embedder import Embedder
+from embedrl.models.generation import engine_settings
+from embedrl.models.loading import load_embedder, load_reasoner
 from embedrl.models.reasoner import Decoding, Reasoner
 from embedrl.prompts import LAYOUT_EMBEDRL, PROMPT_FAMILIES, Side, choose_family
 
@@ -96,6 +98,25 @@ class Counts(Protocol):
 def decoding_from_config(cfg: DecodingFields) -> Decoding:
     """The :class:`~embedrl.models.reasoner.Decoding` of a stage config (its fields carry the same names)."""
     return Decoding(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(Decoding)})
+
+
+def load_run_models(cfg: EmbedRunFields, embedder_path: str) -> tuple[Embedder, Reasoner | None]:
+    """The Embedder at ``embedder_path`` (in the config's layout) and the Reasoner ``cfg.reasoner`` (None when empty)
+    of a stage that embeds with T-CoTs (evaluation, index), loaded with the stage's dtype, device, attention and
+    generation engine."""
+    embedder = load_embedder(embedder_path, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device,
+                             attn_implementation=cfg.attn_implementation)  # fmt: skip
+    if not cfg.reasoner:
+        return embedder, None
+    reasoner = load_reasoner(
+        cfg.reasoner,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        compact_prompts=cfg.compact_prompts,
+        engine=engine_settings(cfg, cfg.reasoner_batch_size),
+        attn_implementation=cfg.attn_implementation,
+    )
+    return embedder, reasoner
 
 
 def embedder_fingerprint(embedder: Embedder) -> str:

@@ -47,12 +47,11 @@ from embedrl.eval.cache import atomic_write_bytes
 from embedrl.eval.pipeline import (
     EmbedPipeline,
     decoding_from_config,
+    load_run_models,
 )
 from embedrl.eval.task import MissingTCoTError
 from embedrl.evidence import build_embedder_messages
 from embedrl.models.embedder import Embedder
-from embedrl.models.generation import engine_settings
-from embedrl.models.loading import load_embedder, load_reasoner
 from embedrl.models.reasoner import Reasoner
 from embedrl.prompts import CUE_KEYS, LAYOUT_EMBEDRL, LAYOUT_REFERENCE
 
@@ -422,21 +421,7 @@ def _resolved(path: str) -> str:
 def load_index_models(cfg: IndexConfig) -> tuple[Embedder, Reasoner | None]:
     """The Embedder (in the config's layout) and the Reasoner (None when ``cfg.reasoner`` is empty) named by an index
     config."""
-    embedder = load_embedder(cfg.model, layout=cfg.layout, dtype=cfg.dtype, device=cfg.device,
-                             attn_implementation=cfg.attn_implementation)  # fmt: skip
-    reasoner = (
-        load_reasoner(
-            cfg.reasoner,
-            dtype=cfg.dtype,
-            device=cfg.device,
-            compact_prompts=cfg.compact_prompts,
-            engine=engine_settings(cfg, cfg.reasoner_batch_size),
-            attn_implementation=cfg.attn_implementation,
-        )
-        if cfg.reasoner
-        else None
-    )
-    return embedder, reasoner
+    return load_run_models(cfg, cfg.model)
 
 
 def _pipeline(
