@@ -1,4 +1,4 @@
-"""Reward encode: the EG-RL reward's Embedder pass, today's per-rollout path vs the shared-visuals path.
+"""Reward encode: the EG-RL reward's Embedder pass, the per-rollout path vs the shared path.
 
 One reward step embeds ``B`` pairs x 2 sides x ``G`` rollouts; the ``G`` rollouts of an item share its images or
 video and differ in the T-CoT and in the crops / key frames it names (docs/rewards.md §2). Two ways, side by side on
@@ -7,8 +7,9 @@ the same rollouts and the same model, taking turns so that a busy host slows the
 - ``per-rollout``: what :class:`~embedrl.rewards.judges.EmbedderReward` did before: ``Embedder.encode`` of
   ``item.with_tcot(completion)`` for every rollout (media read, processed and encoded by the vision tower per
   rollout);
-- ``shared``: :class:`~embedrl.rewards.judges.EmbedderReward` now: media read once per item, and each unique image,
-  video, crop or key frame processed and encoded once (``Embedder.sharing_visuals``).
+- ``shared``: :class:`~embedrl.rewards.judges.EmbedderReward` now: media read once per item, each unique image,
+  video, crop or key frame processed and encoded once (``Embedder.sharing_visuals``), and the tokens an item's
+  rollouts share run once through the language model (``Embedder.encode(groups=...)``).
 
 The items are the RL split of a tiny synthetic world (128 px scenes and pages, 8-frame 64 px clips, text), generated
 in a temporary directory; rollout ``g`` of an item names its own box (object ``g`` of the scene) or key frames. The

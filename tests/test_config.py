@@ -12,10 +12,13 @@ import yaml
 
 from embedrl.config import (
     STAGE_CONFIGS,
+    BackbonePretrainConfig,
     ConfigError,
+    EmbedderTrainConfig,
     GRPOTrainConfig,
     TinyBackboneConfig,
     WorldConfig,
+    check_run_dir,
     config_from_dict,
     config_to_dict,
     load_config,
@@ -138,3 +141,28 @@ def test_exponent_floats_from_the_command_line_are_numbers() -> None:
     assert cfg.lr == 1e-4 and cfg.beta == 2.5e-3
     with pytest.raises(ConfigError, match="must be a number"):
         load_config(GRPOTrainConfig, None, {"lr": "fast", "reasoner": "r", "embedder": "e", "data": "d", "out": "o"})
+
+
+def test_resume_counts_a_key_the_saved_config_lacks_as_its_default(tmp_path: Path) -> None:
+    """check_run_dir: a run saved before a key existed (top level, or inside a section) resumes while the key keeps
+    its default, and is refused, naming the key, once it does not; a saved dict field is not padded with defaults."""
+    out = tmp_path / "run"
+    cfg = BackbonePretrainConfig(backbone="b", out=str(out), task_weights={"crop": 1.0})
+    path = save_config(cfg, out)
+    payload = json.loads(path.read_text())
+    del payload["config"]["threads"], payload["config"]["dtype"]
+    path.write_text(json.dumps(payload))
+    assert check_run_dir(cfg, out, resume=True, overwrite=False, leftovers=())
+    with pytest.raises(ConfigError, match=r"differs from the run being resumed in dtype, task_weights\.cell \("):
+        check_run_dir(dataclasses.replace(cfg, dtype="float32", task_weights={"crop": 1.0, "cell": 1.0}), out,
+                      resume=True, overwrite=False, leftovers=())  # fmt: skip
+
+    nested = EmbedderTrainConfig(backbone="b", data="d", out=str(tmp_path / "emb"))
+    path = save_config(nested, nested.out)
+    payload = json.loads(path.read_text())
+    del payload["config"]["lora"]["vision_tower"]
+    path.write_text(json.dumps(payload))
+    assert check_run_dir(nested, nested.out, resume=True, overwrite=False, leftovers=())
+    off = dataclasses.replace(nested, lora=dataclasses.replace(nested.lora, vision_tower=False))
+    with pytest.raises(ConfigError, match=r"differs from the run being resumed in lora\.vision_tower \("):
+        check_run_dir(off, nested.out, resume=True, overwrite=False, leftovers=())

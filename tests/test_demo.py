@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from embedrl.cli import main
+from embedrl.config import WorldConfig
 from embedrl.demo import (
     CLAIMS,
     DEMO_MODES,
@@ -15,9 +16,12 @@ from embedrl.demo import (
     REWARD_PLOT,
     answer_agreement,
     check_claims,
+    evidence_agreement,
     format_results,
+    plot_modes,
     rl_curve,
 )
+from embedrl.world.generate import generate_world
 
 
 @pytest.mark.slow  # ~70 s on an idle 2-core machine: `make test PYTEST_ARGS="-m slow"`
@@ -39,9 +43,11 @@ def test_quick_demo_writes_every_mode(tmp_path: Path) -> None:
     assert (tmp_path / "eval" / "egrl" / "predictions").is_dir()
     assert results["rl"]["steps"] >= 1 and len(results["rl"]["reward/total"]) >= 1
     assert set(results["answer_agreement"]) == {"pre_rl", "egrl"}
-    assert set(results["evidence_agreement"]) == {"teacher", "pre_rl", "egrl"}
+    assert list(results["evidence_agreement"]) == ["teacher", "oracle", "pre_rl", "egrl"]
     teacher = results["evidence_agreement"]["teacher"]
     assert 0.5 < teacher["box_exact_rate"] < 1.0 and teacher["boxes"] > 0  # the noisy teacher: mostly right
+    oracle = results["evidence_agreement"]["oracle"]
+    assert all(oracle[k] == 1.0 for k in ("keyword_precision", "box_exact_rate", "key_frame_recall"))
     for evidence in results["evidence_agreement"].values():
         assert all(
             v is None or 0.0 <= v <= 1.0 for k, v in evidence.items() if k.endswith(("rate", "precision", "recall"))
@@ -61,8 +67,8 @@ def test_claims_report_margins() -> None:
     results = {"modes": {"raw": {"overall": 10.0}, "pre_rl": {"overall": 30.0}, "egrl": {"overall": 35.5},
                          "no_evidence": {"overall": 36.0}}}  # fmt: skip
     claims = {c["claim"]: c for c in check_claims(results)}
-    assert claims["egrl > pre_rl"] == {"claim": "egrl > pre_rl", "margin": 5.5, "holds": True}
-    assert claims["pre_rl > raw"]["margin"] == 20.0 and claims["pre_rl > raw"]["holds"]
+    assert claims["egrl > pre_rl"] == {"claim": "egrl > pre_rl", "margin": 5.5, "holds": None}  # untested
+    assert claims["pre_rl > raw"]["margin"] == 20.0 and claims["pre_rl > raw"]["holds"] is None
     assert claims["egrl > no_evidence"] == {"claim": "egrl > no_evidence", "margin": -0.5, "holds": False}
 
 
@@ -77,8 +83,10 @@ def test_claims_carry_a_paired_interval_when_per_query_values_are_given() -> Non
     results = {"seed": 0, "modes": {m: {"overall": o} for m, o in overall.items()}}
     claims = {c["claim"]: c for c in check_claims(results, values)}
     assert claims["egrl > pre_rl"]["ci95"] == [50.0, 50.0] and claims["egrl > pre_rl"]["clear"]
+    assert claims["egrl > pre_rl"]["holds"] is True
     low, high = claims["pre_rl > raw"]["ci95"]
     assert claims["pre_rl > raw"]["margin"] == -2.5 and low < 0 <= high and not claims["pre_rl > raw"]["clear"]
+    assert claims["pre_rl > raw"]["holds"] is False
     assert claims["egrl > no_evidence"] == {"claim": "egrl > no_evidence", "margin": 0.0, "holds": False,
                                                  "ci95": [0.0, 0.0], "clear": False}  # fmt: skip
     results |= {"claims": list(claims.values()), "n_queries": {"a": 10, "b": 20}, "wall_s": 1.0, "stage_s": {}}
@@ -101,6 +109,34 @@ def test_claims_carry_a_paired_interval_when_per_query_values_are_given() -> Non
                "key_frame_recall": None}  # fmt: skip
     results["evidence_agreement"] = {"teacher": teacher}
     assert "teacher 0.90 / 1.00; 0.88; 0.80 / n/a." in format_results(results)
+
+
+def test_oracle_follows_teacher_in_the_table_and_the_plot(tmp_path: Path) -> None:
+    assert DEMO_MODES[DEMO_MODES.index("teacher") + 1] == "oracle"
+    modes = {m: {"overall": float(i), "tasks": {"world_a": float(i), "world_b": 2.0 * i}} for i, m in
+             enumerate(DEMO_MODES)}  # fmt: skip
+    results = {"seed": 0, "wall_s": 1.0, "stage_s": {}, "n_queries": {"world_a": 10, "world_b": 20}, "modes": modes}
+    lines = format_results(results).splitlines()
+    assert "| task | queries | raw | teacher | oracle | pre_rl | egrl | answer_only | no_evidence |" in lines
+    assert "| world_b | 20 | 0.0 | 2.0 | 4.0 | 6.0 | 8.0 | 10.0 | 12.0 |" in lines
+    assert plot_modes(results, tmp_path / MODES_PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_oracle_evidence_matches_the_ground_truth_exactly(tmp_path: Path) -> None:
+    """The oracle's T-CoTs are the teacher's at zero rates: every evidence rate is 1 by construction, while the
+    default-noise teacher's are not."""
+    world = generate_world(WorldConfig(out=str(tmp_path / "world"), seed=0, size="tiny"))
+    oracle = evidence_agreement(world, tmp_path / "cache", None, "oracle")
+    rates = ("keyword_precision", "keyword_recall", "box_exact_rate", "key_frame_precision", "key_frame_recall")
+    assert all(oracle[k] == 1.0 for k in rates), oracle
+    assert min(oracle[k] for k in ("keywords", "boxes", "frames_given", "frames_decisive")) > 0
+    teacher = evidence_agreement(world, tmp_path / "cache", None)
+    assert teacher["frames_decisive"] == oracle["frames_decisive"]  # the same items
+    assert teacher["box_exact_rate"] < 1.0 and teacher["keyword_precision"] < 1.0
+    assert teacher["key_frame_precision"] < 1.0 and teacher["key_frame_recall"] < 1.0
+    results = {"seed": 0, "wall_s": 1.0, "stage_s": {}, "n_queries": {"a": 1}, "modes": {"raw": {"overall": 0.0,
+               "tasks": {"a": 0.0}}}, "evidence_agreement": {"teacher": teacher, "oracle": oracle}}  # fmt: skip
+    assert "; oracle 1.00 / 1.00; 1.00; 1.00 / 1.00." in format_results(results)
 
 
 def test_rl_curve_means_over_stretches(tmp_path: Path) -> None:

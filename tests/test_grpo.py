@@ -245,8 +245,8 @@ def test_embedder_reward_embeds_each_rollout_with_its_item_and_tcot(tmp_path) ->
     seen: dict = {}
 
     class FakeEmbedder:
-        def encode(self, items, batch_size, mode):
-            seen.update(items=items, mode=mode)
+        def encode(self, items, batch_size, mode, groups):
+            seen.update(items=items, mode=mode, groups=groups)
             return np.eye(len(items), 4, dtype=np.float32)
 
         def sharing_visuals(self):
@@ -260,11 +260,13 @@ def test_embedder_reward_embeds_each_rollout_with_its_item_and_tcot(tmp_path) ->
     out = EmbedderReward(FakeEmbedder())(
         "query", ["<thinking>a</thinking>", "<thinking>b</thinking>"], {"item": items}
     )
-    assert out.shape == (2, 4) and seen["mode"] == "full"
+    assert out.shape == (2, 4) and seen["mode"] == "full" and seen["groups"] is None  # one rollout each
     assert [it.tcot for it in seen["items"]] == ["<thinking>a</thinking>", "<thinking>b</thinking>"]
     # the media files are read once per item, as RGB images with the files' pixels
     red = [[im.getpixel((0, 0))[0] for im in (*it.images, *it.frames)] for it in seen["items"]]
     assert red == [[10], [20, 30]]
+    EmbedderReward(FakeEmbedder())("query", ["t1", "t2", "t3"], {"item": [items[0], items[1], items[0]]})
+    assert seen["groups"] == [[0, 2], [1]]  # an item's rollouts form one group
     with pytest.raises(ValueError, match="'item' column"):
         EmbedderReward(FakeEmbedder())("query", ["t"], {})
 

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,8 @@ from PIL import Image
 
 from embedrl.cli import main
 from embedrl.config import ConfigError, TeacherNoiseConfig, WorldConfig
-from embedrl.data.schema import read_jsonl, read_pairs
+from embedrl.data.schema import read_jsonl, read_pairs, write_jsonl
+from embedrl.eval.task import EvalError
 from embedrl.prompts import CUE_BOXES, CUE_FRAMES, CUE_KEYWORDS, PROMPT_FAMILIES
 from embedrl.tcot import format_ok, parse_tcot
 from embedrl.world.generate import SIZES, evidence_accuracy, generate_world, load_eval_task, world_stats
@@ -31,7 +33,7 @@ from embedrl.world.tasks import (
     doc_grade,
     video_caption_holds,
 )
-from embedrl.world.teacher import FILLER_SENTENCES, NOISE_KINDS, TeacherView, write_tcot
+from embedrl.world.teacher import FILLER_SENTENCES, NOISE_KINDS, TeacherView, write_oracle_tcot, write_tcot
 
 META_TASKS = {"I-CLS", "I-QA", "I-RET", "I-GD", "V-CLS", "V-QA", "V-RET", "V-MRET", "VisDoc"}
 ZERO_NOISE = dict.fromkeys(NOISE_KINDS, 0.0)
@@ -111,7 +113,7 @@ def test_other_seed_differs_and_regenerating_in_place_is_identical(world: Path, 
 
 def test_world_json_and_manifest(world: Path) -> None:
     info = json.loads((world / "world.json").read_text())
-    assert info["stage"] == "WorldConfig" and info["format_version"] == 1 and info["seed"] == 0
+    assert info["stage"] == "WorldConfig" and info["format_version"] == 2 and info["seed"] == 0
     assert info["config"]["size"] == "tiny" and info["sizes"] == vars(SIZES["tiny"])
     assert info["counts"]["train_pairs"] == len(read_pairs(world / "train.jsonl")) == 14 * len(TASKS)
     manifest = json.loads((world / "eval" / "manifest.json").read_text())
@@ -381,6 +383,69 @@ def test_a_rate_of_one_always_applies_and_zero_never() -> None:
             clean = write_tcot(view, zeros, random.Random(i))
             assert clean.applied == () and clean.tcot.boxes == [list(b) for b in view.boxes]
             assert clean.tcot.frames == list(view.frames) and clean.tcot.keywords == list(view.keywords)
+
+
+def test_the_oracle_is_the_teacher_at_zero_rates_whatever_the_seed() -> None:
+    for view in (BOX_VIEW, FRAME_VIEW, KEYWORD_VIEW):
+        oracle = write_oracle_tcot(view)
+        assert oracle.applied == () and oracle.applicable
+        assert {write_tcot(view, TeacherNoiseConfig(**ZERO_NOISE), random.Random(i)).text for i in range(20)} == {
+            oracle.text
+        }
+        noisy = write_tcot(view, TeacherNoiseConfig(**dict.fromkeys(NOISE_KINDS, 1.0)), random.Random(0))
+        assert noisy.text != oracle.text
+
+
+def _eval_records(root: Path) -> list[dict[str, Any]]:
+    return [rec for _, rec in _all_items(root) if rec["meta"]["split"] == "eval"]
+
+
+def test_oracle_tcots_equal_the_clean_teachers(clean_world: Path) -> None:
+    records = _eval_records(clean_world)
+    assert len(records) > 100 and all(rec["meta"]["oracle_tcot"] == rec["tcot"] for rec in records)
+    train = read_pairs(clean_world / "train.jsonl")  # only the evaluation items carry an oracle T-CoT
+    assert not any("oracle_tcot" in item.meta for pair in train for item in (pair.query, pair.target))
+
+
+def test_oracle_tcots_differ_exactly_where_an_imperfection_applied_and_are_exact(world: Path) -> None:
+    records = _eval_records(world)
+    differ = [rec["meta"]["oracle_tcot"] != rec["tcot"] for rec in records]
+    noisy = [bool(rec["meta"]["tcot_provenance"]["noise_applied"]) for rec in records]
+    assert differ == noisy and 0 < sum(differ) < len(records)
+    for rec in records:
+        cue_key, parsed, n_frames = _parse({**rec, "tcot": rec["meta"]["oracle_tcot"]})
+        gt = rec["meta"]["gt"]
+        assert parsed.problems == [] and format_ok(rec["meta"]["oracle_tcot"], cue_key, n_frames), rec["id"]
+        assert not any(f in parsed.thinking for f in FILLER_SENTENCES)
+        evidence = {CUE_BOXES: (parsed.boxes, "boxes"), CUE_FRAMES: (parsed.frames, "frames")}
+        given, key = evidence.get(cue_key, (parsed.keywords, "keywords"))
+        assert given == gt[key], rec["id"]
+        # The oracle's answer and rethink are the teacher's: its noise never touches them.
+        teacher = parse_tcot(rec["tcot"], cue_key=cue_key, n_frames=n_frames)
+        assert (parsed.answer, parsed.rethink) == (teacher.answer, teacher.rethink)
+
+
+def test_load_eval_task_gives_the_oracle_tcots_and_refuses_an_old_world(world: Path, tmp_path: Path) -> None:
+    teacher, oracle = load_eval_task(world, "world_grounding"), load_eval_task(world, "world_grounding", "oracle")
+    pairs = list(
+        zip([*teacher.queries, *teacher.pool.values()], [*oracle.queries, *oracle.pool.values()], strict=True)
+    )
+    assert all(o.id == t.id and o.tcot == t.meta["oracle_tcot"] for t, o in pairs)
+    assert any(o.tcot != t.tcot for t, o in pairs) and oracle.qrels == teacher.qrels
+    with pytest.raises(EvalError, match="tcots='noisy'"):
+        load_eval_task(world, "world_grounding", "noisy")  # type: ignore[arg-type]
+    # A format-1 world (no oracle T-CoTs) still loads with the teacher's; the oracle's are refused by name.
+    old = tmp_path / "eval"
+    shutil.copytree(world / "eval" / "world_cls", old / "world_cls")
+    shutil.copy(world / "eval" / "manifest.json", old / "manifest.json")
+    for path in old.glob("world_cls/*.jsonl"):
+        rows = list(read_jsonl(path))
+        for rec in rows:
+            (rec.get("query") or rec)["meta"].pop("oracle_tcot")
+        write_jsonl(path, rows)
+    assert load_eval_task(tmp_path, "world_cls").queries[0].tcot
+    with pytest.raises(EvalError, match=r"world_cls/cand/00000 in .* has no oracle_tcot .*: regenerate the world"):
+        load_eval_task(tmp_path, "world_cls", "oracle")
 
 
 def test_discrimination_examples_are_labelled_and_shuffled(world: Path) -> None:

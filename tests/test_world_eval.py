@@ -18,7 +18,7 @@ from embedrl.config import ConfigError, EvalConfig, WorldConfig
 from embedrl.data.schema import Item, read_jsonl, write_jsonl
 from embedrl.eval.cache import EmbeddingCache, TCoTCache, TCoTKey, decoding_key, embedding_key
 from embedrl.eval.scores import SCORE_KEYS, read_task_scores
-from embedrl.eval.task import MissingTCoTError
+from embedrl.eval.task import EvalError, MissingTCoTError
 from embedrl.world.evaluate import MODE_PRESETS, PRIMARY_METRIC, WorldEvaluator, preset_config, read_query_values
 from embedrl.world.generate import generate_world, load_eval_task
 
@@ -144,6 +144,56 @@ def test_missing_teacher_tcot_raises_unless_raw_fallback_is_chosen(world: Path, 
     assert sorted(raw_ids) == sorted(rec["id"] for rec in records[:2])
 
 
+class RecordingEncoder(OracleEncoder):
+    """:class:`OracleEncoder` that also records the T-CoT each item was embedded with."""
+
+    def __init__(self, world: Path) -> None:
+        super().__init__(world)
+        self.tcots: dict[str, str | None] = {}
+
+    def encode(self, items: Sequence[Item], batch_size: int = 32, show_progress_bar=None, mode=None) -> np.ndarray:
+        self.tcots |= {it.id: it.tcot for it in items}
+        return super().encode(items, batch_size, show_progress_bar, mode)
+
+
+def _format_1_world(world: Path, dest: Path) -> Path:
+    """A copy of ``world`` as embedrl wrote it before oracle T-CoTs (format 1): no ``meta.oracle_tcot``."""
+    shutil.copytree(world, dest)
+    for path in (dest / "eval").glob("*/*.jsonl"):
+        rows = list(read_jsonl(path))
+        for rec in rows:
+            (rec.get("query") or rec)["meta"].pop("oracle_tcot")
+        write_jsonl(path, rows)
+    for name in ("eval/manifest.json", "world.json"):
+        info = json.loads((dest / name).read_text())
+        (dest / name).write_text(json.dumps(info | {"format_version": 1}))
+    return dest
+
+
+def test_oracle_source_embeds_the_stored_noise_free_tcots(world: Path, tmp_path: Path) -> None:
+    encoder = RecordingEncoder(world)
+    report = WorldEvaluator(world, [LOCAL, GLOBAL], tcot_source="oracle").evaluate(encoder, embedder_id="o")
+    assert report.metadata["tcot_source"] == "oracle" and report.metadata["tcot_fallbacks"] == 0
+    assert report.metrics()[PRIMARY_METRIC] == pytest.approx(1.0)  # the same tasks: only the T-CoTs changed
+    tasks = [load_eval_task(world, t) for t in (LOCAL, GLOBAL)]
+    items = {it.id: it for task in tasks for it in [*task.queries, *task.pool.values()]}
+    assert set(encoder.tcots) == set(items)  # every query and candidate, once
+    assert all(tcot == items[i].meta["oracle_tcot"] for i, tcot in encoder.tcots.items())
+    assert any(tcot != items[i].tcot for i, tcot in encoder.tcots.items())  # not the teacher's
+    teacher = RecordingEncoder(world)
+    WorldEvaluator(world, [LOCAL, GLOBAL]).evaluate(teacher, embedder_id="o")
+    assert set(teacher.tcots) == set(encoder.tcots)
+    assert all(tcot == items[i].tcot for i, tcot in teacher.tcots.items())
+    with pytest.raises(EvalError, match="mode='raw' with tcot_source='oracle'"):
+        WorldEvaluator(world, mode="raw", tcot_source="oracle")
+
+    # A world written before oracle T-CoTs: the teacher's still evaluate; the oracle source is refused at once.
+    old = _format_1_world(world, tmp_path / "old")
+    assert WorldEvaluator(old, [LOCAL])(OracleEncoder(old), embedder_id="o")[PRIMARY_METRIC] == 1.0
+    with pytest.raises(EvalError, match=r"old is a format-1 world, which stores no oracle T-CoTs"):
+        WorldEvaluator(old, [LOCAL], tcot_source="oracle")
+
+
 def test_settings_are_checked() -> None:
     with pytest.raises(ConfigError, match="raw mode embeds no T-CoT"):
         EvalConfig(world="w", embedder="e", out="o", mode="raw")
@@ -151,10 +201,13 @@ def test_settings_are_checked() -> None:
         EvalConfig(world="w", embedder="e", out="o", tcot_source="reasoner")
     with pytest.raises(ConfigError, match="reasoner is set"):
         EvalConfig(world="w", embedder="e", out="o", reasoner="r")
+    with pytest.raises(ConfigError, match="raw mode embeds no T-CoT"):
+        EvalConfig(world="w", embedder="e", out="o", mode="raw", tcot_source="oracle")
+    assert EvalConfig(world="w", embedder="e", out="o", tcot_source="oracle").tcot_source == "oracle"
 
 
 def test_mode_presets() -> None:
-    assert set(MODE_PRESETS) == {"raw", "teacher", "pre_rl", "egrl", "answer_only", "no_evidence"}
+    assert list(MODE_PRESETS) == ["raw", "teacher", "oracle", "pre_rl", "egrl", "answer_only", "no_evidence"]
     base = EvalConfig(world="w", embedder="e", out="runs/eval")
     egrl = preset_config(base, "egrl", reasoner="runs/rl/final")
     assert (egrl.tcot_source, egrl.mode, egrl.reasoner, egrl.name) == ("reasoner", "full", "runs/rl/final", "egrl")
@@ -162,6 +215,9 @@ def test_mode_presets() -> None:
     raw = preset_config(base, "raw")
     assert (raw.tcot_source, raw.mode, raw.reasoner) == ("none", "raw", "")
     assert preset_config(base, "answer_only", reasoner="r").mode == "answer_only"
+    oracle = preset_config(base, "oracle")
+    assert (oracle.tcot_source, oracle.mode, oracle.reasoner, oracle.name) == ("oracle", "full", "", "oracle")
+    assert Path(oracle.out) == Path("runs/eval/oracle") and oracle.cache_dir == egrl.cache_dir
     with pytest.raises(ValueError, match="generates T-CoTs"):
         preset_config(base, "pre_rl")
 
@@ -247,7 +303,7 @@ def test_score_files_and_aggregates(world: Path, embedder, tmp_path: Path, mode:
         report.results[GLOBAL]
     )
     assert (meta["query_mode"], meta["candidate_mode"], meta["tcot_source"]) == (mode, mode, source)
-    assert meta["world"]["seed"] == 0 and meta["world"]["format_version"] == 1 and meta["world"]["size"] == "tiny"
+    assert meta["world"]["seed"] == 0 and meta["world"]["format_version"] == 2 and meta["world"]["size"] == "tiny"
     assert meta["embedder"]["id"].startswith("embedder@") and meta["reasoner"] is None and meta["decoding"] is None
     assert meta["tcot_fallbacks"] == 0
     table = (tmp_path / "summary.md").read_text()
@@ -340,14 +396,25 @@ def test_cli_eval_world(world: Path, embedder_dir: Path, tmp_path: Path, capsys)
     assert math.isfinite(board["metrics"]["image"][LOCAL]["hit@1"])
     assert main([*args, "--mode", "raw"]) == 2  # raw with teacher T-CoTs: a configuration error
 
+    oracle = tmp_path / "oracle"
+    argv = ["eval", "world", "--world", str(world), "--embedder", str(embedder_dir), "--out", str(oracle)]
+    assert main([*argv, "--tasks", f"[{LOCAL}]", "--tcot_source", "oracle", "--show_progress_bar", "false"]) == 0
+    board = json.loads((oracle / "leaderboard.json").read_text())
+    meta = board["metadata"]
+    assert (meta["tcot_source"], meta["query_mode"], meta["tcot_fallbacks"]) == ("oracle", "full", 0)
+    assert math.isfinite(board["metrics"]["image"][LOCAL]["hit@1"])
+
 
 def test_cli_user_mistakes_are_one_line_errors(world: Path, embedder_dir: Path, tmp_path: Path, capsys) -> None:
     """Each mistake: exit 2, exactly one stderr line naming the input and the fix, no traceback."""
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("world: [unclosed\n")
     args = ["eval", "world", "--out", str(tmp_path / "o"), "--mode", "raw", "--tcot_source", "none"]
+    old = _format_1_world(world, tmp_path / "old")
+    oracle = ["eval", "world", "--out", str(tmp_path / "o"), "--tcot_source", "oracle"]
     cases = [
         ([*args, "--world", str(tmp_path / "nowhere"), "--embedder", str(embedder_dir)], "is not a world"),
+        ([*oracle, "--world", str(old), "--embedder", str(embedder_dir)], "format-1 world, which stores no oracle"),
         ([*args, "--world", str(world), "--embedder", str(tmp_path / "no-model")], "no-model"),
         (["eval", "world", "--config", str(bad_yaml)], f"not valid YAML ({bad_yaml}, line 2"),
     ]

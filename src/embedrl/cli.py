@@ -406,7 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     summarize.add_argument("--json", action="store_true", help="print the summary as JSON instead of Markdown")
     summarize.set_defaults(func=cmd_eval_summarize)
     world_eval = eval_sub.add_parser(
-        "world", help="evaluate an Embedder on the synthetic world's tasks (teacher, Reasoner or no T-CoTs)"
+        "world", help="evaluate an Embedder on the synthetic world's tasks (teacher, oracle, Reasoner or no T-CoTs)"
     )
     add_config_arguments(world_eval, EvalConfig)
     world_eval.set_defaults(func=cmd_eval_world)

@@ -53,6 +53,7 @@ __all__ = [
     "ThreadsFields",
     "TinyBackboneConfig",
     "TrackingFields",
+    "TrainedModelLoadFields",
     "UVRBEvalConfig",
     "UserError",
     "WorldConfig",
@@ -211,6 +212,35 @@ class ModelLoadFields:
             "flash-attn package) or eager; null = transformers' choice (sdpa)"
         ),
     )
+
+
+@dataclass
+class TrainedModelLoadFields(ModelLoadFields):
+    """How a training stage loads the model it trains: weight dtype (the dtype the weights train in) and attention
+    kernel."""
+
+    _config_mixin: ClassVar[bool] = True
+
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = field(
+        default="auto",
+        metadata=_help(
+            "weight dtype the stage loads its model in, and so the dtype its weights and AdamW states train in; auto "
+            "= the checkpoint's (bfloat16 for the published Qwen-VL checkpoints); float32 = float32 master weights "
+            "(the norm under bf16 mixed precision); float16 is refused (AdamW without loss scaling)"
+        ),
+    )
+
+    def _check_trained_dtype(self, bf16: bool | None = None) -> None:
+        """Refuse float16 weights for training; ``bf16``: the stage's mixed-precision flag (None: it has none)."""
+        if self.dtype != "float16":
+            return
+        amp = " under bf16=true (bfloat16 autocast over float16 weights mixes two half precisions)" if bf16 else ""
+        hint = " (with bf16: true for bfloat16 mixed precision)" if bf16 is not None else ""
+        raise ConfigError(
+            f"dtype=float16{amp}: the stage trains its weights in the dtype it loads them in, and AdamW on float16 "
+            "weights without loss scaling makes inf/NaN updates (its eps and squared gradients underflow: a 1e-3 "
+            f"gradient already gives -inf); use dtype float32{hint}, bfloat16 or auto"
+        )
 
 
 @dataclass
@@ -378,7 +408,7 @@ def _default_pretrain_weights() -> dict[str, float]:
 
 
 @dataclass
-class BackbonePretrainConfig(TrackingFields, ThreadsFields):
+class BackbonePretrainConfig(TrainedModelLoadFields, TrackingFields, ThreadsFields):
     """`embedrl backbone pretrain`: perception pre-training of a tiny backbone on questions about world media."""
 
     backbone: str = field(
@@ -422,6 +452,7 @@ class BackbonePretrainConfig(TrackingFields, ThreadsFields):
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr} must be > 0")
         self._check_tracking()
+        self._check_trained_dtype()
 
 
 @dataclass
@@ -513,7 +544,7 @@ class LoraSettings:
 
 
 @dataclass
-class EmbedderTrainConfig(TrackingFields, ThreadsFields):
+class EmbedderTrainConfig(TrainedModelLoadFields, TrackingFields, ThreadsFields):
     """`embedrl train-embedder`: contrastive training of the Embedder (symmetric InfoNCE, same-dataset sub-batches)."""
 
     backbone: str = field(
@@ -586,10 +617,11 @@ class EmbedderTrainConfig(TrackingFields, ThreadsFields):
         if self.evidence_only_rate and self.mode != "full":
             raise ConfigError(f"evidence_only_rate needs mode 'full' (got {self.mode!r}): others show no evidence")
         self._check_tracking()
+        self._check_trained_dtype(self.bf16)
 
 
 @dataclass
-class ReasonerTrainConfig(PromptStyleFields, TrackingFields, ThreadsFields):
+class ReasonerTrainConfig(PromptStyleFields, TrainedModelLoadFields, TrackingFields, ThreadsFields):
     """`embedrl train-reasoner`: cold-start SFT of a from-scratch Reasoner on teacher T-CoTs (docs/method.md §1.2), run
     by TRL's ``SFTTrainer`` (docs/rl.md, "Cold start")."""
 
@@ -652,6 +684,7 @@ class ReasonerTrainConfig(PromptStyleFields, TrackingFields, ThreadsFields):
             raise ConfigError(f"lr={self.lr} must be > 0")
         self._check_tracking()
         self._check_threads()
+        self._check_trained_dtype(self.bf16)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -794,7 +827,9 @@ class RewardConfig:
 
 
 @dataclass
-class GRPOTrainConfig(SamplingFields, PromptStyleFields, EmbedderLayoutFields, TrackingFields, ThreadsFields):
+class GRPOTrainConfig(
+    SamplingFields, PromptStyleFields, EmbedderLayoutFields, ModelLoadFields, TrackingFields, ThreadsFields
+):
     """`embedrl rl`: EG-RL, GRPO on the Reasoner with the frozen Embedder and Discriminator as rewards (docs/method.md
     §4), run by TRL's ``GRPOTrainer`` (docs/rl.md; where each key goes: ``embedrl.train.grpo_trl.CONFIG_ROUTES``).
 
@@ -933,8 +968,12 @@ class GRPOTrainConfig(SamplingFields, PromptStyleFields, EmbedderLayoutFields, T
             "names and the arguments embedrl derives from its own keys are refused (docs/rl.md)"
         ),
     )
-    dtype: Literal["float32", "bfloat16"] = field(
-        default="float32", metadata=_help("weight dtype of the policy, reference, Embedder and Discriminator")
+    dtype: Literal["float32", "bfloat16"] = field(  # narrows ModelLoadFields.dtype: it also sets TRL's bf16
+        default="float32",
+        metadata=_help(
+            "weight dtype of the policy, its reference, the in-process Embedder and Discriminator; bfloat16 also "
+            "runs TRL in bf16 (GRPOConfig.bf16), float32 keeps float32 master weights"
+        ),
     )
     device: Literal["cpu", "cuda"] = field(
         default="cpu",
@@ -1027,8 +1066,9 @@ class GRPOTrainConfig(SamplingFields, PromptStyleFields, EmbedderLayoutFields, T
 class EvalConfig(EvalRunFields):
     """`embedrl eval world`: retrieval evaluation of an Embedder on the synthetic world's suite (docs/method.md §6).
 
-    T-CoTs come from ``tcot_source``: the world's stored teacher T-CoTs, a Reasoner checkpoint (query side with the
-    query family, every unique candidate once with its target family), or none (``mode: raw``). Generated T-CoTs and
+    T-CoTs come from ``tcot_source``: the world's stored teacher T-CoTs, the stored noise-free ones (``oracle``: the
+    teacher with every imperfection rate at 0), a Reasoner checkpoint (query side with the query family, every unique
+    candidate once with its target family), or none (``mode: raw``). Generated T-CoTs and
     embeddings are cached under ``cache_dir``, so a rerun after a kill recomputes only unfinished batches.
     """
 
@@ -1044,8 +1084,11 @@ class EvalConfig(EvalRunFields):
     mode: Literal["full", "answer_only", "no_evidence", "raw"] = field(
         default="full", metadata=_help("Embedder mode on both sides (docs/method.md §6.4); raw needs tcot_source none")
     )
-    tcot_source: Literal["teacher", "reasoner", "none"] = field(
-        default="teacher", metadata=_help("T-CoTs: the world's teacher T-CoTs, a Reasoner checkpoint, or none (raw)")
+    tcot_source: Literal["teacher", "oracle", "reasoner", "none"] = field(
+        default="teacher",
+        metadata=_help(
+            "T-CoTs: the world's teacher T-CoTs, its noise-free oracle T-CoTs, a Reasoner checkpoint, or none (raw)"
+        ),
     )
     reasoner: str = field(default="", metadata=_help("Reasoner checkpoint directory (only with tcot_source reasoner)"))
     on_missing_tcot: Literal["error", "raw"] = field(
@@ -1054,7 +1097,7 @@ class EvalConfig(EvalRunFields):
 
     def __post_init__(self) -> None:
         _require(self, ("world", "embedder", "out"), "embedrl eval world")
-        self._check_tcot_source("teacher or reasoner")
+        self._check_tcot_source("teacher, oracle or reasoner")
         if self.tcot_source != "reasoner" and self.reasoner:
             raise ConfigError(
                 f"reasoner is set but tcot_source={self.tcot_source}; drop it or use tcot_source reasoner"
@@ -1711,7 +1754,9 @@ def read_saved_config(cls: type[C], out_dir: str | Path, filename: str = CONFIG_
 
 
 # Keys that may change between a run and its resume: they do not change what the run computes.
-RESUME_FREE_KEYS = frozenset({"resume", "overwrite", "device", "log_every", "save_every", "eval_every", "report_to"})
+RESUME_FREE_KEYS = frozenset(
+    {"resume", "overwrite", "device", "log_every", "save_every", "eval_every", "report_to", "threads"}
+)
 
 
 def check_run_dir(
@@ -1732,7 +1777,8 @@ def check_run_dir(
     Raises:
         ConfigError: ``out`` holds a previous run (anything at all) and ``resume`` is off, or that run's saved
             config differs from ``cfg`` in keys other than :data:`RESUME_FREE_KEYS` and the stage's own
-            ``free_keys`` (named in the message), and ``overwrite`` is off.
+            ``free_keys`` (named in the message), and ``overwrite`` is off. A key the saved config lacks (a run
+            saved before the key existed) counts as the key's default.
     """
     out = Path(out)
     if not out.is_dir() or not any(out.iterdir()):
@@ -1763,7 +1809,7 @@ def check_run_dir(
             "pass another --out"
         )
     now = _flatten(config_to_dict(cfg))
-    before = _flatten(saved.get("config", {}))
+    before = _flatten(_with_defaults(type(cfg), saved.get("config", {})))
     free = RESUME_FREE_KEYS | set(free_keys)
     differ = sorted(k for k in set(now) | set(before) if now.get(k) != before.get(k) and k not in free)
     if differ:
@@ -1772,6 +1818,24 @@ def check_run_dir(
             "values to resume it, --overwrite true to start over, or another --out"
         )
     return True
+
+
+def _with_defaults(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """A saved config of ``cls`` (``data``, as :func:`save_config` wrote it) with every field it lacks, in nested
+    sections too, at the field's default, as :func:`config_to_dict` writes it. A run saved before a field existed ran
+    as that field's default does (a new field's default keeps the old behaviour), so its resume compares equal."""
+    hints = typing.get_type_hints(cls)
+    filled = dict(data)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            section = filled.get(f.name, {})
+            if isinstance(section, dict):
+                filled[f.name] = _with_defaults(hints[f.name], section)
+        elif f.name not in filled and f.default is not dataclasses.MISSING:
+            filled[f.name] = f.default
+        elif f.name not in filled and f.default_factory is not dataclasses.MISSING:
+            filled[f.name] = f.default_factory()
+    return json.loads(json.dumps(filled))
 
 
 def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:

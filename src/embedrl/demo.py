@@ -7,7 +7,9 @@ Embedder on teacher T-CoTs (with evidence; a share of them cut to their evidence
 reward model; the process term is off, see :func:`rl_config`) → evaluate every inference mode on the world's
 held-out tasks, with greedy T-CoTs:
 
-- ``raw``: no T-CoT; ``teacher``: the world's teacher T-CoTs (an upper reference, not a method row);
+- ``raw``: no T-CoT; ``teacher``: the world's teacher T-CoTs (an upper reference, not a method row); ``oracle``: the
+  same teacher's T-CoTs with every imperfection rate at 0 (the ceiling of what a perfect Reasoner could give the
+  Embedder);
 - ``pre_rl``: T-CoTs of the cold-started Reasoner; ``egrl``: T-CoTs of the EG-RL Reasoner;
 - ``answer_only`` / ``no_evidence``: the EG-RL T-CoTs without reasoning / without crops and key frames.
 
@@ -46,11 +48,18 @@ from embedrl.train.grpo_trl import train_rl_trl
 from embedrl.train.reasoner import train_reasoner
 from embedrl.train.rl_outputs import COMPONENTS
 from embedrl.world.evaluate import evaluate_world, preset_config, read_query_values
-from embedrl.world.generate import EVAL_DIR, MANIFEST_FILE, evidence_accuracy, generate_world, load_eval_task
+from embedrl.world.generate import (
+    EVAL_DIR,
+    MANIFEST_FILE,
+    StoredTCoTs,
+    evidence_accuracy,
+    generate_world,
+    load_eval_task,
+)
 
 logger = logging.getLogger(__name__)
 
-DEMO_MODES = ("raw", "teacher", "pre_rl", "egrl", "answer_only", "no_evidence")
+DEMO_MODES = ("raw", "teacher", "oracle", "pre_rl", "egrl", "answer_only", "no_evidence")
 REWARD_PLOT, MODES_PLOT = "rewards.png", "modes.png"
 # The claims the demo exists to show (issue 7 §4): (better, worse) on the overall score.
 CLAIMS = (("egrl", "pre_rl"), ("pre_rl", "raw"), ("egrl", "no_evidence"))
@@ -207,7 +216,9 @@ def run_demo(
         mode: answer_agreement(world, out / "eval" / "cache", reports[mode]["metadata"]["reasoner"]["id"])
         for mode in ("pre_rl", "egrl")
     }
-    results["evidence_agreement"] = {"teacher": evidence_agreement(world, out / "eval" / "cache", None)} | {
+    results["evidence_agreement"] = {
+        stored: evidence_agreement(world, out / "eval" / "cache", None, stored) for stored in ("teacher", "oracle")
+    } | {
         mode: evidence_agreement(world, out / "eval" / "cache", reports[mode]["metadata"]["reasoner"]["id"])
         for mode in ("pre_rl", "egrl")
     }
@@ -223,11 +234,12 @@ def run_demo(
     return results
 
 
-def _eval_items(world: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(task, {item id: item})`` over the world's held-out tasks (queries and candidates), in name order."""
+def _eval_items(world: Path, tcots: StoredTCoTs = "teacher") -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(task, {item id: item})`` over the world's held-out tasks (queries and candidates), in name order; the items
+    carry the ``tcots`` T-CoTs (:func:`~embedrl.world.generate.load_eval_task`)."""
 
     for name in sorted(json.loads((world / EVAL_DIR / MANIFEST_FILE).read_text())["tasks"]):
-        task = load_eval_task(world, name)
+        task = load_eval_task(world, name, tcots)
         yield name, {it.id: it for it in [*task.queries, *task.pool.values()]}
 
 
@@ -261,14 +273,16 @@ def answer_agreement(world: Path, cache_dir: Path, reasoner_id: str) -> dict[str
     return out
 
 
-def evidence_agreement(world: Path, cache_dir: Path, reasoner_id: str | None) -> dict[str, Any]:
+def evidence_agreement(
+    world: Path, cache_dir: Path, reasoner_id: str | None, stored: StoredTCoTs = "teacher"
+) -> dict[str, Any]:
     """The evidence cues of the Reasoner's T-CoTs (``reasoner_id``, read from the evaluation's T-CoT cache; None:
-    the teacher's) against the world's ground truth, over every query and candidate of the held-out tasks:
-    :func:`embedrl.world.generate.evidence_accuracy` (keywords, boxes equal to a true box, key-frame precision and
-    recall)."""
+    the world's ``stored`` T-CoTs, the teacher's or the oracle's) against the world's ground truth, over every query
+    and candidate of the held-out tasks: :func:`embedrl.world.generate.evidence_accuracy` (keywords, boxes equal to
+    a true box, key-frame precision and recall). The oracle's are exactly right: every rate is 1."""
 
     cues = []
-    for name, all_items in _eval_items(world):
+    for name, all_items in _eval_items(world, stored):
         items = {i: it for i, it in all_items.items() if "tcot_provenance" in it.meta}
         if reasoner_id is None:
             texts = [(it, it.tcot) for it in items.values() if it.tcot]
@@ -295,11 +309,13 @@ def _mode_scores(report: dict[str, Any], metrics: dict[str, str]) -> dict[str, A
 def check_claims(
     results: dict[str, Any], query_values: dict[str, dict[str, Any]] | None = None
 ) -> list[dict[str, Any]]:
-    """Each claim ``better > worse`` on the overall score, with its margin in points.
+    """Each claim ``better > worse`` on the overall score, with its margin in points and ``holds``.
 
     With ``query_values`` (mode -> task -> per-query values of the main metric) each claim also gets ``ci95``, the
     paired bootstrap 95 % interval of the margin over the query set (:func:`overall_difference_interval`, points), and
-    ``clear``: whether that interval lies above 0 (the margin is more than the query set's sampling noise).
+    ``clear``: whether that interval lies above 0 (the margin is more than the query set's sampling noise); the
+    claim ``holds`` only then, as the report says. Without an interval a positive margin is untested (``holds``
+    None) and a margin of 0 or below does not hold (False).
     """
 
     modes = results["modes"]
@@ -307,11 +323,12 @@ def check_claims(
     for a, b in CLAIMS:
         if a not in modes or b not in modes:
             continue
+        positive = modes[a]["overall"] > modes[b]["overall"]
         claim = {"claim": f"{a} > {b}", "margin": round(modes[a]["overall"] - modes[b]["overall"], 2),
-                 "holds": modes[a]["overall"] > modes[b]["overall"]}  # fmt: skip
+                 "holds": None if positive else False}  # fmt: skip
         if query_values is not None:
             low, high = overall_difference_interval(query_values[a], query_values[b], seed=results.get("seed", 0))
-            claim |= {"ci95": [round(100 * low, 2), round(100 * high, 2)], "clear": low > 0}
+            claim |= {"ci95": [round(100 * low, 2), round(100 * high, 2)], "clear": low > 0, "holds": low > 0}
         claims.append(claim)
     return claims
 

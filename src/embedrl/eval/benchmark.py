@@ -236,10 +236,10 @@ class BenchmarkEvaluator(TaskEvaluator[ReportT], Generic[ReportT, LoadedT]):
         super().__init__(**engine)
         if from_file:
             self.tcot_source = "file"  # type: ignore[assignment]
-        elif self.tcot_source == "teacher":
+        elif self.tcot_source in ("teacher", "oracle"):
             raise EvalError(
-                f"{self.benchmark} has no stored T-CoTs: use tcot_source 'reasoner' (with a Reasoner), 'file' (with "
-                "tcot_cache) or 'none'"
+                f"{self.benchmark} has no stored {self.tcot_source} T-CoTs: use tcot_source 'reasoner' (with a "
+                "Reasoner), 'file' (with tcot_cache) or 'none'"
             )
         if layout is not None and layout not in LAYOUTS:
             raise EvalError(f"layout={layout!r}; use one of {LAYOUTS}")

@@ -3,7 +3,8 @@ one loop over a benchmark's tasks and its result files.
 
 For each :class:`~embedrl.eval.task.EvalTask`:
 
-1. **T-CoTs** (``tcot_source``): ``teacher`` uses the T-CoTs stored with the items; ``reasoner`` generates them
+1. **T-CoTs** (``tcot_source``): ``teacher`` uses the T-CoTs stored with the items, ``oracle`` the noise-free T-CoTs
+   stored beside them (the synthetic world's: its ``task`` puts them on the items); ``reasoner`` generates them
    with a :class:`~embedrl.models.reasoner.Reasoner` through :class:`~embedrl.eval.pipeline.EmbedPipeline`, queries
    with the query-side family (routed by the task's candidate modality, docs/method.md §6.3) and every *unique*
    candidate once with its target-side family, never seeing a query (docs/method.md §6.1); ``none`` goes with
@@ -82,8 +83,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-TCoTSource = Literal["teacher", "reasoner", "none"]
-TCOT_SOURCES: tuple[str, ...] = ("teacher", "reasoner", "none")
+TCoTSource = Literal["teacher", "oracle", "reasoner", "none"]
+TCOT_SOURCES: tuple[str, ...] = ("teacher", "oracle", "reasoner", "none")
 EMBED_MODES: tuple[str, ...] = ("full", "answer_only", "no_evidence", "raw")
 ON_MISSING: tuple[str, ...] = ("error", "raw")
 SCORES_DIR, PREDICTIONS_DIR = "scores", "predictions"
@@ -247,8 +248,8 @@ class TaskEvaluator(Generic[ReportT]):
 
     Args:
         mode: Embedder mode for queries and candidates (docs/method.md §6.4): full, answer_only, no_evidence or raw.
-        tcot_source: ``teacher`` (stored T-CoTs), ``reasoner`` (generated; pass the Reasoner to the call) or
-            ``none`` (only with mode raw).
+        tcot_source: ``teacher`` (stored T-CoTs), ``oracle`` (stored noise-free T-CoTs: :meth:`task` puts them on
+            the items), ``reasoner`` (generated; pass the Reasoner to the call) or ``none`` (only with mode raw).
         decoding: Reasoner decoding; default ``Decoding()`` (temperature 1.0, top_p 1.0, seed 0).
         on_missing_tcot: ``error`` (default) raises :class:`MissingTCoTError`; ``raw`` embeds the item raw and
             counts it in ``metadata["tcot_fallbacks"]``.
@@ -289,7 +290,7 @@ class TaskEvaluator(Generic[ReportT]):
         if (mode == "raw") != (tcot_source == "none"):
             raise EvalError(
                 f"mode={mode!r} with tcot_source={tcot_source!r}: raw mode goes with tcot_source 'none', and the "
-                "other modes need T-CoTs ('teacher' or 'reasoner')"
+                "other modes need T-CoTs ('teacher', 'oracle' or 'reasoner')"
             )
         if on_missing_tcot not in ON_MISSING:
             raise EvalError(f"on_missing_tcot={on_missing_tcot!r}; use one of {ON_MISSING}")
@@ -499,8 +500,9 @@ class TaskEvaluator(Generic[ReportT]):
         missing = [item.id for item in items if item.tcot is None]
         if missing and self.on_missing_tcot == "error":
             raise MissingTCoTError(
-                f"{task}: {len(missing)} {side} item(s) have no teacher T-CoT (e.g. {missing[:3]}); regenerate the "
-                "world, use tcot_source 'reasoner', or set on_missing_tcot 'raw' to embed them raw (counted)"
+                f"{task}: {len(missing)} {side} item(s) have no {self.tcot_source} T-CoT (e.g. {missing[:3]}); "
+                "regenerate the world, use tcot_source 'reasoner', or set on_missing_tcot 'raw' to embed them raw "
+                "(counted)"
             )
         stats.tcot_fallbacks += len(missing)
         run.fallbacks += len(missing)

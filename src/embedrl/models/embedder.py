@@ -26,9 +26,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import itertools
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from embedrl.backbones import PixelBudget, add_emb_token, detect_family, get_ada
 from embedrl.data.schema import Item, Modality
 from embedrl.evidence import MODES, VIDEO_AS, ReferenceResize, build_embedder_messages
 from embedrl.models.cards import write_model_card
+from embedrl.models.prefix_sharing import hidden_at_emb
 from embedrl.models.reasoner import Reasoner
 from embedrl.models.visual_cache import VisualCache
 from embedrl.prompts import LAYOUT_EMBEDRL, LAYOUT_REFERENCE, LAYOUTS, REFERENCE_MAX_TEXT_ONLY_TOKENS, Side
@@ -183,6 +185,33 @@ def as_item(value: EncodeInput, where: str | None = None) -> Item:
         f"{where} is a {type(value).__name__} ({_show(value)}); pass text (str), an image (PIL image or "
         "pathlib.Path), a frame list, a dict of Item fields or an embedrl Item"
     )
+
+
+def _batches(
+    items: Sequence[Item], groups: Sequence[Sequence[int]] | None, batch_size: int, length: Callable[[int], int]
+) -> list[list[list[int]]]:
+    """Batches of whole groups (single inputs without ``groups``), longest first by the ``length`` of each group's
+    first input, filled up to ``batch_size`` inputs; a group larger than ``batch_size`` is cut into pieces. With
+    ``groups``, a batch also ends where the next group is under half as long as the batch's first (a short group
+    padded to a long one's prefix would attend over that padding)."""
+    units = [[i] for i in range(len(items))] if groups is None else [list(g) for g in groups]
+    if groups is not None and (
+        any(not g for g in units) or sorted(i for g in units for i in g) != list(range(len(items)))
+    ):
+        raise ValueError(f"groups must be non-empty and hold each of the {len(items)} input indices exactly once")
+    pieces = [
+        g[k : k + batch_size] for g in sorted(units, key=lambda g: -length(g[0])) for k in range(0, len(g), batch_size)
+    ]
+    batches: list[list[list[int]]] = []
+    for piece in pieces:
+        if (
+            not batches
+            or sum(map(len, batches[-1])) + len(piece) > batch_size
+            or (groups is not None and 2 * length(piece[0]) < length(batches[-1][0][0]))
+        ):
+            batches.append([])
+        batches[-1].append(piece)
+    return batches
 
 
 def pool_last_emb(
@@ -596,9 +625,20 @@ class Embedder:
             FloatingPointError: a non-finite or zero hidden state (never returned as an embedding).
         """
         out = self._vision_language_model()(**inputs, use_cache=False, return_dict=True)
-        pooled, missing = pool_last_emb(
-            out.last_hidden_state, inputs["input_ids"], self.emb_token_id, inputs.get("attention_mask")
-        )  # [B, D], [B]
+        return self._pool(out.last_hidden_state, inputs["input_ids"], inputs.get("attention_mask"), normalize)
+
+    def embed_groups(
+        self, inputs: Mapping[str, Tensor], groups: Sequence[Sequence[int]], *, normalize: bool = True
+    ) -> Tensor:
+        """:meth:`embed_batch` of a :meth:`collate` batch whose rows come in groups that start alike (the ``G``
+        rollouts of one item): the tokens a group's rows share are run once (:mod:`embedrl.models.prefix_sharing`).
+        Equal to :meth:`embed_batch` up to float rounding; inference only (call it under ``torch.inference_mode``)."""
+        hidden, ids, mask = hidden_at_emb(self._vision_language_model(), inputs, groups, self.emb_token_id)
+        return self._pool(hidden, ids, mask, normalize)
+
+    def _pool(self, hidden: Tensor, input_ids: Tensor, mask: Tensor | None, normalize: bool) -> Tensor:
+        """Pooled ``<emb>`` states ``[B, D]`` (float32, unit norm unless ``normalize`` is False), checked finite."""
+        pooled, missing = pool_last_emb(hidden, input_ids, self.emb_token_id, mask)  # [B, D], [B]
         n_missing = int(missing.sum())
         if n_missing:
             self.missing_emb_count += n_missing
@@ -717,6 +757,7 @@ class Embedder:
         instruction: str | None = None,
         side: Side | None = None,
         target_modality: Modality | None = None,
+        groups: Sequence[Sequence[int]] | None = None,
     ) -> np.ndarray | Tensor:
         """Float32 embeddings of ``inputs``: ``[N, D]`` for a list, in its order; ``[D]`` for one input.
 
@@ -732,14 +773,17 @@ class Embedder:
             instruction: the instruction of each input that has none of its own (an input's own is kept).
             side, target_modality: the Reasoner's side and a text query's target modality, for inputs whose T-CoT
                 is written here (:meth:`add_tcots`); :meth:`encode_query` and :meth:`encode_document` set the side.
+            groups: indices of inputs that start alike (the ``G`` rollouts of one item in the EG-RL reward), each
+                input in one group: a group is batched together and the tokens its rows share are run once
+                (:meth:`embed_groups`); the result equals the plain encode up to float rounding.
 
-        Inputs are sorted by length (longest first), batched, encoded under ``torch.inference_mode`` with the model
-        in eval mode (each module's training flag is restored afterwards), moved to CPU per batch, and put back in
-        input order.
+        Inputs (or groups, by their first input) are sorted by length (longest first), batched, encoded under
+        ``torch.inference_mode`` with the model in eval mode (each module's training flag is restored afterwards),
+        moved to CPU per batch, and put back in input order.
 
         Raises:
-            ValueError: ``batch_size`` < 1, an unknown mode, an input :func:`as_item` refuses, or an input without a
-                T-CoT outside ``raw`` mode and no Reasoner attached.
+            ValueError: ``batch_size`` < 1, groups that do not cover the inputs once, an unknown mode, an input
+                :func:`as_item` refuses, or an input without a T-CoT outside ``raw`` mode and no Reasoner attached.
             TypeError: an input of a type :func:`as_item` does not read.
         """
         if batch_size < 1:
@@ -756,16 +800,21 @@ class Embedder:
             items, mode, side=side, target_modality=target_modality, show_progress_bar=show_progress_bar
         )
         out = np.empty((len(items), self.dim), dtype=np.float32)
-        order = sorted(range(len(items)), key=lambda i: -self._length(items[i], mode))
+        batches = _batches(items, groups, batch_size, length=lambda i: self._length(items[i], mode))
         flags = {module: module.training for module in self.model.modules()}
         self.model.eval()
         try:
             with torch.inference_mode():
-                starts = range(0, len(items), batch_size)
-                for start in tqdm(starts, desc="encode", disable=not show_progress_bar):
-                    index = order[start : start + batch_size]
+                for batch in tqdm(batches, desc="encode", disable=not show_progress_bar):
+                    index = [i for group in batch for i in group]
                     inputs_ = self.collate([items[i] for i in index], mode)
-                    out[index] = self.embed_batch(inputs_, normalize=normalize_embeddings).cpu().numpy()
+                    if groups is None:
+                        vectors = self.embed_batch(inputs_, normalize=normalize_embeddings)
+                    else:
+                        starts = np.cumsum([0] + [len(group) for group in batch]).tolist()
+                        local = [list(range(a, b)) for a, b in itertools.pairwise(starts)]
+                        vectors = self.embed_groups(inputs_, local, normalize=normalize_embeddings)
+                    out[index] = vectors.cpu().numpy()
         finally:
             for module, training in flags.items():
                 module.training = training

@@ -3,7 +3,8 @@
 Every entry point (evaluation, index build and search, the server, the RL reward, the demo's stages) loads through
 :func:`load_embedder` and :func:`load_reasoner` (other chat models through :func:`load_chat_model`), and every path
 or hub id becomes a local folder in :func:`resolve_checkpoint`; :func:`torch_dtype` is the one dtype handler and
-``attn_implementation`` (sdpa, flash_attention_2, eager; None = transformers' choice) reaches every loaded model. The
+``attn_implementation`` (sdpa, flash_attention_2, eager; None = transformers' choice) reaches every loaded model
+(:func:`set_attn_implementation` for one built another way: the fresh Embedder ``train-embedder`` trains). The
 two main loaders are exported lazily from the package root (``embedrl.load_embedder``). :func:`configure_threads`
 sets torch's CPU thread count once at the start of a stage.
 
@@ -40,7 +41,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel
 
 from embedrl import prompts
 from embedrl.backbones import load_backbone
@@ -60,6 +61,7 @@ __all__ = [
     "load_embedder",
     "load_reasoner",
     "resolve_checkpoint",
+    "set_attn_implementation",
     "torch_dtype",
 ]
 
@@ -131,6 +133,18 @@ def _check_attn(attn_implementation: str | None) -> None:
             f"attn_implementation={attn_implementation!r} is not supported; use one of "
             f"{', '.join(ATTN_IMPLEMENTATIONS)} (or null: transformers' choice)"
         )
+
+
+def set_attn_implementation(model: PreTrainedModel, attn_implementation: str | None) -> None:
+    """Switch a loaded ``model`` (its vision and text sub-models too) to the attention kernel ``attn_implementation``;
+    None keeps the one it was loaded with. For models loaded by another route (``Embedder.load``, a fresh Embedder).
+
+    Raises:
+        CheckpointError: an unknown attention implementation.
+    """
+    _check_attn(attn_implementation)
+    if attn_implementation is not None:
+        model.set_attn_implementation(attn_implementation)
 
 
 def _is_hub_id(name: str) -> bool:
@@ -214,8 +228,7 @@ def load_embedder(
     try:
         if (folder / EMBEDDER_CONFIG_FILENAME).is_file():
             embedder = Embedder.load(folder, dtype=dtype, device=device)
-            if attn_implementation is not None:
-                embedder.model.set_attn_implementation(attn_implementation)
+            set_attn_implementation(embedder.model, attn_implementation)
             own = embedder.layout
         else:
             emb_id = _published_emb_token_id(folder)

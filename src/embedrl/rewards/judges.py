@@ -47,8 +47,10 @@ class EmbedderReward:
 
     The item part is prepared once per unique item and call (docs/rewards.md §2): its image and frame files are
     read once, and inside :meth:`Embedder.sharing_visuals` each unique image, video, crop or key frame goes through
-    the processor and the vision tower once, however many rollouts show it. The embeddings equal a plain
-    ``encode`` of the same rollouts. :attr:`last_stats` holds the cache's hit and miss counts of the last call.
+    the processor and the vision tower once, however many rollouts show it; the rollouts of an item are batched
+    together and the language model runs the tokens they share (everything before the T-CoTs part ways) once
+    (``Embedder.encode(groups=...)``; not when every item has one rollout). The embeddings equal a plain ``encode``
+    of the same rollouts. :attr:`last_stats` holds the cache's hit and miss counts of the last call.
     """
 
     def __init__(self, embedder: Embedder, batch_size: int = 32) -> None:
@@ -60,12 +62,15 @@ class EmbedderReward:
         if items is None or len(items) != len(completions):
             raise ValueError(f"the {side}-side rollouts need an 'item' column with one Item per completion")
         loaded: dict[int, Item] = {}  # id(item) -> the item with its media decoded (the G rollouts share one Item)
-        for item in items:
+        groups: dict[int, list[int]] = {}  # id(item) -> the indices of its rollouts
+        for i, item in enumerate(items):
             if id(item) not in loaded:
                 loaded[id(item)] = with_loaded_media(item)
+            groups.setdefault(id(item), []).append(i)
         tcot_items = [loaded[id(item)].with_tcot(text) for item, text in zip(items, completions, strict=True)]
+        shared = list(groups.values()) if len(groups) < len(items) else None  # nothing to share at G = 1
         with self.embedder.sharing_visuals() as cache:
-            vectors = self.embedder.encode(tcot_items, batch_size=self.batch_size, mode="full")
+            vectors = self.embedder.encode(tcot_items, batch_size=self.batch_size, mode="full", groups=shared)
         self.last_stats = cache.stats
         return torch.from_numpy(vectors)
 

@@ -50,7 +50,7 @@ from embedrl.data.schema import DataError, Item, Pair, read_pairs
 from embedrl.losses import cached_info_nce, info_nce
 from embedrl.models.cards import write_model_card
 from embedrl.models.embedder import Embedder
-from embedrl.models.loading import resolve_checkpoint
+from embedrl.models.loading import resolve_checkpoint, set_attn_implementation, torch_dtype
 from embedrl.tcot import TCoT, parse_tcot, render_tcot
 from embedrl.train.tracking import PROJECT, RUNS_DIR, hparams, make_trackers, mark_start, scalars
 
@@ -449,9 +449,13 @@ def latest_checkpoint(out: Path) -> Path | None:
 
 
 def build_embedder(cfg: EmbedderTrainConfig, device: str | torch.device) -> Embedder:
-    """A fresh Embedder of ``cfg.backbone`` on ``device``, prepared for ``cfg.finetune`` (LoRA adapters or full)."""
+    """A fresh Embedder of ``cfg.backbone`` on ``device``, with ``cfg.dtype`` weights (the dtype they train in) and
+    the ``cfg.attn_implementation`` kernel, prepared for ``cfg.finetune`` (LoRA adapters or full)."""
     backbone = resolve_checkpoint(cfg.backbone)  # a missing local folder fails here, never on the hub
-    embedder = Embedder.from_backbone(backbone, device=device, mode=cfg.mode, video_as=cfg.video_as)
+    embedder = Embedder.from_backbone(
+        backbone, dtype=torch_dtype(cfg.dtype), device=device, mode=cfg.mode, video_as=cfg.video_as
+    )
+    set_attn_implementation(embedder.model, cfg.attn_implementation)
     embedder.model = prepare_model(embedder.model, cfg)
     return embedder
 

@@ -165,6 +165,7 @@ CONFIG_ROUTES: dict[str, tuple[str, ...]] = {
     "vllm_tensor_parallel_size": ("GRPOConfig.vllm_tensor_parallel_size",),
     "trl_args": ("grpo_args",),
     "dtype": ("GRPOConfig.bf16", "load_models"),
+    "attn_implementation": ("load_models",),  # the policy's kernel; TRL builds the reference model with it
     "device": ("GRPOConfig.use_cpu", "process_device"),
     "save_every": ("GRPOConfig.save_steps",),
     "log_every": ("train_rl_trl",),

@@ -72,6 +72,7 @@ __all__ = [
     "SFTExample",
     "build_trainer",
     "discrimination_examples",
+    "load_cold_start_model",
     "tcot_examples",
     "train_reasoner",
 ]
@@ -384,6 +385,15 @@ def lora_config(model: torch.nn.Module, cfg: ReasonerTrainConfig) -> LoraConfig:
     )
 
 
+def load_cold_start_model(cfg: ReasonerTrainConfig) -> Reasoner:
+    """``cfg.backbone`` as the Reasoner the cold start trains, on the CPU (the Trainer places it): ``cfg.dtype``
+    weights (the dtype they train in; ``bf16`` autocasts over them), the ``cfg.attn_implementation`` kernel, and the
+    prompt style ``cfg.compact_prompts`` (null = the backbone's ``embedrl_reasoner.json``; the final checkpoint
+    records the style used)."""
+    return load_reasoner(cfg.backbone, dtype=cfg.dtype, compact_prompts=cfg.compact_prompts,
+                         attn_implementation=cfg.attn_implementation)  # fmt: skip
+
+
 def build_trainer(
     cfg: ReasonerTrainConfig, reasoner: Reasoner, examples: list[SFTExample], micro: int, accumulation: int
 ) -> ColdStartTrainer:
@@ -464,8 +474,7 @@ def train_reasoner(cfg: ReasonerTrainConfig) -> Path:
     if state.is_main_process:
         save_config(cfg, out)
 
-    # compact_prompts null = the backbone's (embedrl_reasoner.json); the final checkpoint records the style used.
-    reasoner = load_reasoner(cfg.backbone, compact_prompts=cfg.compact_prompts)
+    reasoner = load_cold_start_model(cfg)
     counts = {k: sum(e.kind == k for e in examples) for k in ("query", "target", "discrimination")}
     if state.is_main_process:
         logger.info(

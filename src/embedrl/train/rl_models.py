@@ -103,7 +103,8 @@ def process_device(cfg: GRPOTrainConfig) -> str:
 def load_models(cfg: GRPOTrainConfig) -> RLModels:
     """Load the policy (``cfg.reasoner``, trainable), the frozen Embedder (unless ``embedder_url``) and the frozen
     Discriminator (in-process, or ``discriminator_url``; none when ``w_process`` is 0: the process term is then never
-    computed), each on :func:`process_device`.
+    computed), each on :func:`process_device`, in ``cfg.dtype`` with the ``cfg.attn_implementation`` kernel (TRL builds
+    the reference model of ``beta > 0`` in the policy's dtype and kernel; vLLM rollouts use vLLM's own kernels).
 
     Raises:
         ImportError: ``use_vllm`` without vLLM installed.
@@ -113,8 +114,9 @@ def load_models(cfg: GRPOTrainConfig) -> RLModels:
         raise ImportError(
             "use_vllm=true needs vLLM: pip install 'embedrl[gpu]' on a GPU machine, or set use_vllm: false"
         )
-    dtype, device = torch_dtype(cfg.dtype), process_device(cfg)
-    policy = load_reasoner(cfg.reasoner, dtype=dtype, device=device, compact_prompts=cfg.compact_prompts)
+    dtype, device, attn = torch_dtype(cfg.dtype), process_device(cfg), cfg.attn_implementation
+    policy = load_reasoner(cfg.reasoner, dtype=dtype, device=device, compact_prompts=cfg.compact_prompts,
+                           attn_implementation=attn)  # fmt: skip
     context = policy.model.config.get_text_config().max_position_embeddings
     if cfg.max_prompt_tokens + cfg.max_new_tokens > context:
         raise ValueError(
@@ -124,7 +126,7 @@ def load_models(cfg: GRPOTrainConfig) -> RLModels:
     policy.model.requires_grad_(True)  # load_backbone returns the model in eval mode
     embedder = None
     if not cfg.embedder_url:
-        embedder = load_embedder(cfg.embedder, layout=cfg.layout, dtype=dtype, device=device)
+        embedder = load_embedder(cfg.embedder, layout=cfg.layout, dtype=dtype, device=device, attn_implementation=attn)
         _freeze(embedder.model)
     if cfg.reward_config().w_process == 0:  # the process term is not computed: no Discriminator to load or call
         return RLModels(policy, embedder, _no_discriminator, None)
@@ -137,7 +139,7 @@ def load_models(cfg: GRPOTrainConfig) -> RLModels:
             token=os.environ.get(ENDPOINT_TOKEN_ENV, ""),
         )
         return RLModels(policy, embedder, endpoint, None)
-    disc = load_reasoner(cfg.discriminator or cfg.reasoner, dtype=dtype, device=device)
+    disc = load_reasoner(cfg.discriminator or cfg.reasoner, dtype=dtype, device=device, attn_implementation=attn)
     _freeze(disc.model)
     discriminator = ChatDiscriminator(disc, cfg.discriminator_max_new_tokens, cfg.discriminator_batch_size)
     return RLModels(policy, embedder, discriminator, disc.model)

@@ -45,7 +45,7 @@ from embedrl.eval.scores import aggregate, format_summary, main_scores, summariz
 from embedrl.eval.task import EvalTask
 from embedrl.models.embedder import Embedder
 from embedrl.models.reasoner import Reasoner
-from embedrl.world.generate import EVAL_DIR, MANIFEST_FILE, WORLD_FILE, load_eval_task
+from embedrl.world.generate import EVAL_DIR, MANIFEST_FILE, WORLD_FILE, check_oracle_tcots, load_eval_task
 
 __all__ = [
     "MODE_PRESETS",
@@ -73,10 +73,13 @@ class ModePreset(NamedTuple):
 
 # The ablation rows of the demo (docs/method.md §6.4, §7.3). ``pre_rl`` and ``egrl`` differ only in the Reasoner
 # checkpoint (cold start vs EG-RL: paper Table 3 "w/o EG-RL"); answer_only and no_evidence use the EG-RL T-CoTs
-# (paper Table 4 "w/o reasoning", "w/o multimodal cues"); raw is "w/ raw input" with the same Embedder.
+# (paper Table 4 "w/o reasoning", "w/o multimodal cues"); raw is "w/ raw input" with the same Embedder. teacher and
+# oracle are references, not method rows: the world's teacher T-CoTs, and the same teacher's with every imperfection
+# rate at 0 (the ceiling of what a perfect Reasoner could give the Embedder).
 MODE_PRESETS: dict[str, ModePreset] = {
     "raw": ModePreset("none", "raw"),
     "teacher": ModePreset("teacher", "full"),
+    "oracle": ModePreset("oracle", "full"),
     "pre_rl": ModePreset("reasoner", "full"),
     "egrl": ModePreset("reasoner", "full"),
     "answer_only": ModePreset("reasoner", "answer_only"),
@@ -179,7 +182,8 @@ class WorldEvaluator(TaskEvaluator[WorldReport]):
         world_dir: a directory written by ``embedrl world generate``.
         tasks: task names of ``eval/manifest.json``; None = all, in manifest order.
         **engine: the :class:`~embedrl.eval.evaluator.TaskEvaluator` settings: ``mode`` (full, answer_only,
-            no_evidence or raw; docs/method.md §6.4), ``tcot_source`` (``teacher``: the stored T-CoTs), ``decoding``,
+            no_evidence or raw; docs/method.md §6.4), ``tcot_source`` (``teacher``: the stored T-CoTs; ``oracle``: the
+            stored noise-free ones, which a world of format 1 lacks: refused), ``decoding``,
             ``on_missing_tcot``, batch sizes, ``cache_dir`` (None keeps the caches in memory for the call only, e.g.
             during training), ``out_dir`` (None writes nothing) and ``show_progress_bar``.
 
@@ -204,14 +208,18 @@ class WorldEvaluator(TaskEvaluator[WorldReport]):
         if unknown:
             raise EvalError(f"unknown task(s) {unknown} for {self.world_dir}; the manifest has {known}")
         self.tasks = [t for t in known if t in tasks] if tasks else known
+        if self.tcot_source == "oracle":
+            check_oracle_tcots(self.world_dir, self.manifest)
         world_file = self.world_dir / WORLD_FILE
         self.world_info = json.loads(world_file.read_text()) if world_file.is_file() else {}
         self._loaded: dict[str, EvalTask] = {}
 
     def task(self, name: str) -> EvalTask:
-        """One task's queries, pool and qrels (read once)."""
+        """One task's queries, pool and qrels (read once); the items carry the oracle's T-CoTs with ``tcot_source``
+        ``oracle``, else the teacher's."""
         if name not in self._loaded:
-            self._loaded[name] = load_eval_task(self.world_dir, name)
+            tcots = "oracle" if self.tcot_source == "oracle" else "teacher"
+            self._loaded[name] = load_eval_task(self.world_dir, name, tcots)
         return self._loaded[name]
 
     def __call__(self, embedder: Embedder | Encoder, reasoner: Reasoner | None = None, **ids: Any) -> dict[str, float]:

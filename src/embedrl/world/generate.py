@@ -7,11 +7,13 @@
     DIR/rl.jsonl               harder pairs for EG-RL (more objects, more near-copies), disjoint from train
     DIR/discrimination.jsonl   labelled listwise examples: anchor T-CoT, shuffled candidate T-CoTs, label
     DIR/eval/manifest.json     the evaluation suite: one entry per task (meta-task, metric, local/global, counts)
-    DIR/eval/<task>/queries.jsonl, candidates.jsonl (local) or corpus.jsonl (global)
+    DIR/eval/<task>/queries.jsonl, candidates.jsonl (local) or corpus.jsonl (global); every item carries the teacher's
+                               T-CoT and, in ``meta["oracle_tcot"]``, the noise-free one (format 2 on)
     DIR/media/xx/<sha1>.png    every image and video frame, content-addressed (identical pixels stored once)
 
 ``docs/data.md`` documents every field. :func:`world_stats` counts what was written, measures the teacher's
-imperfection rates and draws a contact sheet; :func:`load_eval_task` reads one evaluation task back.
+imperfection rates and draws a contact sheet; :func:`load_eval_task` reads one evaluation task back, its items
+carrying the teacher's T-CoTs or the oracle's.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -34,7 +36,7 @@ from PIL import Image, ImageDraw
 from embedrl import __version__
 from embedrl.config import WorldConfig, save_config
 from embedrl.data.schema import Item, Pair, read_jsonl, write_jsonl, write_pairs
-from embedrl.eval.task import EvalTask
+from embedrl.eval.task import EvalError, EvalTask
 from embedrl.world.scenes import Clip, Crop, MediaSpec, Page, Scene, crop_box, default_font, render_media
 from embedrl.world.tasks import (
     EVAL_LEVEL,
@@ -48,11 +50,15 @@ from embedrl.world.tasks import (
     Side,
     TaskSpec,
 )
-from embedrl.world.teacher import NOISE_KINDS, discrimination_example, write_tcot
+from embedrl.world.teacher import NOISE_KINDS, discrimination_example, write_oracle_tcot, write_tcot
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: evaluation items carry their oracle T-CoT (ORACLE_TCOT)
+ORACLE_FORMAT = 2  # the first format whose evaluation items carry ORACLE_TCOT
+ORACLE_TCOT = "oracle_tcot"  # meta key of an evaluation item's noise-free T-CoT (teacher.write_oracle_tcot)
+StoredTCoTs = Literal["teacher", "oracle"]
+STORED_TCOTS: tuple[str, ...] = ("teacher", "oracle")
 WORLD_FILE = "world.json"
 TRAIN_FILE, RL_FILE, DISCRIMINATION_FILE = "train.jsonl", "rl.jsonl", "discrimination.jsonl"
 EVAL_DIR, MANIFEST_FILE, MEDIA_DIR = "eval", "manifest.json", "media"
@@ -194,6 +200,8 @@ class _Builder:
         }
         if "question_type" in side.info:
             meta["question_type"] = side.info["question_type"]
+        if split == "eval":
+            meta[ORACLE_TCOT] = write_oracle_tcot(side.view).text
         images, frames = ((), media) if is_video else (media, ())
         return Item(item_id, side.text, side.instruction, images, frames, teacher.text, meta)
 
@@ -403,18 +411,48 @@ def generate_world(cfg: WorldConfig) -> Path:
     return out
 
 
-def load_eval_task(world_dir: str | Path, name: str) -> EvalTask:
-    """Read ``DIR/eval/<name>``; media paths resolve to files under ``DIR``."""
+def check_oracle_tcots(world_dir: str | Path, manifest: Mapping[str, Any]) -> None:
+    """Raise :class:`EvalError` unless the world whose ``eval/manifest.json`` is ``manifest`` stores oracle T-CoTs
+    (format :data:`ORACLE_FORMAT` on)."""
+    version = manifest.get("format_version", 1)
+    if version < ORACLE_FORMAT:
+        raise EvalError(
+            f"{world_dir} is a format-{version} world, which stores no oracle T-CoTs (format {ORACLE_FORMAT} on); "
+            "regenerate it with `embedrl world generate` (its seed, size and teacher settings give the same items)"
+        )
+
+
+def load_eval_task(world_dir: str | Path, name: str, tcots: StoredTCoTs = "teacher") -> EvalTask:
+    """Read ``DIR/eval/<name>``; media paths resolve to files under ``DIR``.
+
+    ``tcots``: which stored T-CoT the items carry in ``tcot``: ``teacher`` (as written, with the teacher's
+    imperfections) or ``oracle`` (``meta["oracle_tcot"]``, noise-free; an item without one raises
+    :class:`EvalError`).
+    """
+    if tcots not in STORED_TCOTS:
+        raise EvalError(f"tcots={tcots!r}; use one of {STORED_TCOTS}")
     eval_dir = Path(world_dir) / EVAL_DIR
     info = json.loads((eval_dir / MANIFEST_FILE).read_text())["tasks"][name]
     task_dir = eval_dir / name
+
+    def item(record: dict[str, Any]) -> Item:
+        it = Item.from_record(record, task_dir)
+        if tcots == "teacher":
+            return it
+        if ORACLE_TCOT not in it.meta:
+            raise EvalError(
+                f"{it.id} in {world_dir} has no {ORACLE_TCOT} (worlds store it from format {ORACLE_FORMAT} on): "
+                "regenerate the world with `embedrl world generate`"
+            )
+        return it.with_tcot(it.meta[ORACLE_TCOT])
+
     pool_file = info["files"].get("candidates") or info["files"]["corpus"]
-    pool = {it.id: it for it in (Item.from_record(r, task_dir) for r in read_jsonl(eval_dir / pool_file))}
+    pool = {it.id: it for it in (item(r) for r in read_jsonl(eval_dir / pool_file))}
     rows = list(read_jsonl(eval_dir / info["files"]["queries"]))
     return EvalTask(
         name=name,
         info=info,
-        queries=[Item.from_record(r["query"], task_dir) for r in rows],
+        queries=[item(r["query"]) for r in rows],
         pool=pool,
         candidates=[r["candidates"] for r in rows] if info["eval_type"] == "local" else None,
         qrels=[{k: int(v) for k, v in r["qrels"].items()} for r in rows],

@@ -332,6 +332,13 @@ def _save_state(out: Path, step: int, model: torch.nn.Module, optimizer: torch.o
     tmp.replace(out / STATE_FILE)
 
 
+def load_pretrain_model(cfg: BackbonePretrainConfig) -> Reasoner:
+    """``cfg.backbone`` as the Reasoner the stage trains: on ``cfg.device``, with ``cfg.dtype`` weights (the dtype
+    they train in) and the ``cfg.attn_implementation`` kernel."""
+    return load_reasoner(cfg.backbone, dtype=cfg.dtype, device=cfg.device, compact_prompts=COMPACT_PROMPTS,
+                         attn_implementation=cfg.attn_implementation)  # fmt: skip
+
+
 def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
     """Train ``cfg.backbone`` on the perception tasks; writes ``cfg.out/final`` (a backbone checkpoint, usable
     wherever a tiny backbone is) with ``perception.json``, and returns that path. Resumes from ``cfg.out`` when a
@@ -345,7 +352,7 @@ def pretrain_backbone(cfg: BackbonePretrainConfig) -> Path:
     (out / (STATE_FILE + ".tmp")).unlink(missing_ok=True)  # a killed save's leftover
     torch.manual_seed(cfg.seed)
     geo = Geometry()
-    reasoner = load_reasoner(cfg.backbone, device=cfg.device, compact_prompts=COMPACT_PROMPTS)
+    reasoner = load_pretrain_model(cfg)
     model = reasoner.model
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -19,7 +19,8 @@ can apply) mimic the ways a real teacher errs and an Embedder can notice:
 ``verbose``            one or two filler sentences pad the thinking
 =====================  ===========================================================================
 
-With every rate at 0 the T-CoT is exactly right. :meth:`TeacherOutput.provenance` records which imperfections were
+With every rate at 0 the T-CoT is exactly right: :func:`write_oracle_tcot` writes it (the *oracle* T-CoT, stored
+with every evaluation item beside the teacher's). :meth:`TeacherOutput.provenance` records which imperfections were
 applicable and which were applied, so rates can be measured from the written data.
 """
 
@@ -234,6 +235,16 @@ def write_tcot(view: TeacherView, noise: TeacherNoiseConfig, rng: random.Random)
     )
     applied = tuple(kind for kind in applicable if hits[kind])
     return TeacherOutput(render_tcot(tcot), tcot, view.family, tuple(applicable), applied)
+
+
+def write_oracle_tcot(view: TeacherView) -> TeacherOutput:
+    """The T-CoT of ``view`` as the teacher writes it with every imperfection rate at 0: exactly right, the ceiling of
+    what a perfect Reasoner could give the Embedder.
+
+    It is :func:`write_tcot` with zero rates, so it equals the teacher's T-CoT wherever no imperfection applied. No
+    draw can change it (a draw below a rate of 0 never happens), so it needs no seed.
+    """
+    return write_tcot(view, TeacherNoiseConfig(**dict.fromkeys(NOISE_KINDS, 0.0)), random.Random(0))
 
 
 # ----------------------------------------------------------------------------------------------------------------
