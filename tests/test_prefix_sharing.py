@@ -58,12 +58,15 @@ def test_embed_groups_equals_embed_batch(tiny_backbone_dir, family, monkeypatch)
         plain = embedder.embed_batch(inputs)
         grouped = embedder.embed_groups(inputs, groups)
         raw = embedder.embed_groups(inputs, groups, normalize=False)
+        # a processor that returns no token types: they are read off the placeholder tokens
+        untyped = embedder.embed_groups({k: v for k, v in inputs.items() if k != "mm_token_type_ids"}, groups)
         # the twins' tokens are equal but their pixels are not: sharing their image would give twin_b twin_a's
         wrong = embedder.embed_batch(embedder.collate([rows[7], rows[7]], "full"))[1]
         monkeypatch.setattr(prefix_sharing, "_accepts", lambda model, name: name != "mm_encoder_outputs")
         from_pixels = embedder.embed_groups(inputs, groups)  # a forward that takes no precomputed features
     torch.testing.assert_close(grouped, plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(from_pixels, plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(untyped, plain, atol=1e-5, rtol=0)
     torch.testing.assert_close(raw / raw.norm(dim=-1, keepdim=True), plain, atol=1e-5, rtol=0)
     assert float((plain[8] - wrong).abs().max()) > 1e-3  # the comparison above can fail
 

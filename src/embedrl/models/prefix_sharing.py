@@ -159,7 +159,7 @@ def hidden_at_emb(
     if sorted(i for g in groups for i in g) != list(range(batch)) or any(not g for g in groups):
         raise ValueError(f"groups must cover the {batch} rows exactly once, got {[list(g) for g in groups]}")
     device = inputs["input_ids"].device
-    config = getattr(model, "config", None)
+    config = model.config
     merge = config.vision_config.spatial_merge_size**2
     token_ids = {"image": config.image_token_id, "video": config.video_token_id}
     tokens_per: dict[str, list[int]] = {}
@@ -172,8 +172,11 @@ def hidden_at_emb(
     mask = inputs["attention_mask"].bool()
     keep = [mask[r] for r in range(batch)]
     ids = [inputs["input_ids"][r][keep[r]].tolist() for r in range(batch)]
-    types_key = "mm_token_type_ids" if "mm_token_type_ids" in inputs else None
-    types = [inputs[types_key][r][keep[r]].tolist() for r in range(batch)] if types_key else None
+    if "mm_token_type_ids" in inputs:  # 0 text, 1 image, 2 video: what multimodal RoPE counts
+        types = [inputs["mm_token_type_ids"][r][keep[r]].tolist() for r in range(batch)]
+    else:
+        kind_of = {token_ids["image"]: 1, token_ids["video"]: 2}
+        types = [[kind_of.get(t, 0) for t in row] for row in ids]
     cursor = dict.fromkeys(_KINDS, 0)
     visuals = [_row_visuals(ids[r], token_ids, tokens_per, cursor, pixel_start) for r in range(batch)]
 
@@ -196,8 +199,7 @@ def hidden_at_emb(
         c, n = cut_of[r], len(ids[r])
         full_ids[r, width_p - c : width_p + n - c] = torch.tensor(ids[r])
         full_mask[r, width_p - c : width_p + n - c] = 1
-        if types is not None:
-            full_types[r, width_p - c : width_p + n - c] = torch.tensor(types[r])
+        full_types[r, width_p - c : width_p + n - c] = torch.tensor(types[r])
 
     def in_part(r: int, prefix: bool) -> list[_Visual]:
         return [v for v in visuals[r] if (v.first < cut_of[r]) == prefix]
@@ -237,22 +239,20 @@ def hidden_at_emb(
             "input_ids": full_ids[firsts, :width_p].to(device),
             "attention_mask": full_mask[firsts, :width_p],
             "position_ids": position_ids[:, firsts, :width_p],
+            "mm_token_type_ids": full_types[firsts, :width_p].to(device),
             **visual_inputs([in_part(r, True) for r in firsts]),
         }
-        if types is not None:
-            prefix["mm_token_type_ids"] = full_types[firsts, :width_p].to(device)
         out = model(**prefix, use_cache=True, return_dict=True)
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        cache = out.cache if "cache" in out else out.past_key_values
         cache.batch_select_indices(torch.tensor([group_of[r] for r in range(batch)], device=device))
 
     own = {
         "input_ids": full_ids[:, width_p:].to(device),
         "attention_mask": full_mask,
         "position_ids": position_ids[:, :, width_p:],
+        "mm_token_type_ids": full_types[:, width_p:].to(device),
         **visual_inputs([in_part(r, False) for r in range(batch)]),
     }
-    if types is not None:
-        own["mm_token_type_ids"] = full_types[:, width_p:].to(device)
     if cache is not None:
         own[cache_kw] = cache
     out = model(**own, use_cache=cache is not None, return_dict=True)
