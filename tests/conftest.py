@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
+
+from embedrl.data.schema import Item, Pair
+from embedrl.models.reasoner import Reasoner
+from embedrl.train.rl_data import pair_prompts, prompt_lengths
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -105,3 +113,49 @@ def embedder(embedder_dir):
     from embedrl.models import Embedder
 
     return Embedder.load(embedder_dir)
+
+
+def _video_heavy_set(out: Path, policy: Reasoner) -> tuple[Path, int, dict[str, int]]:
+    """A video-heavy RL set and a ``max_prompt_tokens`` between its image/text prompts and its video prompts.
+
+    Frames and images are 128 x 128 (16 visual tokens each under the tiny budget), so a video prompt carries
+    8 x 16 tokens where an image prompt carries 16. ``video_mix``: 4 video -> text and 2 image -> text pairs (a dataset
+    that loses part of its pairs); ``clips``: 4 text -> video pairs (the video on the target side); ``photos``: 4
+    image -> text pairs. Returns the file, the limit, and the expected dropped count per dataset.
+    """
+    rng = np.random.default_rng(0)
+    media = out / "media"
+    media.mkdir(parents=True, exist_ok=True)
+
+    def picture(name: str) -> str:
+        path = media / f"{name}.png"
+        Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(path)
+        return str(path)
+
+    def video(name: str) -> Item:
+        return Item(id=name, frames=tuple(picture(f"{name}-{k}") for k in range(8)), instruction="Which action?")
+
+    def photo(name: str) -> Item:
+        return Item(id=name, images=(picture(name),), instruction="Which object?")
+
+    def label(name: str) -> Item:
+        return Item(id=name, text=f"label {name}")
+
+    pairs = [Pair("video_mix", f"m{i}", video(f"m{i}q"), label(f"m{i}t")) for i in range(4)]
+    pairs += [Pair("video_mix", f"m{i}", photo(f"m{i}q"), label(f"m{i}t")) for i in range(4, 6)]
+    pairs += [Pair("clips", f"c{i}", label(f"c{i}q"), video(f"c{i}t")) for i in range(4)]
+    pairs += [Pair("photos", f"p{i}", photo(f"p{i}q"), label(f"p{i}t")) for i in range(4)]
+    has_video = [bool(p.query.frames or p.target.frames) for p in pairs]
+    lengths = prompt_lengths(policy, [pr for p in pairs for _, pr, _ in pair_prompts(p, policy.compact_prompts)])
+    longest = [max(lengths[2 * i], lengths[2 * i + 1]) for i in range(len(pairs))]
+    limit = max(n for n, v in zip(longest, has_video, strict=True) if not v)
+    assert min(n for n, v in zip(longest, has_video, strict=True) if v) > limit + 80, "frames add too few tokens"
+    path = out / "video_heavy.jsonl"
+    path.write_text("".join(json.dumps(p.to_record()) + "\n" for p in pairs))
+    return path, limit, {"clips": 4, "photos": 0, "video_mix": 4}
+
+
+@pytest.fixture
+def video_heavy_set():
+    """The builder of a video-heavy RL set (:func:`_video_heavy_set`), shared by the GRPO data and engine tests."""
+    return _video_heavy_set

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
 import logging
 import math
 import warnings
@@ -19,11 +18,11 @@ from PIL import Image
 
 from embedrl.cli import main
 from embedrl.config import ConfigError, GRPOTrainConfig, WorldConfig, load_config
-from embedrl.data.schema import Item, Pair, read_pairs
+from embedrl.data.schema import Item, read_pairs
 from embedrl.models.reasoner import Reasoner
 from embedrl.rewards.judges import EmbedderReward
 from embedrl.rewards.terms import RolloutKey
-from embedrl.train.rl_data import pair_prompts, prompt_lengths, screen_prompts, step_batches
+from embedrl.train.rl_data import screen_prompts, step_batches
 from embedrl.train.rl_models import load_models
 from embedrl.train.rl_outputs import (
     TRL_LOG,
@@ -82,48 +81,8 @@ def test_step_batches_are_same_dataset_drop_last_and_seeded() -> None:
     assert {d for d, _ in epochs[0][:10]} == {"a", "b"}  # batch order is shuffled across datasets
 
 
-def video_heavy_set(out: Path, policy: Reasoner) -> tuple[Path, int, dict[str, int]]:
-    """A video-heavy RL set and a ``max_prompt_tokens`` between its image/text prompts and its video prompts.
-
-    Frames and images are 128 x 128 (16 visual tokens each under the tiny budget), so a video prompt carries
-    8 x 16 tokens where an image prompt carries 16. ``video_mix``: 4 video -> text and 2 image -> text pairs (a dataset
-    that loses part of its pairs); ``clips``: 4 text -> video pairs (the video on the target side); ``photos``: 4
-    image -> text pairs. Returns the file, the limit, and the expected dropped count per dataset.
-    """
-    rng = np.random.default_rng(0)
-    media = out / "media"
-    media.mkdir(parents=True, exist_ok=True)
-
-    def picture(name: str) -> str:
-        path = media / f"{name}.png"
-        Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(path)
-        return str(path)
-
-    def video(name: str) -> Item:
-        return Item(id=name, frames=tuple(picture(f"{name}-{k}") for k in range(8)), instruction="Which action?")
-
-    def photo(name: str) -> Item:
-        return Item(id=name, images=(picture(name),), instruction="Which object?")
-
-    def label(name: str) -> Item:
-        return Item(id=name, text=f"label {name}")
-
-    pairs = [Pair("video_mix", f"m{i}", video(f"m{i}q"), label(f"m{i}t")) for i in range(4)]
-    pairs += [Pair("video_mix", f"m{i}", photo(f"m{i}q"), label(f"m{i}t")) for i in range(4, 6)]
-    pairs += [Pair("clips", f"c{i}", label(f"c{i}q"), video(f"c{i}t")) for i in range(4)]
-    pairs += [Pair("photos", f"p{i}", photo(f"p{i}q"), label(f"p{i}t")) for i in range(4)]
-    has_video = [bool(p.query.frames or p.target.frames) for p in pairs]
-    lengths = prompt_lengths(policy, [pr for p in pairs for _, pr, _ in pair_prompts(p, policy.compact_prompts)])
-    longest = [max(lengths[2 * i], lengths[2 * i + 1]) for i in range(len(pairs))]
-    limit = max(n for n, v in zip(longest, has_video, strict=True) if not v)
-    assert min(n for n, v in zip(longest, has_video, strict=True) if v) > limit + 80, "frames add too few tokens"
-    path = out / "video_heavy.jsonl"
-    path.write_text("".join(json.dumps(p.to_record()) + "\n" for p in pairs))
-    return path, limit, {"clips": 4, "photos": 0, "video_mix": 4}
-
-
 def test_screen_counts_the_pairs_max_prompt_tokens_drops_per_dataset(
-    tiny_backbone_dir, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tiny_backbone_dir, video_heavy_set, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     policy = Reasoner.from_pretrained(tiny_backbone_dir("qwen3-vl"), compact_prompts=True)
     data, limit, expected = video_heavy_set(tmp_path, policy)

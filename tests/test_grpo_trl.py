@@ -24,7 +24,7 @@ import embedrl.train.grpo_trl as grpo_trl_module
 from embedrl.backbones import load_backbone, read_reasoner_settings
 from embedrl.cli import main
 from embedrl.config import ConfigError, GRPOTrainConfig, RewardConfig, ServeConfig, WorldConfig, load_config
-from embedrl.data.schema import Item, Pair, read_pairs
+from embedrl.data.schema import read_pairs
 from embedrl.models.embedder import Embedder
 from embedrl.models.reasoner import Reasoner, build_reasoner_prompt
 from embedrl.rewards.judges import ChatDiscriminator, EmbedderReward, EndpointDiscriminator, EndpointEmbedderReward
@@ -40,7 +40,7 @@ from embedrl.train.grpo_trl import (
     rl_step_geometry,
     train_rl_trl,
 )
-from embedrl.train.rl_data import RLData, build_trl_dataset, pair_prompts, prompt_lengths
+from embedrl.train.rl_data import RLData, build_trl_dataset
 from embedrl.train.rl_models import load_models, reward_embedder
 from embedrl.train.rl_outputs import COMPONENTS, METRICS_FILE, RL_META_FILE, SAMPLES_FILE, TRAIN_LOG_FILE
 from embedrl.world.generate import generate_world
@@ -326,37 +326,13 @@ def test_trl_grpo_moves_the_policy_toward_higher_reward(
 
 
 def test_trl_run_drops_overlong_video_pairs_before_batching_and_reports_them(
-    make_cfg, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    make_cfg, video_heavy_set, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A video-heavy set (8 frames of 16 visual tokens vs one 16-token image) with a limit between the two: every
     video pair is dropped before batching, counted per dataset in the log and in each step's metrics."""
-    rng = np.random.default_rng(0)
-
-    def picture(name: str) -> str:
-        path = tmp_path / f"{name}.png"
-        Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(path)
-        return str(path)
-
-    def video(name: str) -> Item:
-        return Item(id=name, frames=tuple(picture(f"{name}-{k}") for k in range(8)), instruction="Which action?")
-
-    def photo(name: str) -> Item:
-        return Item(id=name, images=(picture(name),), instruction="Which object?")
-
-    pairs = [Pair("video_mix", f"m{i}", video(f"m{i}q"), Item(id=f"m{i}t", text=f"label {i}")) for i in range(4)]
-    pairs += [Pair("video_mix", f"m{i}", photo(f"m{i}q"), Item(id=f"m{i}t", text=f"label {i}")) for i in (4, 5)]
-    pairs += [Pair("clips", f"c{i}", Item(id=f"c{i}q", text=f"clip {i}"), video(f"c{i}t")) for i in range(4)]
-    pairs += [Pair("photos", f"p{i}", photo(f"p{i}q"), Item(id=f"p{i}t", text=f"photo {i}")) for i in range(4)]
-    data = tmp_path / "video_heavy.jsonl"
-    data.write_text("".join(json.dumps(p.to_record()) + "\n" for p in pairs))
     light = dict(w_process=0.0, max_new_tokens=4, sample_table_every=0, save_every=100)
     models = load_models(make_cfg(tmp_path / "probe", **light))
-    policy = models.policy
-    lengths = prompt_lengths(policy, [pr for p in pairs for _, pr, _ in pair_prompts(p, policy.compact_prompts)])
-    longest = [max(lengths[2 * i], lengths[2 * i + 1]) for i in range(len(pairs))]
-    video_pairs = [bool(p.query.frames or p.target.frames) for p in pairs]
-    limit = max(n for n, v in zip(longest, video_pairs, strict=True) if not v)
-    assert min(n for n, v in zip(longest, video_pairs, strict=True) if v) > limit + 80
+    data, limit, _ = video_heavy_set(tmp_path, models.policy)
 
     cfg = make_cfg(tmp_path / "run", data=str(data), max_prompt_tokens=limit, max_steps=3, **light)
     with caplog.at_level(logging.INFO, logger="embedrl.train.rl_data"):
